@@ -1,0 +1,3 @@
+from cpinspect.cli import main
+
+main()

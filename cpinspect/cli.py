@@ -1,0 +1,210 @@
+"""The ``cpinspect`` command line: parse, call the library, render, choose the exit code.
+
+Torch is imported inside the commands only, so ``cpinspect --help`` and usage errors stay fast.
+Exit codes: 0 consistent, 1 an inconsistency was found, 2 bad input or usage, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from cpinspect.errors import CpInspectError, InputError
+
+app = typer.Typer(
+    name="cpinspect",
+    help="Inspect and debug context-parallel (zigzag) sharding of packed multimodal batches.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+EXIT_OK, EXIT_INCONSISTENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+F = TypeVar("F", bound=Callable[..., Any])
+
+BatchArg = Annotated[
+    Optional[list[Path]],
+    typer.Argument(help="Batch file (.pt/.safetensors), a directory of rank{r} files, or one file per rank "
+                        "in rank order. Omit to use the built-in demo batch.", show_default=False),
+]
+CpOpt = Annotated[int, typer.Option("--cp", help="Context-parallel size (number of simulated ranks).", min=1)]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="zigzag (Megatron per-document THD), sequence-zigzag "
+                                                          "(whole row as one sequence) or contiguous.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Token preset: qwen2-vl, qwen2.5-vl or qwen3-vl.")]
+ImageIdOpt = Annotated[Optional[int], typer.Option("--image-token-id", help="Override the image_pad token id.")]
+VideoIdOpt = Annotated[Optional[int], typer.Option("--video-token-id", help="Override the video_pad token id.")]
+KeyOpt = Annotated[Optional[list[str]], typer.Option("--key", help="Map a field to your key name: "
+                                                                    "--key input_ids=tokens_local (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (complete lists).")]
+NoColorOpt = Annotated[bool, typer.Option("--no-color", help="No colours (NO_COLOR is honoured too).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the Python traceback of errors.")]
+
+
+def _console(no_color: bool, stderr: bool = False) -> Console:
+    """Stdout for views; stderr (soft-wrapped: one paragraph, one line) for errors."""
+    plain = no_color or bool(os.environ.get("NO_COLOR"))
+    return Console(color_system=None if plain else "auto", highlight=False, stderr=stderr, soft_wrap=stderr)
+
+
+def _guarded(command: F) -> F:
+    """Turn cpinspect errors into one-paragraph messages and exit codes, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except CpInspectError as exc:
+            if debug:
+                raise
+            _console(kwargs.get("no_color", False), stderr=True).print(f"[bold red]error:[/] {exc}", markup=True,
+                                                                       highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: say so in one paragraph
+            if debug:
+                raise
+            _console(kwargs.get("no_color", False), stderr=True).print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}. This is a bug in cpinspect; rerun with "
+                "--debug for the traceback and report it.", markup=True, highlight=False)
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _import_torch() -> None:
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch  # noqa: F401
+
+
+def _parse_keys(pairs: list[str] | None) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, key = pair.partition("=")
+        if not sep or not name or not key:
+            raise InputError(f"--key {pair!r} is not of the form field=name", where="--key",
+                             fix="write e.g. --key input_ids=tokens_local")
+        keys[name.strip()] = key.strip()
+    return keys
+
+
+def _load(paths: list[Path] | None, keys: list[str] | None) -> tuple[Any, str]:
+    """The batch and a human name of where it came from (the demo when no path is given)."""
+    _import_torch()
+    from cpinspect.batch import load_batch
+    from cpinspect.synth import demo_batch
+
+    mapping = _parse_keys(keys)
+    if not paths:
+        return demo_batch(), "built-in demo batch (no file given; see examples/qwen3vl_packed.pt)"
+    if len(paths) == 1:
+        return load_batch(paths[0], keys=mapping), str(paths[0])
+    return load_batch(list(paths), keys=mapping), ", ".join(map(str, paths))
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A transient spinner on stderr for work that takes more than a moment (TTY only)."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda description: None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+        yield lambda description: progress.update(task, description=description)
+
+
+@app.command()
+@_guarded
+def simulate(
+    batch: BatchArg = None,
+    cp: CpOpt = 2,
+    layout: LayoutOpt = "zigzag",
+    model: ModelOpt = "qwen3-vl",
+    image_token_id: ImageIdOpt = None,
+    video_token_id: VideoIdOpt = None,
+    key: KeyOpt = None,
+    pad: Annotated[bool, typer.Option("--pad", help="Pad segments to a multiple of 2*cp like frameworks.")] = False,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="Show only this rank.", min=0)] = None,
+    full: Annotated[bool, typer.Option("--full", help="Print long lists and tables in full.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")] = 10.0,
+    json_out: JsonOpt = False,
+    no_color: NoColorOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Shard a packed batch over CP ranks, select each rank's vision rows, check them against an oracle."""
+    from cpinspect.tokens import token_config
+
+    tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
+    with _progress(not json_out) as step:
+        step("loading batch")
+        loaded, source = _load(batch, key)
+        step(f"simulating {cp} ranks")
+        from cpinspect.simulation import simulate as run_simulation
+
+        result = run_simulation(loaded, cp, layout, tokens=tokens, pad=pad, timeout=timeout)
+    if rank is not None and rank >= cp:
+        raise InputError(f"--rank {rank} is out of range for cp={cp}", where="--rank", fix=f"pick 0..{cp - 1}")
+    if json_out:
+        document = result.to_dict()
+        if rank is not None:
+            document["ranks"] = [document["ranks"][rank]]
+        sys.stdout.write(json.dumps(document) + "\n")
+    else:
+        from cpinspect.render import render_result
+
+        render_result(result, _console(no_color), source=source, rank=rank, full=full)
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_INCONSISTENT)
+
+
+@app.command()
+@_guarded
+def info(
+    batch: Annotated[list[Path], typer.Argument(help="Batch file, rank directory, or per-rank files.")],
+    cp: Annotated[Optional[int], typer.Option("--cp", help="Say whether the batch is full or pre-sharded for this cp.",
+                                              min=1)] = None,
+    model: ModelOpt = "qwen3-vl",
+    image_token_id: ImageIdOpt = None,
+    video_token_id: VideoIdOpt = None,
+    key: KeyOpt = None,
+    json_out: JsonOpt = False,
+    no_color: NoColorOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Print what a batch file holds: keys, shapes, dtypes, segments, vision tokens, full or pre-sharded."""
+    from cpinspect.tokens import token_config
+
+    tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
+    loaded, source = _load(batch, key)
+    from cpinspect.summary import describe_batch, render_info
+
+    summary = describe_batch(loaded, tokens, cp=cp)
+    if json_out:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        render_info(summary, _console(no_color), source=source)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
