@@ -51,13 +51,13 @@ NoColorOpt = Annotated[bool, typer.Option("--no-color", help="No colours (NO_COL
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the Python traceback of errors.")]
 
 
-def _console(no_color: bool, stderr: bool = False) -> Console:
+def make_console(no_color: bool, stderr: bool = False) -> Console:
     """Stdout for views; stderr (soft-wrapped: one paragraph, one line) for errors."""
     plain = no_color or bool(os.environ.get("NO_COLOR"))
     return Console(color_system=None if plain else "auto", highlight=False, stderr=stderr, soft_wrap=stderr)
 
 
-def _guarded(command: F) -> F:
+def guarded(command: F) -> F:
     """Turn cpinspect errors into one-paragraph messages and exit codes, never a traceback."""
 
     @functools.wraps(command)
@@ -70,7 +70,7 @@ def _guarded(command: F) -> F:
         except CpInspectError as exc:
             if debug:
                 raise
-            _console(kwargs.get("no_color", False), stderr=True).print(f"[bold red]error:[/] {exc}", markup=True,
+            make_console(kwargs.get("no_color", False), stderr=True).print(f"[bold red]error:[/] {exc}", markup=True,
                                                                        highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
@@ -78,7 +78,7 @@ def _guarded(command: F) -> F:
         except Exception as exc:  # noqa: BLE001 - a bug of ours: say so in one paragraph
             if debug:
                 raise
-            _console(kwargs.get("no_color", False), stderr=True).print(
+            make_console(kwargs.get("no_color", False), stderr=True).print(
                 f"[bold red]internal error:[/] {type(exc).__name__}: {exc}. This is a bug in cpinspect; rerun with "
                 "--debug for the traceback and report it.", markup=True, highlight=False)
             raise typer.Exit(EXIT_INTERNAL) from None
@@ -86,12 +86,12 @@ def _guarded(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _import_torch() -> None:
+def import_torch() -> None:
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch  # noqa: F401
 
 
-def _parse_keys(pairs: list[str] | None) -> dict[str, str]:
+def parse_keys(pairs: list[str] | None) -> dict[str, str]:
     keys: dict[str, str] = {}
     for pair in pairs or []:
         name, sep, key = pair.partition("=")
@@ -102,13 +102,13 @@ def _parse_keys(pairs: list[str] | None) -> dict[str, str]:
     return keys
 
 
-def _load(paths: list[Path] | None, keys: list[str] | None) -> tuple[Any, str]:
+def load_cli_batch(paths: list[Path] | None, keys: list[str] | None) -> tuple[Any, str]:
     """The batch and a human name of where it came from (the demo when no path is given)."""
-    _import_torch()
+    import_torch()
     from cpinspect.batch import load_batch
     from cpinspect.synth import demo_batch
 
-    mapping = _parse_keys(keys)
+    mapping = parse_keys(keys)
     if not paths:
         return demo_batch(), "built-in demo batch (no file given; see examples/qwen3vl_packed.pt)"
     if len(paths) == 1:
@@ -117,7 +117,7 @@ def _load(paths: list[Path] | None, keys: list[str] | None) -> tuple[Any, str]:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
+def progress_steps(enabled: bool) -> Iterator[Callable[[str], None]]:
     """A transient spinner on stderr for work that takes more than a moment (TTY only)."""
     if not enabled or not sys.stderr.isatty():
         yield lambda description: None
@@ -131,7 +131,7 @@ def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
 
 
 @app.command()
-@_guarded
+@guarded
 def simulate(
     batch: BatchArg = None,
     cp: CpOpt = 2,
@@ -144,6 +144,14 @@ def simulate(
     rank: Annotated[Optional[int], typer.Option("--rank", help="Show only this rank.", min=0)] = None,
     full: Annotated[bool, typer.Option("--full", help="Print long lists and tables in full.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")] = 10.0,
+    backend: Annotated[str, typer.Option("--backend", help="threads (simulated group in this process) or gloo "
+                                                            "(one real process per rank).")] = "threads",
+    explain: Annotated[bool, typer.Option("--explain", help="Narrate one rank's selection step by step "
+                                                            "(--rank picks it; default 0).")] = False,
+    positions: Annotated[bool, typer.Option("--positions", help="Add per-rank 3-D mRoPE positions and check "
+                                                                "the batch's position_ids.")] = False,
+    vision_dp: Annotated[bool, typer.Option("--vision-dp", help="Simulate the vision-DP split and its "
+                                                                "embedding all-gather.")] = False,
     json_out: JsonOpt = False,
     no_color: NoColorOpt = False,
     debug: DebugOpt = False,
@@ -152,29 +160,63 @@ def simulate(
     from cpinspect.tokens import token_config
 
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
-    with _progress(not json_out) as step:
+    with progress_steps(not json_out) as step:
         step("loading batch")
-        loaded, source = _load(batch, key)
+        loaded, source = load_cli_batch(batch, key)
         step(f"simulating {cp} ranks")
         from cpinspect.simulation import simulate as run_simulation
 
-        result = run_simulation(loaded, cp, layout, tokens=tokens, pad=pad, timeout=timeout)
+        result = run_simulation(loaded, cp, layout, tokens=tokens, pad=pad, timeout=timeout, backend=backend)
     if rank is not None and rank >= cp:
         raise InputError(f"--rank {rank} is out of range for cp={cp}", where="--rank", fix=f"pick 0..{cp - 1}")
+    extras = [ext for ext in (_positions_extension(positions, loaded), _vision_dp_extension(vision_dp, loaded))
+              if ext is not None]
+    ok = result.ok
+    for ext in extras:
+        ext.run(result)
+        ok = ok and ext.ok
     if json_out:
         document = result.to_dict()
+        for ext in extras:
+            ext.add_json(document)
+        document["ok"] = ok
         if rank is not None:
             document["ranks"] = [document["ranks"][rank]]
         sys.stdout.write(json.dumps(document) + "\n")
     else:
         from cpinspect.render import render_result
 
-        render_result(result, _console(no_color), source=source, rank=rank, full=full)
-    raise typer.Exit(EXIT_OK if result.ok else EXIT_INCONSISTENT)
+        console = make_console(no_color)
+        render_result(result, console, source=source, rank=rank, full=full)
+        for ext in extras:
+            ext.render(console, rank=rank, full=full)
+        if explain:
+            from cpinspect.explain import render_explain
+
+            render_explain(result, console, rank=rank or 0)
+    raise typer.Exit(EXIT_OK if ok else EXIT_INCONSISTENT)
+
+
+def _positions_extension(enabled: bool, batch: Any) -> Any:
+    """The --positions view (cpinspect.mrope), or None when not asked for."""
+    if not enabled:
+        return None
+    from cpinspect.mrope import PositionsExtension
+
+    return PositionsExtension(batch)
+
+
+def _vision_dp_extension(enabled: bool, batch: Any) -> Any:
+    """The --vision-dp view (cpinspect.vision_dp), or None when not asked for."""
+    if not enabled:
+        return None
+    from cpinspect.vision_dp import VisionDPExtension
+
+    return VisionDPExtension(batch)
 
 
 @app.command()
-@_guarded
+@guarded
 def info(
     batch: Annotated[list[Path], typer.Argument(help="Batch file, rank directory, or per-rank files.")],
     cp: Annotated[Optional[int], typer.Option("--cp", help="Say whether the batch is full or pre-sharded for this cp.",
@@ -191,14 +233,31 @@ def info(
     from cpinspect.tokens import token_config
 
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
-    loaded, source = _load(batch, key)
+    loaded, source = load_cli_batch(batch, key)
     from cpinspect.summary import describe_batch, render_info
 
     summary = describe_batch(loaded, tokens, cp=cp)
     if json_out:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
-        render_info(summary, _console(no_color), source=source)
+        render_info(summary, make_console(no_color), source=source)
+
+
+def _register_commands() -> None:
+    """Add every ``cpinspect.commands.<name>`` module's commands (each defines ``register(app)``).
+
+    Command modules must not import torch at import time: ``--help`` imports them all.
+    """
+    import importlib
+    import pkgutil
+
+    import cpinspect.commands as commands
+
+    for module in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"cpinspect.commands.{module.name}").register(app)
+
+
+_register_commands()
 
 
 def main() -> None:

@@ -7,8 +7,9 @@ simulated group -> oracle check -> findings. :class:`Result` holds every stage a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -18,7 +19,7 @@ from cpinspect.findings import Finding
 from cpinspect.layout import Layout, make_layout, pad_row, padded_cu_seqlens
 from cpinspect.oracle import expected_rows, global_positions
 from cpinspect.selection import RankSelection, select_rank_rows
-from cpinspect.spmd import DEFAULT_TIMEOUT_S, SpmdError, execute_spmd
+from cpinspect.spmd import DEFAULT_TIMEOUT_S, RankState, SpmdError, execute_spmd
 from cpinspect.tokens import TokenConfig, token_config
 
 
@@ -131,10 +132,13 @@ def simulate(
     tokens: TokenConfig | None = None,
     pad: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
+    backend: str = "threads",
 ) -> Result:
     """Shard ``batch`` over ``cp`` simulated ranks, run each rank's selection, check it.
 
-    Raises :class:`~cpinspect.errors.InputError` for input the layout cannot shard; reports
+    ``backend`` is ``"threads"`` (the simulated group, one thread per rank) or ``"gloo"`` (one
+    real process per rank over torch.distributed's gloo backend). Raises
+    :class:`~cpinspect.errors.InputError` for input the layout cannot shard; reports
     inconsistencies as findings on the returned :class:`Result`.
     """
     tokens = tokens or token_config()
@@ -164,14 +168,9 @@ def simulate(
         full_ids[all_indices] = torch.stack(local_ids)
         full_mask = torch.zeros(plan.total_tokens, dtype=torch.bool)
         full_mask[all_indices] = torch.stack(local_masks)
-    rank_pieces = plan.rank_pieces
     local_piece_len = [plan.local_piece_len(r) for r in range(cp)]
-
-    def program(group: Any) -> RankSelection:
-        rank = group.rank()
-        return select_rank_rows(local_masks[rank], local_piece_len[rank], rank_pieces, group)
-
-    states, failure = execute_spmd(cp, program, timeout=timeout)
+    states, failure = _executor(backend)(cp, rank_program, local_masks, local_piece_len, plan.rank_pieces,
+                                         timeout=timeout)
     ranks = []
     for rank, state in enumerate(states):
         expected = expected_rows(full_mask, global_positions(layout, cu, cp, rank))
@@ -185,6 +184,27 @@ def simulate(
     )
     result.findings = check(result)
     return result
+
+
+def rank_program(group: Any, local_masks: list[torch.Tensor], local_piece_len: list[torch.Tensor],
+                 rank_pieces: torch.Tensor) -> RankSelection:
+    """What one CP rank runs: module-level so a process backend can pickle it."""
+    rank = group.rank()
+    return select_rank_rows(local_masks[rank], local_piece_len[rank], rank_pieces, group)
+
+
+Executor = Callable[..., tuple[list[RankState], Optional[SpmdError]]]
+
+
+def _executor(backend: str) -> Executor:
+    """``execute(cp, fn, *args, timeout=...) -> (rank states, failure)`` for a backend name."""
+    if backend == "threads":
+        return execute_spmd
+    if backend == "gloo":
+        from cpinspect.gloo import execute_gloo
+
+        return execute_gloo
+    raise InputError(f"unknown backend {backend!r}", where="--backend", fix="use threads or gloo")
 
 
 def _input_form(batch: PackedBatch, cp: int) -> str:
