@@ -108,3 +108,22 @@ def test_bad_cu_seqlens_are_named(cu, text):
 def test_float_cu_seqlens_rejected():
     with pytest.raises(InputError, match="must be integers"):
         make_layout(torch.tensor([0.0, 8.0]), 2)
+
+
+def test_megatron_rope_vector_uses_segment_offsets():
+    # Megatron-LM PR #5243: cu_seqlens [0, 4, 8], cp 2 -> rank 0 uses positions [0, 3, 4, 7]
+    assert indices([0, 4, 8], 2)[0] == [0, 3, 4, 7]
+
+
+@pytest.mark.parametrize("cp, sample_lens", [(2, [10, 7, 13]), (2, [16, 16]), (4, [20, 9, 30, 5]), (2, [3]),
+                                             (4, [40, 17])])
+def test_sharding_then_reassembling_is_identity_for_miles_style_padding(cp, sample_lens):
+    padded = [-(-n // (2 * cp)) * 2 * cp for n in sample_lens]
+    cu = torch.cumsum(torch.tensor([0, *padded]), 0)
+    plan = make_layout(cu, cp)
+    row = torch.randperm(int(cu[-1]))
+    local = row[plan.all_global_indices()]
+    rebuilt = torch.empty_like(row)
+    rebuilt[plan.all_global_indices()] = local
+    assert torch.equal(rebuilt, row)
+    assert local.shape == (cp, int(cu[-1]) // cp)
