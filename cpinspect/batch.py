@@ -71,6 +71,9 @@ class PackedBatch:
     source: str = "<dict>"
     keys: dict[str, str] = field(default_factory=dict)
     found: list[list[FieldInfo]] = field(default_factory=list)
+    # per row: tensors under keys cpinspect does not map to a field (e.g. vision_dp_ranks,
+    # deepstack_rows), kept for the pipeline checks that know those names
+    extra: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     @property
     def per_rank_files(self) -> bool:
@@ -243,6 +246,9 @@ def _from_parts(parts: list[tuple[str, dict[str, Any]]], keys: Mapping[str, str]
     batch = PackedBatch(rows=rows, cu_seqlens=cu, source=source)
     batch.keys = dict(first["_keys"])
     batch.found = [f["_found"] for f in fields]
+    batch.extra = [{str(k): v.detach().to("cpu").clone() for k, v in raw.items()
+                    if isinstance(v, torch.Tensor) and k not in f["_keys"].values()}
+                   for (_, raw), f in zip(parts, fields)]
     if first.get("logical_cu_seqlens") is not None:
         batch.logical_cu_seqlens = check_cu_seqlens(
             _as_tensor(first["logical_cu_seqlens"], first_name, first["_keys"]["logical_cu_seqlens"]),
