@@ -1,0 +1,115 @@
+"""On CUDA the library routine reads nothing back to the host: proved under sync debug mode "error".
+
+``torch.cuda.set_sync_debug_mode("error")`` turns every device-to-host synchronisation torch
+performs (``.item()``, ``.tolist()``, ``nonzero``, blocking copies, stream syncs) into a
+``RuntimeError``. The mode is process-wide, so it also covers the simulated ranks' threads; the
+first test shows that it does, so the others cannot pass vacuously. Results are moved to the CPU
+only after the mode is switched off, and compared with the literal oracle. Skipped without CUDA.
+"""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from cpinspect import synth
+from cpinspect.selection import VisionCountMismatch, local_vision_row_map, local_vision_rows
+from cpinspect.spmd import SpmdError, run_spmd
+from tests.literal import expected_rows, zigzag_indices
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+VISION = (151655, 151656)
+
+
+@contextmanager
+def syncs_are_errors():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def cuda_case(seed, cp, *, cu_on_device=True):
+    """Per-rank CUDA masks, cu_seqlens and the literal oracle's rows for a seeded random batch."""
+    raw = synth.random_batch(seed, cp, max_segments=8)
+    cu = raw["cu_seqlens"].tolist()
+    mask = [t in VISION for t in raw["input_ids"].reshape(-1).tolist()]
+    held = zigzag_indices(cu, cp)
+    masks = [torch.tensor([mask[g] for g in h], dtype=torch.bool, device="cuda") for h in held]
+    cu_tensor = raw["cu_seqlens"].to("cuda") if cu_on_device else raw["cu_seqlens"]
+    return cu_tensor, masks, [expected_rows(mask, h) for h in held], sum(mask)
+
+
+def test_sync_debug_mode_reaches_the_rank_threads():
+    def program(group):
+        return torch.ones(3, device="cuda").sum().item()
+
+    with syncs_are_errors(), pytest.raises(SpmdError, match="synchroniz"):
+        run_spmd(2, program)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("cu_on_device", [True, False])
+def test_row_map_and_counted_rows_are_sync_free_and_match_the_oracle(cp, cu_on_device):
+    for seed in range(4):
+        cu, masks, expected, _ = cuda_case(seed * 13 + cp, cp, cu_on_device=cu_on_device)
+
+        def program(group, masks, cu, counts):
+            rank = group.rank()
+            row_map = local_vision_row_map(masks[rank], cu, cp_group=group)
+            dense = row_map.row_of_position
+            rows = local_vision_rows(masks[rank], cu, cp_group=group, local_vision_count=counts[rank])
+            return dense, rows
+
+        with syncs_are_errors():
+            results = run_spmd(cp, program, masks, cu, [len(e) for e in expected], timeout=60.0)
+        for rank, (dense, rows) in enumerate(results):
+            assert dense.is_cuda and rows.is_cuda
+            mask = masks[rank].cpu()
+            assert dense.cpu()[mask].tolist() == expected[rank]
+            assert (dense.cpu()[~mask] == -1).all()
+            assert rows.cpu().tolist() == expected[rank]
+
+
+def test_sync_free_scatter_places_every_embedding_row():
+    cu, masks, expected, total = cuda_case(21, 4)
+    embeds = torch.randn(total, 8, device="cuda")
+
+    def program(group):
+        mask = masks[group.rank()]
+        rows = local_vision_row_map(mask, cu, cp_group=group).row_of_position
+        hidden = torch.zeros(mask.numel(), 8, device="cuda")
+        return torch.where(mask[:, None], embeds[rows.clamp(min=0)], hidden)
+
+    with syncs_are_errors():
+        results = run_spmd(4, program, timeout=60.0)
+    for rank, got in enumerate(results):
+        want = torch.zeros(masks[rank].numel(), 8)
+        want[masks[rank].cpu()] = embeds.cpu()[torch.tensor(expected[rank], dtype=torch.long)]
+        assert torch.equal(got.cpu(), want)
+
+
+def test_deferred_count_check_after_the_sync_free_part():
+    cu, masks, expected, total = cuda_case(5, 2)
+
+    def program(group):
+        return local_vision_row_map(masks[group.rank()], cu, cp_group=group)
+
+    with syncs_are_errors():
+        row_maps = run_spmd(2, program, timeout=60.0)
+    for rank, row_map in enumerate(row_maps):  # the one sync each, where the caller chose it
+        row_map.check(total)
+        assert row_map.rows().cpu().tolist() == expected[rank]
+        with pytest.raises(VisionCountMismatch, match=f"contain {total} vision tokens, but .* produced {total + 1}"):
+            row_map.check(total + 1)
+
+
+def test_default_call_with_the_count_check_matches_the_oracle_on_cuda():
+    cu, masks, expected, total = cuda_case(8, 4)
+
+    def program(group):
+        return local_vision_rows(masks[group.rank()], cu, cp_group=group, vision_embed_count=total).cpu().tolist()
+
+    assert run_spmd(4, program, timeout=60.0) == expected

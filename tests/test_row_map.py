@@ -1,0 +1,123 @@
+"""The sync-free forms of the library routine, checked against the literal oracle on the CPU.
+
+``local_vision_row_map`` (a dense row per local position) and ``local_vision_rows(...,
+local_vision_count=n)`` are what a training step calls to avoid device-to-host syncs; the GPU
+proof that they do is ``tests/test_gpu_sync.py``. Here: same answers as the oracle, one
+collective, and the deferred checks.
+"""
+
+import pytest
+import torch
+
+from cpinspect import synth
+from cpinspect.selection import VisionCountMismatch, local_vision_row_map, local_vision_rows
+from cpinspect.spmd import SpmdError, execute_spmd, run_spmd
+from tests.literal import expected_rows, zigzag_indices
+
+VISION = (151655, 151656)
+
+
+def literal_case(seed, cp):
+    """Per-rank masks and oracle rows of a seeded random batch, from the literal definitions."""
+    raw = synth.random_batch(seed, cp)
+    cu = raw["cu_seqlens"].tolist()
+    mask = [t in VISION for t in raw["input_ids"].reshape(-1).tolist()]
+    held = zigzag_indices(cu, cp)
+    masks = [torch.tensor([mask[g] for g in h], dtype=torch.bool) for h in held]
+    return raw["cu_seqlens"], masks, [expected_rows(mask, h) for h in held], sum(mask)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
+def test_row_map_holds_the_oracle_row_at_vision_positions_and_minus_one_elsewhere(cp):
+    for seed in range(6):
+        cu, masks, expected, _ = literal_case(seed * 7 + cp, cp)
+
+        def program(group, masks, cu):
+            return local_vision_row_map(masks[group.rank()], cu, cp_group=group).row_of_position.tolist()
+
+        for rank, row_map in enumerate(run_spmd(cp, program, masks, cu)):
+            mask = masks[rank].tolist()
+            assert [r for r, m in zip(row_map, mask) if m] == expected[rank]
+            assert all(r == -1 for r, m in zip(row_map, mask) if not m)
+
+
+@pytest.mark.parametrize("cp", [2, 4, 6])
+def test_given_local_count_gives_the_oracle_rows(cp):
+    for seed in range(6):
+        cu, masks, expected, total = literal_case(seed * 11 + cp, cp)
+
+        def program(group, masks, cu, expected, total):
+            rank = group.rank()
+            return local_vision_rows(masks[rank], cu, cp_group=group, local_vision_count=len(expected[rank]),
+                                     vision_embed_count=total).tolist()
+
+        assert run_spmd(cp, program, masks, cu, expected, total) == expected
+
+
+def test_scatter_through_the_row_map_equals_the_boolean_scatter():
+    cu, masks, expected, total = literal_case(3, 4)
+    embeds = torch.arange(total * 3, dtype=torch.float32).view(total, 3)
+
+    def program(group):
+        mask = masks[group.rank()]
+        rows = local_vision_row_map(mask, cu, cp_group=group).row_of_position
+        hidden = torch.full((mask.numel(), 3), -5.0)
+        return torch.where(mask[:, None], embeds[rows.clamp(min=0)], hidden)
+
+    for rank, got in enumerate(run_spmd(4, program)):
+        want = torch.full((masks[rank].numel(), 3), -5.0)
+        want[masks[rank]] = embeds[torch.tensor(expected[rank], dtype=torch.long)]
+        assert torch.equal(got, want)
+
+
+def test_exactly_one_collective_per_rank_with_the_count_shape():
+    cu, masks, _, _ = literal_case(5, 4)
+    segments = cu.numel() - 1
+    states, failure = execute_spmd(4, lambda g: local_vision_rows(masks[g.rank()], cu, cp_group=g))
+    assert failure is None
+    for state in states:
+        assert [(c.op, c.shapes, c.dtypes) for c in state.calls] == [("all_gather", ((2 * segments,),), ("int64",))]
+
+
+def test_deferred_check_raises_on_every_rank_together():
+    masks = [torch.tensor([1, 0, 0, 0], dtype=torch.bool), torch.tensor([0, 0, 0, 1], dtype=torch.bool)]
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+
+    def program(group, count):
+        row_map = local_vision_row_map(masks[group.rank()], cu, cp_group=group)
+        row_map.check(count)
+        return row_map.rows().tolist()
+
+    assert run_spmd(2, program, 2) == [[0], [1]]
+    with pytest.raises(SpmdError) as info:
+        run_spmd(2, program, 5)
+    assert info.value.raised_ranks == [0, 1]
+    assert all(isinstance(s.error, VisionCountMismatch) for s in info.value.ranks)
+    assert "contain 2 vision tokens, but the vision encoder produced 5 embeddings" in str(info.value)
+
+
+def test_wrong_local_count_on_cpu_names_both_numbers():
+    def program(group):
+        return local_vision_rows(torch.tensor([1, 1, 0, 0], dtype=torch.bool), torch.tensor([0, 8]),
+                                 cp_group=group, local_vision_count=3)
+
+    with pytest.raises(SpmdError, match="local_vision_count is 3, but the local vision mask holds 2"):
+        run_spmd(2, program)
+
+
+def test_mask_of_the_wrong_length_is_refused_before_the_collective():
+    def program(group):
+        return local_vision_rows(torch.zeros(6, dtype=torch.bool), torch.tensor([0, 8]), cp_group=group)
+
+    states, failure = execute_spmd(2, program)
+    assert failure is not None
+    assert all(not s.calls for s in states)
+    assert "the local vision mask has 6 entries, but cu_seqlens[-1] // cp = 8 // 2 = 4" in str(failure)
+
+
+def test_segment_not_divisible_by_2cp_is_refused():
+    def program(group):
+        return local_vision_rows(torch.zeros(6, dtype=torch.bool), torch.tensor([0, 6, 12]), cp_group=group)
+
+    with pytest.raises(SpmdError, match="segment 0 has physical length 6, not divisible by 2\\*cp = 4"):
+        run_spmd(2, program)
