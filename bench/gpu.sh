@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# What to run on the GPU machine, from the repository root:  bash bench/gpu.sh
+#
+# Writes under $OUT (default bench/results/gpu-run): the machine and versions, the CUDA sync
+# test (tests/test_gpu_sync.py under torch.cuda.set_sync_debug_mode("error"), plus the CPU
+# row-map tests), and the selection benchmark table for CPU and CUDA. Needs torch with CUDA,
+# numpy and pytest; typer/rich/safetensors are not needed for these two steps.
+set -u
+OUT="${OUT:-bench/results/gpu-run}"
+PY="${PYTHON:-python3}"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(hostname), $(nproc) cores"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+  "$PY" -c "import platform, torch; print('python', platform.python_version(), '| torch', torch.__version__,
+'| cuda', torch.version.cuda, '| cuda available', torch.cuda.is_available())"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+status=0
+if "$PY" -c "import pytest" 2>/dev/null; then
+  "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu_sync.py tests/test_row_map.py 2>&1 | tee "$OUT/gpu_sync_tests.txt"
+  test "${PIPESTATUS[0]}" -eq 0 || status=1
+else
+  echo "pytest is not installed: tests/test_gpu_sync.py was not run (install pytest from a wheel and rerun)" \
+    | tee "$OUT/gpu_sync_tests.txt"
+  status=1
+fi
+
+"$PY" -m bench.selection --device all 2>&1 | tee "$OUT/selection.md"
+test "${PIPESTATUS[0]}" -eq 0 || status=1
+echo "bench/gpu.sh finished with status $status; results in $OUT"
+exit "$status"

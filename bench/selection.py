@@ -1,0 +1,235 @@
+"""Time ``cpinspect.local_vision_rows`` against the per-segment loop reference, per rank.
+
+    python -m bench.selection                 # CPU, and CUDA when available
+    python -m bench.selection --device cuda   # one device only
+    python -m bench.selection --quick         # small shapes: a smoke run
+
+Each rank's call is timed alone, with a *replay group*: a ``ProcessGroup`` whose all-gather
+hands back what the real collective would deliver (every rank's counts, computed from the full
+mask beforehand). Both implementations go through it, so the table compares the per-rank work
+only, as a real job would pay it next to an NCCL all-gather. Before timing, every rank's rows
+from both implementations are checked against the oracle (:mod:`cpinspect.oracle`).
+
+On CUDA the table also counts device-to-host synchronisations per call, by running one call
+under ``torch.cuda.set_sync_debug_mode("warn")`` and counting the warnings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from bench.batches import packed_batch
+from bench.loop_reference import loop_vision_rows
+from cpinspect.oracle import expected_rows, global_positions
+from cpinspect.selection import local_vision_row_map, local_vision_rows
+
+CONFIGS = (  # (tokens, segments, cp); vision fraction ~0.4
+    (524_288, 256, 8),
+    (1_048_576, 1_024, 16),
+)
+QUICK_CONFIGS = ((16_384, 32, 4),)
+TARGETS = {"cpu": 10.0, "cuda": 20.0}
+
+
+class ReplayGroup(dist.ProcessGroup):
+    """Rank ``rank`` of a group whose all-gather returns precomputed per-rank tensors."""
+
+    def __init__(self, rank: int, gathered: torch.Tensor) -> None:
+        super().__init__(rank, gathered.shape[0])
+        self._gathered = gathered
+        self.check_inputs = False
+
+    def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
+                  opts: object = None) -> dist.Work:
+        (tensor,) = input_tensors
+        if self.check_inputs and not torch.equal(tensor.reshape(-1), self._gathered[self.rank()].reshape(-1)):
+            raise AssertionError(f"rank {self.rank()} sent counts that differ from the replayed ones")
+        for out, src in zip(output_tensors[0], self._gathered):
+            out.copy_(src.view_as(out))
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(None)
+        return torch._C._distributed_c10d._create_work_from_future(future)
+
+
+@dataclass
+class Case:
+    """One shape on one device: per-rank masks, the global cu_seqlens and the replayed counts."""
+
+    label: str
+    cp: int
+    cu: torch.Tensor
+    masks: list[torch.Tensor]
+    expected: list[torch.Tensor]
+    gathered: torch.Tensor
+    vision_total: int
+
+
+def build_case(tokens: int, segments: int, cp: int, device: str, seed: int = 0) -> Case:
+    batch = packed_batch(tokens, segments, multiple=2 * cp, seed=seed)
+    ids, cu = batch["input_ids"].reshape(-1), batch["cu_seqlens"].to(torch.long)
+    full_mask = (ids == 151655) | (ids == 151656)
+    held = [global_positions("zigzag", cu, cp, r) for r in range(cp)]
+    expected = [expected_rows(full_mask, h) for h in held]
+    chunk_counts = _chunk_counts(full_mask, cu, cp)
+    gathered = torch.stack([torch.stack([chunk_counts[:, r], chunk_counts[:, 2 * cp - 1 - r]], 1).reshape(-1)
+                            for r in range(cp)])
+    label = f"{tokens:,} tok, {segments:,} seg, cp {cp}"
+    return Case(label, cp, cu.to(device), [full_mask[h].to(device) for h in held], expected, gathered.to(device),
+                int(full_mask.sum()))
+
+
+def _chunk_counts(full_mask: torch.Tensor, cu: torch.Tensor, cp: int) -> torch.Tensor:
+    """``[S, 2cp]`` vision tokens per chunk of every segment, from the full row (no layout code)."""
+    bounds = cu[:-1, None] + (cu[1:] - cu[:-1])[:, None] // (2 * cp) * torch.arange(2 * cp + 1)
+    running = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(full_mask.long(), 0)])
+    return running[bounds[:, 1:]] - running[bounds[:, :-1]]
+
+
+Impl = Callable[[Case, int, dist.ProcessGroup], torch.Tensor]
+
+
+def impls() -> dict[str, Impl]:
+    """Name -> call for one rank; each returns the compact rows in local order."""
+    return {
+        "loop reference": lambda c, r, g: loop_vision_rows(c.masks[r], c.cu, cp_group=g,
+                                                           vision_embed_count=c.vision_total),
+        "local_vision_rows": lambda c, r, g: local_vision_rows(c.masks[r], c.cu, cp_group=g,
+                                                               vision_embed_count=c.vision_total),
+        "… local_vision_count=n": lambda c, r, g: local_vision_rows(c.masks[r], c.cu, cp_group=g,
+                                                                    local_vision_count=c.expected[r].numel()),
+        "local_vision_row_map": lambda c, r, g: local_vision_row_map(c.masks[r], c.cu, cp_group=g).row_of_position,
+    }
+
+
+def verify(case: Case) -> None:
+    """Every implementation's rows equal the oracle's on every rank (the row map: at vision positions)."""
+    for rank in range(case.cp):
+        group = ReplayGroup(rank, case.gathered)
+        group.check_inputs = True
+        for name, fn in impls().items():
+            got = fn(case, rank, group).cpu()
+            if name == "local_vision_row_map":
+                got = got[case.masks[rank].cpu()]
+            if not torch.equal(got, case.expected[rank]):
+                raise AssertionError(f"{name} differs from the oracle on rank {rank} of {case.label}")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_per_rank(case: Case, fns: dict[str, Impl], device: str, budget_s: float) -> dict[str, float]:
+    """Per implementation: mean over ranks of each rank's median call time (seconds).
+
+    The implementations take turns in blocks of calls (about 10 ms each, A B C D A B C D ...),
+    so load from other processes on a shared machine lands on all of them alike, while each
+    block still runs with its own data in cache, as a training step would.
+    """
+    per_rank: dict[str, list[float]] = {name: [] for name in fns}
+    for rank in range(case.cp):
+        group = ReplayGroup(rank, case.gathered)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        deadline = time.perf_counter() + budget_s / case.cp
+        rounds = 0
+        while rounds < 2 or time.perf_counter() < deadline:
+            for name, fn in fns.items():
+                fn(case, rank, group)  # the block's warm-up call
+                block_end = time.perf_counter() + 0.01
+                while True:
+                    _sync(device)
+                    start = time.perf_counter()
+                    fn(case, rank, group)
+                    _sync(device)
+                    times[name].append(time.perf_counter() - start)
+                    if time.perf_counter() >= block_end:
+                        break
+            rounds += 1
+        for name in fns:
+            per_rank[name].append(statistics.median(times[name]))
+    return {name: statistics.fmean(values) for name, values in per_rank.items()}
+
+
+def count_syncs(case: Case, fn: Impl) -> int:
+    """Device-to-host synchronisations of one call on rank 0 (CUDA only)."""
+    group = ReplayGroup(0, case.gathered)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(case, 0, group)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    base = f"{platform.node()} ({cpu}, {torch.get_num_threads()} torch threads), torch {torch.__version__}"
+    if device == "cuda":
+        return base + f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return base
+
+
+def run_device(device: str, configs: tuple[tuple[int, int, int], ...], budget_s: float) -> bool:
+    """Print one table for ``device``; True when every config meets the target ratio."""
+    print(f"\n## {device.upper()}: {machine(device)}")
+    syncs = " syncs / call |" if device == "cuda" else ""
+    header = "| shape | implementation | ms / rank | speed-up vs loop |" + syncs
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    met = True
+    for tokens, segments, cp in configs:
+        case = build_case(tokens, segments, cp, device)
+        verify(case)
+        timed = time_per_rank(case, impls(), device, budget_s)
+        base = timed["loop reference"]
+        for name, seconds in timed.items():
+            ratio = base / seconds
+            cells = [case.label, name, f"{seconds * 1e3:.3f}", f"{ratio:.1f}x"]
+            if device == "cuda":
+                cells.append(str(count_syncs(case, impls()[name])))
+            print("| " + " | ".join(cells) + " |")
+            if name == "local_vision_rows" and ratio < TARGETS[device]:
+                met = False
+        print(f"| {case.label} | target for local_vision_rows | | >= {TARGETS[device]:g}x |" + (" |" if device == "cuda"
+                                                                                          else ""))
+    return met
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per shape (all implementations)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads on the CPU (default 1: one rank's share of a host; on a "
+                             "small shared machine a wider pool stalls on descheduled workers)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            raise SystemExit("CUDA is not available")
+        devices.remove("cuda")
+        print("(CUDA not available: CPU only)")
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    print("# bench/selection.py: per-rank time of local_vision_rows vs the per-segment .item() loop")
+    print("Each rank timed alone (replay group for the one all-gather); mean over ranks of the median call.")
+    verdicts = {d: run_device(d, configs, args.budget) for d in devices}
+    for device, met in verdicts.items():
+        print(f"{device}: target >= {TARGETS[device]:g}x {'met' if met else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
