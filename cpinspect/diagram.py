@@ -1,0 +1,552 @@
+"""The layout picture: every segment's chunks in global order, then every rank's local row.
+
+Nobody else draws this: DTensor and JAX visualisers show contiguous blocks of one tensor, and a
+zigzag split is not a placement they can express. Here each segment of ``cu_seqlens`` is drawn
+as its ``2*cp`` chunks, each cell coloured by the rank that holds it and labelled with its chunk
+number and global token range; beneath, each rank's local row shows those chunks in the order
+they sit in memory, with the local offsets ``cu[i]/cp`` marked. Cells are proportional to their
+token counts and shrink to the terminal width; labels always carry the exact numbers, and rank
+digits/letters keep the picture readable without colour. With a vision mask every cell also
+shows where its vision tokens are (``█`` all vision, ``▒`` some, ``·`` none).
+
+``python -m cpinspect.diagram`` draws the worked example (``cu_seqlens = [0, 8, 24]``, cp 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.console import Group, RenderableType
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from cpinspect.balance import Balance
+from cpinspect.layout import Layout
+from cpinspect.render import RANK_COLORS, rank_label
+
+MAX_SEGMENTS = 12
+MAX_LISTED = 12
+RULE_TEXT = {
+    "zigzag": "each segment is cut into 2·cp = {n} equal chunks; rank r holds chunks r and {last}-r of every segment",
+    "sequence-zigzag": "the whole row is cut into 2·cp = {n} equal chunks, ignoring segment boundaries; "
+                       "rank r holds chunks r and {last}-r",
+    "contiguous": "the whole row is cut into cp = {n} equal pieces, ignoring segment boundaries; rank r holds piece r",
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One piece of a layout clipped to one segment: global tokens ``[start, end)`` held by ``rank``."""
+
+    segment: int
+    chunk: int
+    rank: int
+    start: int
+    end: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Box:
+    """A cell as drawn: its label lines, its token range (for width and vision), its rank (colour)."""
+
+    labels: tuple[str, ...]
+    note: str
+    rank: int
+    start: int
+    end: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+def token_span(start: int, end: int) -> str:
+    """Inclusive text of global tokens ``[start, end)``: ``"0-3"``, ``"5"`` or ``"-"`` when empty."""
+    if end <= start:
+        return "-"
+    return f"{start}" if end - start == 1 else f"{start}-{end - 1}"
+
+
+def segment_cells(layout: Layout) -> list[list[Cell]]:
+    """Per physical segment, the layout's pieces clipped to it, in global order.
+
+    Segments and pieces both tile the row, so the cuts at every segment and piece boundary give
+    exactly the non-empty intersections; each is found by a binary search, not a per-token loop.
+    """
+    cu = layout.cu_seqlens
+    starts = layout.piece_start
+    bounds = torch.unique(torch.cat([cu, starts, starts + layout.piece_len]))
+    low, high = bounds[:-1], bounds[1:]
+    segment = torch.searchsorted(cu, low, right=True) - 1
+    piece = torch.searchsorted(starts, low, right=True) - 1
+    owner = layout.owner_of_piece()[piece]
+    cells: list[list[Cell]] = [[] for _ in range(layout.num_segments)]
+    rows = zip(segment.tolist(), layout.piece_chunk[piece].tolist(), owner.tolist(), low.tolist(), high.tolist())
+    for seg, chunk, rank, start, end in rows:
+        cells[seg].append(Cell(seg, chunk, rank, start, end))
+    return cells
+
+
+def local_boxes(layout: Layout, cp_rank: int) -> list[Box]:
+    """The non-empty pieces of ``cp_rank`` in local-memory order, labelled for the local row."""
+    pieces = layout.rank_pieces[cp_rank]
+    starts = layout.piece_start[pieces].tolist()
+    ends = (layout.piece_start[pieces] + layout.piece_len[pieces]).tolist()
+    segments = layout.piece_segment[pieces].tolist()
+    chunks = layout.piece_chunk[pieces].tolist()
+    boxes = []
+    for start, end, seg, chunk in zip(starts, ends, segments, chunks):
+        if end > start:
+            name = f"s{seg} c{chunk}" if layout.kind == "zigzag" else f"c{chunk}"
+            boxes.append(Box((name, token_span(start, end)), str(chunk), cp_rank, start, end))
+    return boxes
+
+
+def cell_style(rank: int) -> str:
+    """Background of the rank's colour, with black or white text, whichever reads better on it."""
+    color = RANK_COLORS[rank % len(RANK_COLORS)]
+    red, green, blue = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    text = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 150 else "white"
+    return f"{text} on {color}"
+
+
+def fit_widths(tokens: Sequence[int], minimum: Sequence[int], available: int,
+               scale: float | None = None) -> list[int] | None:
+    """Content widths proportional to ``tokens`` (at most ``scale`` columns per token), each at
+    least its ``minimum``, together at most ``available``; ``None`` when the minimums alone do not fit.
+
+    Cells too small for their label are pinned at their minimum and the rest share what is left
+    (water filling), so one tiny piece does not squeeze a long one out of proportion.
+    """
+    if sum(minimum) > available:
+        return None
+    pinned = [False] * len(tokens)
+    while True:
+        free_tokens = sum(t for t, p in zip(tokens, pinned) if not p)
+        room = available - sum(m for m, p in zip(minimum, pinned) if p)
+        per_token = room / free_tokens if free_tokens else 0.0
+        if scale is not None:
+            per_token = min(per_token, scale)
+        newly = [i for i, (t, m, p) in enumerate(zip(tokens, minimum, pinned)) if not p and t * per_token < m]
+        if not newly:
+            break
+        for i in newly:
+            pinned[i] = True
+    return [m if p else max(m, int(t * per_token)) for t, m, p in zip(tokens, minimum, pinned)]
+
+
+def wrap_groups(widths: Sequence[int], available: int) -> list[range]:
+    """Consecutive boxes per output line, each line at most ``available`` columns (separators included)."""
+    groups: list[range] = []
+    start, used = 0, 1
+    for i, width in enumerate(widths):
+        if i > start and used + width + 1 > available:
+            groups.append(range(start, i))
+            start, used = i, 1
+        used += width + 1
+    groups.append(range(start, len(widths)))
+    return groups
+
+
+def vision_strip(mask: torch.Tensor, start: int, end: int, width: int) -> str:
+    """``width`` characters over tokens ``[start, end)``: █ all vision, ▒ some, · none."""
+    n = end - start
+    if n <= 0 or width <= 0:
+        return " " * max(width, 0)
+    edges = torch.div(torch.arange(width + 1) * n, width, rounding_mode="floor") + start
+    upper = torch.maximum(edges[1:], edges[:-1] + 1)
+    csum = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(mask.to(torch.long), 0)])
+    vision = (csum[upper] - csum[edges[:-1]]).tolist()
+    size = (upper - edges[:-1]).tolist()
+    return "".join("·" if v == 0 else "█" if v == s else "▒" for v, s in zip(vision, size))
+
+
+def _content(box: Box, width: int, compact: bool) -> list[str]:
+    """The label lines of one box, each exactly ``width`` characters."""
+    if compact:
+        letter = rank_label(box.rank)
+        note = box.note.center(width) if len(box.note) <= width else letter * width
+        return [letter * width, note]
+    return [label.center(width) if len(label) <= width else label[:width] for label in box.labels]
+
+
+def draw_boxes(boxes: Sequence[Box], widths: Sequence[int], gutter: Sequence[str], *, compact: bool,
+               mask: torch.Tensor | None) -> list[Text]:
+    """The text lines of one row of boxes (already cut to fit), a gutter string per line."""
+    contents = [_content(box, width, compact) for box, width in zip(boxes, widths)]
+    if mask is not None:
+        for box, width, lines in zip(boxes, widths, contents):
+            lines.append(vision_strip(mask, box.start, box.end, width))
+    height = max((len(c) for c in contents), default=0)
+    out = []
+    for line in range(height):
+        text = Text(gutter[line] if line < len(gutter) else " " * len(gutter[0]))
+        for box, lines in zip(boxes, contents):
+            text.append("│", style="dim")
+            text.append(lines[line], style=cell_style(box.rank))
+        text.append("│" if boxes else "(empty)", style="dim")
+        out.append(text)
+    return out
+
+
+def _full_minimum(boxes: Sequence[Box]) -> list[int]:
+    return [max(len(label) for label in box.labels) + 2 for box in boxes]
+
+
+def draw_segment(cells: Sequence[Cell], gutter: int, width: int, scale: float,
+                 mask: torch.Tensor | None) -> list[RenderableType]:
+    """One segment's cells: full labels if they fit, else rank letters and a legend, else wrapped."""
+    boxes = [Box((f"c{c.chunk} r{rank_label(c.rank)}", token_span(c.start, c.end)), str(c.chunk), c.rank,
+                 c.start, c.end) for c in cells]
+    available = width - gutter - len(boxes) - 1
+    tokens = [b.tokens for b in boxes]
+    pad = [" " * gutter]
+    widths = fit_widths(tokens, _full_minimum(boxes), available, scale)
+    if widths is not None:
+        return list(draw_boxes(boxes, widths, pad, compact=False, mask=mask))
+    widths = fit_widths(tokens, [1] * len(boxes), available, scale)
+    if widths is not None:
+        legend = Padding(Text("chunks: " + " · ".join(f"c{b.note} {b.labels[1]}" for b in boxes), style="dim"),
+                         (0, 0, 0, gutter))
+        return [*draw_boxes(boxes, widths, pad, compact=True, mask=mask), legend]
+    widths = _full_minimum(boxes)
+    lines: list[RenderableType] = []
+    for group in wrap_groups(widths, width - gutter):
+        lines.extend(draw_boxes([boxes[i] for i in group], [widths[i] for i in group], pad, compact=False,
+                                mask=mask))
+    return lines
+
+
+def segment_heading(layout: Layout, cells: Sequence[Cell], segment: int, mask: torch.Tensor | None) -> Text:
+    start, end = int(layout.cu_seqlens[segment]), int(layout.cu_seqlens[segment + 1])
+    length = end - start
+    heading = Text(f"segment {segment}", style="bold")
+    heading.append(f" · tokens {token_span(start, end)} · {length:,} tokens")
+    if layout.kind == "zigzag" and layout.cp > 1:
+        heading.append(f" = {2 * layout.cp} chunks of {length // (2 * layout.cp):,}")
+    elif layout.kind != "zigzag":
+        heading.append(f" · holds parts of {len(cells)} {'piece' if len(cells) == 1 else 'pieces'} of the row")
+    if mask is not None:
+        heading.append(f" · {int(mask[start:end].sum()):,} vision tokens")
+    return heading
+
+
+def global_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
+                full: bool = False) -> list[RenderableType]:
+    """Every segment's cells in global order, one block per segment, proportional across segments."""
+    cells = segment_cells(layout)
+    gutter = _gutter(layout)
+    lengths = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).tolist()
+    longest = max(lengths, default=0)
+    most_cells = max((len(c) for c in cells), default=0)
+    scale = (width - gutter - most_cells - 1) / longest if longest else 1.0
+    shown = range(len(cells)) if full else range(min(len(cells), MAX_SEGMENTS))
+    out: list[RenderableType] = []
+    for segment in shown:
+        out.append(segment_heading(layout, cells[segment], segment, mask))
+        out.extend(draw_segment(cells[segment], gutter, width, scale, mask))
+    if len(shown) < len(cells):
+        out.append(Text(f"… {len(cells) - len(shown)} more segments not drawn (--full draws all; --json lists all)",
+                        style="dim"))
+    return out
+
+
+def _gutter(layout: Layout) -> int:
+    return len(f"rank {layout.cp - 1}") + 1
+
+
+def _local_marks(layout: Layout, boxes: Sequence[Box]) -> list[tuple[int, int]]:
+    """``(box index, local offset)`` pairs to mark under the local rows: segment starts for zigzag
+    (``cu[i]/cp``), piece starts otherwise, and the end of the row."""
+    marks, offset = [], 0
+    starts = set(layout.cu_seqlens.tolist()) if layout.kind == "zigzag" else None
+    for i, box in enumerate(boxes):
+        if starts is None or box.start in starts:
+            marks.append((i, offset))
+        offset += box.tokens
+    marks.append((len(boxes), offset))
+    return marks
+
+
+def _ruler(widths: Sequence[int], group: range, marks: Sequence[tuple[int, int]], gutter: int, width: int) -> Text:
+    """``▲offset`` under each marked box boundary of this line; a label that would run past the
+    line ends at its mark instead (``offset▲``), and one that would collide is left out."""
+    positions = [gutter]
+    for i in group:
+        positions.append(positions[-1] + widths[i] + 1)
+    line = [" "] * max(width, positions[-1] + 1)
+    free_from = 0
+    for index, offset in marks:
+        if not group.start <= index <= group.stop:
+            continue
+        x = positions[index - group.start]
+        label, left = f"▲{offset}", x
+        if x + len(label) > width:
+            label, left = f"{offset}▲", x - len(str(offset))
+        if left < free_from:
+            continue
+        line[left:left + len(label)] = list(label)
+        free_from = left + len(label) + 1
+    return Text("".join(line).rstrip(), style="bold")
+
+
+def local_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None) -> list[RenderableType]:
+    """Each rank's local row as it sits in memory, cells sized alike for every rank, offsets marked."""
+    rows = [local_boxes(layout, r) for r in range(layout.cp)]
+    gutter = _gutter(layout)
+    count = len(rows[0])
+    minimum = [max(len(label) for row in rows for label in row[i].labels) + 2 for i in range(count)]
+    tokens = [b.tokens for b in rows[0]]
+    widths = fit_widths(tokens, minimum, width - gutter - count - 1) or minimum
+    marks = _local_marks(layout, rows[0])
+    out: list[RenderableType] = []
+    for group in wrap_groups(widths, width - gutter):
+        for rank, row in enumerate(rows):
+            label = f"rank {rank}".ljust(gutter)
+            out.extend(draw_boxes([row[i] for i in group], [widths[i] for i in group], [label], compact=False,
+                                  mask=mask))
+        out.append(_ruler(widths, group, marks, gutter, width))
+    out.append(_offsets_line(layout))
+    return out
+
+
+def _offsets_line(layout: Layout) -> Text:
+    if layout.kind != "zigzag":
+        return Text(f"each rank holds {layout.local_tokens:,} tokens; ▲ marks where each piece starts in local "
+                    "memory (segment boundaries play no part in this layout)", style="dim")
+    offsets = (layout.cu_seqlens // layout.cp).tolist()
+    listed = ", ".join(f"s{i} at {o:,}" for i, o in enumerate(offsets[:-1][:MAX_LISTED]))
+    more = f", … ({len(offsets) - 1 - MAX_LISTED} more)" if len(offsets) - 1 > MAX_LISTED else ""
+    return Text(f"local offsets cu[i]/cp: {listed}{more}; each rank holds {layout.local_tokens:,} tokens",
+                style="dim")
+
+
+def rank_key(cp: int) -> Text:
+    """A colour key: one swatch per rank, with the rank's digit/letter inside."""
+    key = Text("ranks ", style="bold")
+    for rank in range(cp):
+        key.append(f" {rank_label(rank)} ", style=cell_style(rank))
+        key.append(" ")
+    return key
+
+
+def layout_header(layout: Layout) -> Text:
+    parts = 2 * layout.cp if layout.kind != "contiguous" else layout.cp
+    title = Text(f"{layout.kind} layout", style="bold")
+    title.append(f" · cp {layout.cp} · {layout.num_segments:,} segment(s), {layout.total_tokens:,} tokens · "
+                 f"{layout.local_tokens:,} tokens per rank\n")
+    title.append(RULE_TEXT[layout.kind].format(n=parts, last=parts - 1), style="italic")
+    return title
+
+
+def layout_diagram(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
+                   full: bool = False) -> Group:
+    """The whole picture of one layout: header, colour key, segments, then the local rows."""
+    return Group(
+        layout_header(layout),
+        rank_key(layout.cp),
+        Text(""),
+        *global_view(layout, width, mask=mask, full=full),
+        Text(""),
+        Text(f"local rows: what each rank holds, in memory order ({layout.local_tokens:,} tokens each)", style="bold"),
+        *local_view(layout, width, mask=mask),
+    )
+
+
+@dataclass(frozen=True)
+class VisionItem:
+    """One image, video or run of vision tokens: where its tokens are and which encoder rows it owns."""
+
+    name: str
+    first_token: int
+    last_token: int
+    first_row: int
+    end_row: int
+
+
+def _item_ordinals(kind_mask: torch.Tensor, grid: torch.Tensor | None, merge_area: int,
+                   runs: torch.Tensor) -> torch.Tensor:
+    """Item number of each vision token of one kind: by the grids when they account for every
+    token (grid row k owns the next t*h*w/merge tokens), otherwise by maximal runs."""
+    count = int(kind_mask.sum())
+    if grid is not None and grid.numel() and int((grid.prod(dim=1) // merge_area).sum()) == count:
+        ends = torch.cumsum(grid.prod(dim=1) // merge_area, 0)
+        return torch.searchsorted(ends, torch.arange(count), right=True)
+    held = runs[kind_mask]
+    return torch.unique(held, return_inverse=True)[1] if held.numel() else held
+
+
+def vision_items(full_ids: torch.Tensor, full_mask: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                 image_token_id: int, video_token_id: int, image_grid: torch.Tensor | None = None,
+                 video_grid: torch.Tensor | None = None, merge_area: int = 4) -> list[VisionItem]:
+    """Images, videos and other vision runs of the full row, in natural (row) order."""
+    positions = torch.nonzero(full_mask).view(-1)
+    if positions.numel() == 0:
+        return []
+    ids = full_ids[positions]
+    kind = torch.where(ids == image_token_id, 0, torch.where(ids == video_token_id, 1, 2))
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[1:] = (positions[1:] != positions[:-1] + 1) | (kind[1:] != kind[:-1])
+    starts |= torch.isin(positions, cu_seqlens)
+    runs = torch.cumsum(starts.to(torch.long), 0) - 1
+    item = torch.zeros_like(positions)
+    for code, grid in ((0, image_grid), (1, video_grid), (2, None)):
+        mask = kind == code
+        if bool(mask.any()):
+            item[mask] = _item_ordinals(mask, grid, merge_area, runs)
+    key = kind * (positions.numel() + 1) + item
+    unique, inverse = torch.unique(key, return_inverse=True)
+    rows = torch.arange(positions.numel())
+    first = torch.full((unique.numel(),), positions.numel(), dtype=torch.long).scatter_reduce(0, inverse, rows, "amin")
+    last = torch.zeros(unique.numel(), dtype=torch.long).scatter_reduce(0, inverse, rows, "amax")
+    names = ("image", "video", "vision run")
+    found = [
+        VisionItem(f"{names[k // (positions.numel() + 1)]} {k % (positions.numel() + 1)}", int(positions[f]),
+                   int(positions[la]), f, la + 1)
+        for k, f, la in zip(unique.tolist(), first.tolist(), last.tolist())
+    ]
+    return sorted(found, key=lambda found_item: found_item.first_row)
+
+
+def piece_rows(layout: Layout, full_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[P]`` first encoder row and number of rows of every piece: vision tokens before it, in it."""
+    csum = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(full_mask.to(torch.long), 0)])
+    first = csum[layout.piece_start]
+    return first, csum[layout.piece_start + layout.piece_len] - first
+
+
+def piece_name(layout: Layout, piece: int) -> str:
+    chunk = int(layout.piece_chunk[piece])
+    return f"s{int(layout.piece_segment[piece])} c{chunk}" if layout.kind == "zigzag" else f"c{chunk}"
+
+
+def _rows_text(first: int, count: int) -> str:
+    return token_span(first, first + count)
+
+
+def items_table(layout: Layout, full_mask: torch.Tensor, items: Sequence[VisionItem], full: bool) -> Table:
+    """Which rows of each image/video land on which rank, chunk by chunk."""
+    first, count = piece_rows(layout, full_mask)
+    owner = layout.owner_of_piece()
+    table = Table(title="vision items: the encoder returns one row per vision token, in natural order",
+                  title_justify="left", title_style="bold")
+    for name in ("item", "global tokens", "rows", "held by (rows, chunk)"):
+        table.add_column(name, overflow="fold")
+    shown = items if full else items[:MAX_LISTED]
+    for item in shown:
+        overlap_start = torch.clamp(first, min=item.first_row)
+        overlap_end = torch.clamp(first + count, max=item.end_row)
+        pieces = torch.nonzero(overlap_end > overlap_start).view(-1).tolist()
+        held: dict[int, list[str]] = {}
+        for piece in pieces:
+            a, b = int(overlap_start[piece]), int(overlap_end[piece])
+            held.setdefault(int(owner[piece]), []).append(f"{token_span(a, b)} ({piece_name(layout, piece)})")
+        cell = Text()
+        for rank, parts in sorted(held.items()):
+            if cell:
+                cell.append("\n")
+            cell.append(f" {rank_label(rank)} ", style=cell_style(rank))
+            cell.append(f" rank {rank}: {', '.join(parts)}")
+        table.add_row(item.name, f"{item.first_token}-{item.last_token}",
+                      token_span(item.first_row, item.end_row), cell)
+    if len(shown) < len(items):
+        table.add_row(f"… {len(items) - len(shown)} more", "", "", "--full lists them")
+    return table
+
+
+def rank_rows_view(layout: Layout, full_mask: torch.Tensor, full: bool) -> list[RenderableType]:
+    """Each rank's rows, chunk by chunk, and what sits in every gap between them (other ranks' chunks)."""
+    first, count = piece_rows(layout, full_mask)
+    owner = layout.owner_of_piece()
+    with_rows = torch.nonzero(count).view(-1)
+    out: list[RenderableType] = [Text("what each rank scatters: rows of the encoder output, in local token order",
+                                      style="bold")]
+    for rank in range(layout.cp):
+        mine = [p for p in layout.rank_pieces[rank].tolist() if int(count[p])]
+        line = Text()
+        line.append(f" {rank_label(rank)} ", style=cell_style(rank))
+        if not mine:
+            line.append(f" rank {rank}: no vision tokens, no rows (it still joins the count all-gather)")
+            out.append(line)
+            continue
+        parts = [f"{_rows_text(int(first[p]), int(count[p]))} ({piece_name(layout, p)})" for p in mine]
+        line.append(f" rank {rank}: " + _listed(parts, full))
+        out.append(line)
+        gaps = _gaps(mine, first, count, with_rows, owner, layout, rank)
+        if gaps:
+            out.append(Padding(Text("not contiguous: " + _listed(gaps, full), style="dim"), (0, 0, 0, 4)))
+    return out
+
+
+def _gaps(mine: Sequence[int], first: torch.Tensor, count: torch.Tensor, with_rows: torch.Tensor,
+          owner: torch.Tensor, layout: Layout, rank: int) -> list[str]:
+    """``"rows 9-56 are in s0 c1, s0 c2 (rank 1)"`` for every hole between this rank's row ranges."""
+    gaps = []
+    for before, after in zip(mine, mine[1:]):
+        gap_start, gap_end = int(first[before] + count[before]), int(first[after])
+        if gap_end <= gap_start:
+            continue
+        inside = with_rows[(first[with_rows] >= gap_start) & (first[with_rows] < gap_end)].tolist()
+        by_rank: dict[int, list[str]] = {}
+        for piece in inside:
+            by_rank.setdefault(int(owner[piece]), []).append(piece_name(layout, piece))
+        holders = "; ".join(f"{', '.join(names)} (rank {r})" for r, names in sorted(by_rank.items()))
+        gaps.append(f"rows {token_span(gap_start, gap_end)} are in {holders}")
+    return gaps
+
+
+def _listed(parts: Sequence[str], full: bool) -> str:
+    if full or len(parts) <= MAX_LISTED:
+        return " · ".join(parts)
+    return " · ".join(parts[:MAX_LISTED]) + f" · … {len(parts) - MAX_LISTED} more (--full)"
+
+
+def vision_view(layout: Layout, full_mask: torch.Tensor, items: Sequence[VisionItem],
+                full: bool = False) -> Group:
+    """The vision overlay's text half: items by rank, then each rank's rows with their gaps."""
+    return Group(items_table(layout, full_mask, items, full), *rank_rows_view(layout, full_mask, full))
+
+
+def balance_table(balances: dict[str, Balance], impossible: dict[str, str], chosen: str) -> RenderableType:
+    """Per-rank causal attention work of every layout: count, share, and max/mean."""
+    table = Table()
+    table.add_column("rank", justify="right")
+    for kind in balances:
+        table.add_column(f"{kind} *" if kind == chosen else kind, justify="right")
+    cp = next(iter(balances.values())).work.numel() if balances else 0
+    for rank in range(cp):
+        table.add_row(str(rank), *(f"{int(b.work[rank]):,}  {b.percent[rank]:5.1f}%" for b in balances.values()))
+    table.add_row("total", *(f"{b.total:,}" for b in balances.values()), end_section=True)
+    table.add_row("max/mean", *(f"{b.imbalance:.2f}" for b in balances.values()))
+    notes = ["* the layout drawn above. max/mean is the busiest rank's work over the average; a step waits for the "
+             "busiest rank, " + _worst_note(balances)]
+    notes += [f"{kind} cannot cut this row: {reason}" for kind, reason in impossible.items()]
+    return Group(Text("causal attention work per rank (unmasked query-key pairs inside each segment)", style="bold"),
+                 table, *(Text(note, style="dim") for note in notes))
+
+
+def _worst_note(balances: dict[str, Balance]) -> str:
+    worst = max(balances.values(), key=lambda b: b.imbalance, default=None)
+    if worst is None or worst.imbalance == 1.0:
+        return "and here every layout is perfectly balanced (1.00)."
+    return (f"so {worst.layout}'s {worst.imbalance:.2f} means its attention takes {worst.imbalance:.2f}x as long as "
+            "a perfectly balanced split would.")
+
+
+if __name__ == "__main__":  # pragma: no cover - a demo for eyeballing the view
+    from rich.console import Console
+
+    from cpinspect.balance import compare_layouts
+    from cpinspect.layout import make_layout
+
+    console = Console()
+    worked = torch.tensor([0, 8, 24])
+    console.print(layout_diagram(make_layout(worked, 2), console.width))
+    console.print(balance_table(*compare_layouts(worked, 2), "zigzag"))
