@@ -570,7 +570,8 @@ def _rank_status(tensor: torch.Tensor, cand: _Candidates, plan: Layout, others: 
     sliced = _sliced_with(rows, cand, others, rank)
     if sliced is not None:
         kind, variant = sliced
-        return f"sliced {kind}", f"rank {rank}'s positions ({variant}) were sliced {kind}, not {plan.kind}"
+        return f"sliced {kind}", (f"rank {rank}'s positions ({variant}) were sliced with the {kind} layout, "
+                                  f"not {plan.kind}")
     ends = torch.cumsum(plan.local_piece_len(rank), 0)
     piece = int(plan.rank_pieces[rank, int(torch.searchsorted(ends, torch.tensor(verdict.token), right=True))])
     return verdict.status, _mismatch(verdict, int(index[verdict.token]), rank, int(plan.piece_segment[piece]),
