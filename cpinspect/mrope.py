@@ -77,11 +77,19 @@ class VisionItems:
 
     def label(self, item: int) -> str:
         """``image 0``, ``video 1`` or ``video 1 frame 2`` for people."""
-        kind = "image" if int(self.kind[item]) == IMAGE else "video"
-        text = f"{kind} {int(self.source[item])}"
-        if self.split_frames and kind == "video":
-            text += f" frame {int(self.frame[item])}"
-        return text
+        return self.labels()[item]
+
+    def labels(self) -> list[str]:
+        """Every item's label, in natural order (built once: views ask for many)."""
+        cached: list[str] | None = self.__dict__.get("_labels")
+        if cached is None:
+            cached = [
+                f"{'image' if kind == IMAGE else 'video'} {source}"
+                + (f" frame {frame}" if self.split_frames and kind == VIDEO else "")
+                for kind, source, frame in zip(self.kind.tolist(), self.source.tolist(), self.frame.tolist())
+            ]
+            object.__setattr__(self, "_labels", cached)
+        return cached
 
     def token_item(self, total_tokens: int) -> torch.Tensor:
         """``[T]`` item index of every token of the full row, -1 for text."""
@@ -747,9 +755,10 @@ def _held_items(positions: torch.Tensor, local_item: torch.Tensor, items: Vision
     index = item.expand(3, -1)
     low = torch.full((3, items.count), torch.iinfo(torch.long).max).scatter_reduce(1, index, pos, "amin")
     high = torch.full((3, items.count), -1, dtype=torch.long).scatter_reduce(1, index, pos, "amax")
-    present = torch.nonzero(held).view(-1).tolist()
-    return [ItemSpan(items.label(i), int(items.segment[i]), int(held[i]), int(items.length[i]),
-                     tuple(low[:, i].tolist()), tuple(high[:, i].tolist())) for i in present]
+    present = torch.nonzero(held).view(-1)
+    return [ItemSpan(items.label(i), s, n, length, tuple(lo), tuple(hi)) for i, s, n, length, lo, hi in zip(
+        present.tolist(), items.segment[present].tolist(), held[present].tolist(), items.length[present].tolist(),
+        low[:, present].T.tolist(), high[:, present].T.tolist())]
 
 
 def _triple(values: tuple[int, ...]) -> str:
