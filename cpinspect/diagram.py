@@ -14,6 +14,7 @@ shows where its vision tokens are (``█`` all vision, ``▒`` some, ``·`` none
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,9 +95,12 @@ def segment_cells(layout: Layout) -> list[list[Cell]]:
     return cells
 
 
-def local_boxes(layout: Layout, cp_rank: int) -> list[Box]:
-    """The non-empty pieces of ``cp_rank`` in local-memory order, labelled for the local row."""
+def local_boxes(layout: Layout, cp_rank: int, before: int | None = None) -> list[Box]:
+    """The non-empty pieces of ``cp_rank`` in local-memory order, labelled for the local row
+    (only those starting before global token ``before``, when given)."""
     pieces = layout.rank_pieces[cp_rank]
+    if before is not None:
+        pieces = pieces[layout.piece_start[pieces] < before]
     starts = layout.piece_start[pieces].tolist()
     ends = (layout.piece_start[pieces] + layout.piece_len[pieces]).tolist()
     segments = layout.piece_segment[pieces].tolist()
@@ -155,17 +159,24 @@ def wrap_groups(widths: Sequence[int], available: int) -> list[range]:
     return groups
 
 
-def vision_strip(mask: torch.Tensor, start: int, end: int, width: int) -> str:
-    """``width`` characters over tokens ``[start, end)``: █ all vision, ▒ some, · none."""
+def vision_prefix(mask: torch.Tensor) -> torch.Tensor:
+    """``[T + 1]`` vision tokens before each position: one cumulative sum serves every cell's strip."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(mask.to(torch.long), 0)])
+
+
+def vision_strip(vision: torch.Tensor, start: int, end: int, width: int) -> str:
+    """``width`` characters over tokens ``[start, end)``: █ all vision, ▒ some, · none.
+
+    ``vision`` is :func:`vision_prefix` of the full row's mask.
+    """
     n = end - start
     if n <= 0 or width <= 0:
         return " " * max(width, 0)
     edges = torch.div(torch.arange(width + 1) * n, width, rounding_mode="floor") + start
     upper = torch.maximum(edges[1:], edges[:-1] + 1)
-    csum = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(mask.to(torch.long), 0)])
-    vision = (csum[upper] - csum[edges[:-1]]).tolist()
+    counts = (vision[upper] - vision[edges[:-1]]).tolist()
     size = (upper - edges[:-1]).tolist()
-    return "".join("·" if v == 0 else "█" if v == s else "▒" for v, s in zip(vision, size))
+    return "".join("·" if v == 0 else "█" if v == s else "▒" for v, s in zip(counts, size))
 
 
 def _content(box: Box, width: int, compact: bool) -> list[str]:
@@ -178,12 +189,12 @@ def _content(box: Box, width: int, compact: bool) -> list[str]:
 
 
 def draw_boxes(boxes: Sequence[Box], widths: Sequence[int], gutter: Sequence[str], *, compact: bool,
-               mask: torch.Tensor | None) -> list[Text]:
+               vision: torch.Tensor | None) -> list[Text]:
     """The text lines of one row of boxes (already cut to fit), a gutter string per line."""
     contents = [_content(box, width, compact) for box, width in zip(boxes, widths)]
-    if mask is not None:
+    if vision is not None:
         for box, width, lines in zip(boxes, widths, contents):
-            lines.append(vision_strip(mask, box.start, box.end, width))
+            lines.append(vision_strip(vision, box.start, box.end, width))
     height = max((len(c) for c in contents), default=0)
     out = []
     for line in range(height):
@@ -201,7 +212,7 @@ def _full_minimum(boxes: Sequence[Box]) -> list[int]:
 
 
 def draw_segment(cells: Sequence[Cell], gutter: int, width: int, scale: float,
-                 mask: torch.Tensor | None) -> list[RenderableType]:
+                 vision: torch.Tensor | None) -> list[RenderableType]:
     """One segment's cells: full labels if they fit, else rank letters and a legend, else wrapped."""
     boxes = [Box((f"c{c.chunk} r{rank_label(c.rank)}", token_span(c.start, c.end)), str(c.chunk), c.rank,
                  c.start, c.end) for c in cells]
@@ -210,21 +221,21 @@ def draw_segment(cells: Sequence[Cell], gutter: int, width: int, scale: float,
     pad = [" " * gutter]
     widths = fit_widths(tokens, _full_minimum(boxes), available, scale)
     if widths is not None:
-        return list(draw_boxes(boxes, widths, pad, compact=False, mask=mask))
+        return list(draw_boxes(boxes, widths, pad, compact=False, vision=vision))
     widths = fit_widths(tokens, [1] * len(boxes), available, scale)
     if widths is not None:
         legend = Padding(Text("chunks: " + " · ".join(f"c{b.note} {b.labels[1]}" for b in boxes), style="dim"),
                          (0, 0, 0, gutter))
-        return [*draw_boxes(boxes, widths, pad, compact=True, mask=mask), legend]
+        return [*draw_boxes(boxes, widths, pad, compact=True, vision=vision), legend]
     widths = _full_minimum(boxes)
     lines: list[RenderableType] = []
     for group in wrap_groups(widths, width - gutter):
         lines.extend(draw_boxes([boxes[i] for i in group], [widths[i] for i in group], pad, compact=False,
-                                mask=mask))
+                                vision=vision))
     return lines
 
 
-def segment_heading(layout: Layout, cells: Sequence[Cell], segment: int, mask: torch.Tensor | None) -> Text:
+def segment_heading(layout: Layout, cells: Sequence[Cell], segment: int, vision: torch.Tensor | None) -> Text:
     start, end = int(layout.cu_seqlens[segment]), int(layout.cu_seqlens[segment + 1])
     length = end - start
     heading = Text(f"segment {segment}", style="bold")
@@ -233,8 +244,8 @@ def segment_heading(layout: Layout, cells: Sequence[Cell], segment: int, mask: t
         heading.append(f" = {2 * layout.cp} chunks of {length // (2 * layout.cp):,}")
     elif layout.kind != "zigzag":
         heading.append(f" · holds parts of {len(cells)} {'piece' if len(cells) == 1 else 'pieces'} of the row")
-    if mask is not None:
-        heading.append(f" · {int(mask[start:end].sum()):,} vision tokens")
+    if vision is not None:
+        heading.append(f" · {int(vision[end] - vision[start]):,} vision tokens")
     return heading
 
 
@@ -248,10 +259,11 @@ def global_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
     most_cells = max((len(c) for c in cells), default=0)
     scale = (width - gutter - most_cells - 1) / longest if longest else 1.0
     shown = range(len(cells)) if full else range(min(len(cells), MAX_SEGMENTS))
+    vision = vision_prefix(mask) if mask is not None else None
     out: list[RenderableType] = []
     for segment in shown:
-        out.append(segment_heading(layout, cells[segment], segment, mask))
-        out.extend(draw_segment(cells[segment], gutter, width, scale, mask))
+        out.append(segment_heading(layout, cells[segment], segment, vision))
+        out.extend(draw_segment(cells[segment], gutter, width, scale, vision))
     if len(shown) < len(cells):
         out.append(Text(f"… {len(cells) - len(shown)} more segments not drawn (--full draws all; --json lists all)",
                         style="dim"))
@@ -297,22 +309,32 @@ def _ruler(widths: Sequence[int], group: range, marks: Sequence[tuple[int, int]]
     return Text("".join(line).rstrip(), style="bold")
 
 
-def local_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None) -> list[RenderableType]:
-    """Each rank's local row as it sits in memory, cells sized alike for every rank, offsets marked."""
-    rows = [local_boxes(layout, r) for r in range(layout.cp)]
+def local_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
+               full: bool = False) -> list[RenderableType]:
+    """Each rank's local row as it sits in memory, cells sized alike for every rank, offsets marked.
+
+    Unless ``full``, only the segments the global view draws are drawn here too.
+    """
+    cut = layout.num_segments > MAX_SEGMENTS and not full and layout.kind == "zigzag"
+    limit = int(layout.cu_seqlens[MAX_SEGMENTS]) if cut else None
+    rows = [local_boxes(layout, r, limit) for r in range(layout.cp)]
     gutter = _gutter(layout)
     count = len(rows[0])
     minimum = [max(len(label) for row in rows for label in row[i].labels) + 2 for i in range(count)]
     tokens = [b.tokens for b in rows[0]]
     widths = fit_widths(tokens, minimum, width - gutter - count - 1) or minimum
     marks = _local_marks(layout, rows[0])
+    vision = vision_prefix(mask) if mask is not None else None
     out: list[RenderableType] = []
     for group in wrap_groups(widths, width - gutter):
         for rank, row in enumerate(rows):
             label = f"rank {rank}".ljust(gutter)
             out.extend(draw_boxes([row[i] for i in group], [widths[i] for i in group], [label], compact=False,
-                                  mask=mask))
+                                  vision=vision))
         out.append(_ruler(widths, group, marks, gutter, width))
+    if cut:
+        out.append(Text(f"… the local rows continue with {layout.num_segments - MAX_SEGMENTS} more segments "
+                        "(--full draws them)", style="dim"))
     out.append(_offsets_line(layout))
     return out
 
@@ -356,7 +378,7 @@ def layout_diagram(layout: Layout, width: int, *, mask: torch.Tensor | None = No
         *global_view(layout, width, mask=mask, full=full),
         Text(""),
         Text(f"local rows: what each rank holds, in memory order ({layout.local_tokens:,} tokens each)", style="bold"),
-        *local_view(layout, width, mask=mask),
+        *local_view(layout, width, mask=mask, full=full),
     )
 
 
@@ -406,20 +428,38 @@ def vision_items(full_ids: torch.Tensor, full_mask: torch.Tensor, cu_seqlens: to
     rows = torch.arange(positions.numel())
     first = torch.full((unique.numel(),), positions.numel(), dtype=torch.long).scatter_reduce(0, inverse, rows, "amin")
     last = torch.zeros(unique.numel(), dtype=torch.long).scatter_reduce(0, inverse, rows, "amax")
+    order = torch.argsort(first)
     names = ("image", "video", "vision run")
-    found = [
-        VisionItem(f"{names[k // (positions.numel() + 1)]} {k % (positions.numel() + 1)}", int(positions[f]),
-                   int(positions[la]), f, la + 1)
-        for k, f, la in zip(unique.tolist(), first.tolist(), last.tolist())
+    stride = positions.numel() + 1
+    columns = (unique[order], positions[first[order]], positions[last[order]], first[order], last[order] + 1)
+    return [
+        VisionItem(f"{names[key // stride]} {key % stride}", first_token, last_token, first_row, end_row)
+        for key, first_token, last_token, first_row, end_row in zip(*(c.tolist() for c in columns))
     ]
-    return sorted(found, key=lambda found_item: found_item.first_row)
 
 
-def piece_rows(layout: Layout, full_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[P]`` first encoder row and number of rows of every piece: vision tokens before it, in it."""
-    csum = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(full_mask.to(torch.long), 0)])
+@dataclass(frozen=True)
+class PieceRows:
+    """Per piece, in natural order, as plain lists for display: its first encoder row, how many rows
+    it holds (its vision tokens), the rank that holds it and its name (``s0 c3``)."""
+
+    first: list[int]
+    count: list[int]
+    owner: list[int]
+    name: list[str]
+
+
+def piece_rows(layout: Layout, full_mask: torch.Tensor) -> PieceRows:
+    """Rows of every piece: vision tokens before it and in it, by one cumulative sum."""
+    csum = vision_prefix(full_mask)
     first = csum[layout.piece_start]
-    return first, csum[layout.piece_start + layout.piece_len] - first
+    count = csum[layout.piece_start + layout.piece_len] - first
+    chunks = layout.piece_chunk.tolist()
+    if layout.kind == "zigzag":
+        names = [f"s{seg} c{chunk}" for seg, chunk in zip(layout.piece_segment.tolist(), chunks)]
+    else:
+        names = [f"c{chunk}" for chunk in chunks]
+    return PieceRows(first.tolist(), count.tolist(), layout.owner_of_piece().tolist(), names)
 
 
 def piece_name(layout: Layout, piece: int) -> str:
@@ -427,27 +467,22 @@ def piece_name(layout: Layout, piece: int) -> str:
     return f"s{int(layout.piece_segment[piece])} c{chunk}" if layout.kind == "zigzag" else f"c{chunk}"
 
 
-def _rows_text(first: int, count: int) -> str:
-    return token_span(first, first + count)
-
-
-def items_table(layout: Layout, full_mask: torch.Tensor, items: Sequence[VisionItem], full: bool) -> Table:
+def items_table(rows: PieceRows, items: Sequence[VisionItem], full: bool) -> Table:
     """Which rows of each image/video land on which rank, chunk by chunk."""
-    first, count = piece_rows(layout, full_mask)
-    owner = layout.owner_of_piece()
     table = Table(title="vision items: the encoder returns one row per vision token, in natural order",
                   title_justify="left", title_style="bold")
     for name in ("item", "global tokens", "rows", "held by (rows, chunk)"):
         table.add_column(name, overflow="fold")
     shown = items if full else items[:MAX_LISTED]
     for item in shown:
-        overlap_start = torch.clamp(first, min=item.first_row)
-        overlap_end = torch.clamp(first + count, max=item.end_row)
-        pieces = torch.nonzero(overlap_end > overlap_start).view(-1).tolist()
         held: dict[int, list[str]] = {}
-        for piece in pieces:
-            a, b = int(overlap_start[piece]), int(overlap_end[piece])
-            held.setdefault(int(owner[piece]), []).append(f"{token_span(a, b)} ({piece_name(layout, piece)})")
+        piece = bisect.bisect_right(rows.first, item.first_row) - 1
+        while piece < len(rows.first) and rows.first[piece] < item.end_row:
+            low = max(rows.first[piece], item.first_row)
+            high = min(rows.first[piece] + rows.count[piece], item.end_row)
+            if high > low:
+                held.setdefault(rows.owner[piece], []).append(f"{token_span(low, high)} ({rows.name[piece]})")
+            piece += 1
         cell = Text()
         for rank, parts in sorted(held.items()):
             if cell:
@@ -461,57 +496,58 @@ def items_table(layout: Layout, full_mask: torch.Tensor, items: Sequence[VisionI
     return table
 
 
-def rank_rows_view(layout: Layout, full_mask: torch.Tensor, full: bool) -> list[RenderableType]:
+def rank_rows_view(layout: Layout, rows: PieceRows, full: bool) -> list[RenderableType]:
     """Each rank's rows, chunk by chunk, and what sits in every gap between them (other ranks' chunks)."""
-    first, count = piece_rows(layout, full_mask)
-    owner = layout.owner_of_piece()
-    with_rows = torch.nonzero(count).view(-1)
     out: list[RenderableType] = [Text("what each rank scatters: rows of the encoder output, in local token order",
                                       style="bold")]
-    for rank in range(layout.cp):
-        mine = [p for p in layout.rank_pieces[rank].tolist() if int(count[p])]
+    for rank, pieces in enumerate(layout.rank_pieces.tolist()):
+        mine = [p for p in pieces if rows.count[p]]
         line = Text()
         line.append(f" {rank_label(rank)} ", style=cell_style(rank))
         if not mine:
             line.append(f" rank {rank}: no vision tokens, no rows (it still joins the count all-gather)")
             out.append(line)
             continue
-        parts = [f"{_rows_text(int(first[p]), int(count[p]))} ({piece_name(layout, p)})" for p in mine]
-        line.append(f" rank {rank}: " + _listed(parts, full))
+        shown = mine if full else mine[:MAX_LISTED + 1]
+        parts = [f"{token_span(rows.first[p], rows.first[p] + rows.count[p])} ({rows.name[p]})" for p in shown]
+        line.append(f" rank {rank}: " + _listed(parts, full, len(mine)))
         out.append(line)
-        gaps = _gaps(mine, first, count, with_rows, owner, layout, rank)
+        gaps = _gaps(shown, rows)
         if gaps:
-            out.append(Padding(Text("not contiguous: " + _listed(gaps, full), style="dim"), (0, 0, 0, 4)))
+            out.append(Padding(Text("not contiguous: " + _listed(gaps, full, len(gaps)), style="dim"), (0, 0, 0, 4)))
     return out
 
 
-def _gaps(mine: Sequence[int], first: torch.Tensor, count: torch.Tensor, with_rows: torch.Tensor,
-          owner: torch.Tensor, layout: Layout, rank: int) -> list[str]:
-    """``"rows 9-56 are in s0 c1, s0 c2 (rank 1)"`` for every hole between this rank's row ranges."""
+def _gaps(mine: Sequence[int], rows: PieceRows) -> list[str]:
+    """``"rows 9-56 are in s0 c1, s0 c2 (rank 1)"`` for every hole between a rank's row ranges.
+
+    A rank's pieces come in natural order, so the rows of a hole belong to the pieces between them.
+    """
     gaps = []
     for before, after in zip(mine, mine[1:]):
-        gap_start, gap_end = int(first[before] + count[before]), int(first[after])
+        gap_start, gap_end = rows.first[before] + rows.count[before], rows.first[after]
         if gap_end <= gap_start:
             continue
-        inside = with_rows[(first[with_rows] >= gap_start) & (first[with_rows] < gap_end)].tolist()
         by_rank: dict[int, list[str]] = {}
-        for piece in inside:
-            by_rank.setdefault(int(owner[piece]), []).append(piece_name(layout, piece))
+        for piece in range(before + 1, after):
+            if rows.count[piece]:
+                by_rank.setdefault(rows.owner[piece], []).append(rows.name[piece])
         holders = "; ".join(f"{', '.join(names)} (rank {r})" for r, names in sorted(by_rank.items()))
         gaps.append(f"rows {token_span(gap_start, gap_end)} are in {holders}")
     return gaps
 
 
-def _listed(parts: Sequence[str], full: bool) -> str:
-    if full or len(parts) <= MAX_LISTED:
+def _listed(parts: Sequence[str], full: bool, total: int) -> str:
+    if full or total <= MAX_LISTED:
         return " · ".join(parts)
-    return " · ".join(parts[:MAX_LISTED]) + f" · … {len(parts) - MAX_LISTED} more (--full)"
+    return " · ".join(parts[:MAX_LISTED]) + f" · … {total - MAX_LISTED} more (--full)"
 
 
 def vision_view(layout: Layout, full_mask: torch.Tensor, items: Sequence[VisionItem],
                 full: bool = False) -> Group:
     """The vision overlay's text half: items by rank, then each rank's rows with their gaps."""
-    return Group(items_table(layout, full_mask, items, full), *rank_rows_view(layout, full_mask, full))
+    rows = piece_rows(layout, full_mask)
+    return Group(items_table(rows, items, full), *rank_rows_view(layout, rows, full))
 
 
 def balance_table(balances: dict[str, Balance], impossible: dict[str, str], chosen: str) -> RenderableType:

@@ -90,8 +90,9 @@ def step_all_gather(result: Result, r: RankResult) -> Group:
     layout = result.layout
     lines = Text("Each rank knows only its own counts. One all_gather of a fixed-shape tensor gives every rank "
                  "everybody's; every rank must call it, even one without vision tokens, or the others hang.\n")
-    for rank, sent in enumerate(r.selection.gathered):
-        chunks = sorted({int(layout.piece_chunk[p]) for p in layout.rank_pieces[rank].tolist()})
+    chunk_of = layout.piece_chunk.tolist()
+    for rank, (sent, pieces) in enumerate(zip(r.selection.gathered, layout.rank_pieces.tolist())):
+        chunks = sorted({chunk_of[p] for p in pieces})
         lines.append(f" {rank} ", style=cell_style(rank))
         lines.append(f" rank {rank} sent {_short(_as_rows(sent, result))}  (chunks {', '.join(map(str, chunks))})\n")
     lines.rstrip()
@@ -173,18 +174,18 @@ def _why_gather(result: Result, r: RankResult) -> Text | None:
     """Name the first chunk whose offset counts vision tokens this rank cannot see on its own."""
     assert r.selection is not None
     layout = result.layout
-    full_counts, offsets = r.selection.full_counts, r.selection.offsets
     owner = layout.owner_of_piece()
-    own_before = torch.cumsum(torch.where(owner == r.rank, full_counts, 0), 0) - torch.where(
-        owner == r.rank, full_counts, 0)
+    own = torch.where(owner == r.rank, r.selection.full_counts, 0)
+    own_before = (torch.cumsum(own, 0) - own).tolist()
+    offsets, counts, owners = r.selection.offsets.tolist(), r.selection.full_counts.tolist(), owner.tolist()
     for piece, count in zip(layout.rank_pieces[r.rank].tolist(), r.selection.local_counts.tolist()):
-        others = int(offsets[piece] - own_before[piece])
+        others = offsets[piece] - own_before[piece]
         if count and others:
-            holders = [p for p in range(piece) if int(full_counts[p]) and int(owner[p]) != r.rank]
-            names = ", ".join(f"{piece_name(layout, p)} (rank {int(owner[p])})" for p in holders[:6])
+            holders = [p for p in range(piece) if counts[p] and owners[p] != r.rank][:7]
+            names = ", ".join(f"{piece_name(layout, p)} (rank {owners[p]})" for p in holders[:6])
             more = " …" if len(holders) > 6 else ""
-            return Text(f"Why the all-gather: the offset {int(offsets[piece]):,} of {piece_name(layout, piece)} is "
-                        f"{int(own_before[piece]):,} from this rank's own chunks + {others:,} from {names}{more}: "
+            return Text(f"Why the all-gather: the offset {offsets[piece]:,} of {piece_name(layout, piece)} is "
+                        f"{own_before[piece]:,} from this rank's own chunks + {others:,} from {names}{more}: "
                         "counts this rank never sees in its local row.", style="italic")
     return None
 

@@ -22,6 +22,7 @@ from cpinspect.diagram import (
     local_boxes,
     segment_cells,
     vision_items,
+    vision_prefix,
     vision_strip,
 )
 from cpinspect.layout import LAYOUTS, make_layout
@@ -193,9 +194,10 @@ def test_fit_widths_is_proportional_respects_minimums_and_the_budget():
 
 def test_vision_strip_marks_full_partial_and_empty_columns():
     mask = torch.tensor([0, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool)
-    assert vision_strip(mask, 0, 8, 4) == "·██▒"
-    assert vision_strip(mask, 2, 6, 8) == "████████"
-    assert vision_strip(mask, 0, 2, 3) == "···"
+    vision = vision_prefix(mask)
+    assert vision_strip(vision, 0, 8, 4) == "·██▒"
+    assert vision_strip(vision, 2, 6, 8) == "████████"
+    assert vision_strip(vision, 0, 2, 3) == "···"
 
 
 def test_vision_items_follow_the_grids_of_the_demo_batch():
