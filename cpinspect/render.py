@@ -19,7 +19,7 @@ from cpinspect.simulation import RankResult, Result
 # 16 colours that stay apart on dark and light terminals; rank r uses RANK_COLORS[r % 16].
 RANK_COLORS = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf", "#393b79", "#e7ba52", "#637939", "#ad494a", "#7b4173", "#3182bd",
+    "#bcbd22", "#17becf", "#393b79", "#e7ba52", "#637939", "#ad494a", "#7b4173", "#f7b6d2",
 )
 RANK_LETTERS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MAX_TABLE_ROWS = 24
