@@ -114,10 +114,12 @@ def local_boxes(layout: Layout, cp_rank: int, before: int | None = None) -> list
 
 
 def cell_style(rank: int) -> str:
-    """Background of the rank's colour, with black or white text, whichever reads better on it."""
+    """Background of the rank's colour, with black or white text, whichever contrasts more (WCAG)."""
     color = RANK_COLORS[rank % len(RANK_COLORS)]
-    red, green, blue = (int(color[i:i + 2], 16) for i in (1, 3, 5))
-    text = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 150 else "white"
+    channels = [int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    text = "black" if (luminance + 0.05) / 0.05 > 1.05 / (luminance + 0.05) else "white"
     return f"{text} on {color}"
 
 

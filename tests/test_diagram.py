@@ -179,10 +179,37 @@ def test_without_colour_many_ranks_are_told_apart_by_their_letters_and_the_legen
     assert "c0 0 · c1 1 ·" in text and "c31 31" in text
 
 
-def test_colours_differ_for_sixteen_ranks():
+def _lab(color):
+    """CIE L*a*b* of an sRGB hex colour (D65), to measure how far apart two colours look."""
+    def linear(c):
+        return ((c + 0.055) / 1.055) ** 2.4 if c > 0.04045 else c / 12.92
+
+    r, g, b = (linear(int(color[i:i + 2], 16) / 255) for i in (1, 3, 5))
+    x = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047
+    y = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    z = (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883
+
+    def f(v):
+        return v ** (1 / 3) if v > 0.008856 else 7.787 * v + 16 / 116
+
+    return 116 * f(y) - 16, 500 * (f(x) - f(y)), 200 * (f(y) - f(z))
+
+
+def test_sixteen_rank_colours_are_clearly_apart_and_their_labels_readable():
+    import itertools
+    import math
+
     from cpinspect.diagram import cell_style
 
-    assert len({cell_style(rank).split(" on ")[1] for rank in range(16)}) == 16
+    backgrounds = [cell_style(rank).split(" on ")[1] for rank in range(16)]
+    closest = min(math.dist(_lab(a), _lab(b)) for a, b in itertools.combinations(backgrounds, 2))
+    assert closest > 20  # CIE76 distance: about 2.3 is "just noticeable"
+    for rank in range(16):
+        text, background = cell_style(rank).split(" on ")
+        luminance = ((_lab(background)[0] + 16) / 116) ** 3  # relative luminance Y back from L*
+        contrast = {"black": (luminance + 0.05) / 0.05, "white": 1.05 / (luminance + 0.05)}
+        assert contrast[text] >= max(contrast.values()) - 0.2, (rank, background, contrast)
+        assert contrast[text] > 3.0
 
 
 def test_fit_widths_is_proportional_respects_minimums_and_the_budget():
