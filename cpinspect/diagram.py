@@ -184,9 +184,8 @@ def vision_strip(vision: torch.Tensor, start: int, end: int, width: int) -> str:
 def _content(box: Box, width: int, compact: bool) -> list[str]:
     """The label lines of one box, each exactly ``width`` characters."""
     if compact:
-        letter = rank_label(box.rank)
-        note = box.note.center(width) if len(box.note) <= width else letter * width
-        return [letter * width, note]
+        fill = (rank_label(box.rank) * width)[:width]
+        return [fill, box.note.center(width) if len(box.note) <= width else fill]
     return [label.center(width) if len(label) <= width else label[:width] for label in box.labels]
 
 
