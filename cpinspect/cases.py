@@ -291,7 +291,9 @@ def cases_from_batch(batch: PackedBatch, cps: Sequence[int], tokens: TokenConfig
     batch (one row per rank) runs at the cp it was cut for.
     """
     if batch.per_rank_files:
-        return [_presharded_case(batch, tokens)], []
+        case = _presharded_case(batch, tokens)
+        elsewhere = f"{batch.source} is pre-sharded for cp {case.cp}, so it was checked at cp {case.cp} only"
+        return [case], [] if case.cp in cps else [elsewhere]
     if int(batch.cu_seqlens[-1]) != batch.row_tokens:
         total, row = int(batch.cu_seqlens[-1]), batch.row_tokens
         looks = f" (it looks like one rank's row pre-sharded for cp={total // row})" if row and total % row == 0 else ""

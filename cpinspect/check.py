@@ -434,10 +434,10 @@ def mask_variants(case: Case) -> Iterator[tuple[str, Case]]:
     for rank in dict.fromkeys([holders[0], holders[-1]]) if holders else []:
         moved = _move_vision(case, owner != rank)
         if moved is not None:
-            yield f"rank {rank} holding no vision tokens", moved
+            yield f"rank {rank} holds no vision token", moved
     concentrated = _move_vision(case, owner == 0)
     if concentrated is not None and len(holders) > 1:
-        yield "every vision token on rank 0", concentrated
+        yield "rank 0 holds every vision token", concentrated
 
 
 def _move_vision(case: Case, allowed: torch.Tensor) -> Case | None:
@@ -573,7 +573,7 @@ def _failure_block(first: CaseResult, shrunk: ShrunkFailure | None) -> list[str]
         lines.append(f"  smallest failing batch ({shrunk.attempts} shrink run(s)): {shown.case.describe()}")
     lines += [f"    {line}" for line in shown.detail_lines()]
     if shrunk and shrunk.path:
-        lines.append(f"  saved  {shrunk.path}")
+        lines.append(f"  {'saved':<9}{shrunk.path}")
         lines += [f"  {label:<9}{command}" for label, command in zip(("replay", "expected"), shrunk.commands)]
     return lines
 
@@ -673,8 +673,14 @@ def _shrink_failures(fn: Callable[..., Any], sig: Signature, report: CheckReport
     for label, result in targets:
         verdict = result.verdict
 
-        def still_fails(candidate: Case, verdict: str = verdict) -> bool:
-            return run_case(fn, candidate, sig, timeout=timeout, strict_apply=strict_apply).verdict == verdict
+        hung: list[bool] = []
+
+        def still_fails(candidate: Case, verdict: str = verdict, hung: list[bool] = hung) -> bool:
+            if hung:  # after one hang, trying more candidates could cost a timeout each
+                return False
+            outcome = run_case(fn, candidate, sig, timeout=timeout, strict_apply=strict_apply).verdict
+            hung.extend([True] if outcome == TIMEOUT else [])
+            return outcome == verdict
 
         outcome: ShrinkResult = shrink_case(result.case, still_fails, min_cp=floor)
         final = run_case(fn, outcome.case, sig, timeout=timeout, strict_apply=strict_apply)

@@ -81,8 +81,8 @@ def test_padding_is_dropped_when_the_failure_does_not_need_it():
 
 
 def test_every_candidate_is_a_valid_smaller_zigzag_row():
-    for case in generate_cases([2, 3, 4], 21, seed=4):
-        for candidate in list(candidates(case, min_cp=1))[:60]:
+    for case in generate_cases([2, 3, 4], 21, seed=4)[::2]:
+        for candidate in list(candidates(case, min_cp=1))[:40]:
             lengths = torch.tensor(candidate.segment_lengths)
             assert candidate.cp <= case.cp and candidate.total_tokens <= case.total_tokens
             assert candidate.cp == 1 or not bool((lengths % (2 * candidate.cp)).any())
