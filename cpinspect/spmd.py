@@ -39,9 +39,11 @@ class CollectiveCall:
     dtypes: tuple[str, ...]
     detail: str
     call_site: str
+    key: tuple[Any, ...] = ()
 
     def fingerprint(self) -> tuple[Any, ...]:
-        return (self.op, self.shapes, self.dtypes, self.detail)
+        """What every rank must agree on; ``key`` replaces shapes where inputs may differ (uneven gathers)."""
+        return (self.op, self.key) if self.key else (self.op, self.shapes, self.dtypes, self.detail)
 
     def describe(self) -> str:
         shapes = ", ".join(f"{list(s)} {d}" for s, d in zip(self.shapes, self.dtypes))
@@ -255,9 +257,9 @@ class SimulatedProcessGroup(dist.ProcessGroup):
         return f"cpinspect-{self._group_label}-{id(self._coordinator):x}"
 
     def _enter(self, op: str, tensors: Sequence[torch.Tensor], detail: str, payload: Any,
-               move: Callable[[list[Any]], None]) -> dist.Work:
+               move: Callable[[list[Any]], None], key: tuple[Any, ...] = ()) -> dist.Work:
         shapes, dtypes = _describe_tensors(tensors)
-        call = CollectiveCall(self._seq, op, shapes, dtypes, detail, _call_site())
+        call = CollectiveCall(self._seq, op, shapes, dtypes, detail, _call_site(), key)
         self._seq += 1
         self._coordinator.collective(self.rank(), call, payload, move)
         return _completed_work()
@@ -271,12 +273,24 @@ class SimulatedProcessGroup(dist.ProcessGroup):
                 f"{self.size()} ranks"
             )
 
+        slot = outputs[self.rank()]
+        if slot.shape != tensor.shape:
+            raise ValueError(
+                f"all_gather on rank {self.rank()}: input has shape {list(tensor.shape)} but its own output slot "
+                f"has shape {list(slot.shape)}"
+            )
+        out_shapes, out_dtypes = _describe_tensors(outputs)
+        uneven = any(shape != tuple(tensor.shape) for shape in out_shapes)
+        detail = f"out={[list(s) for s in out_shapes]}" if uneven else ""
+
         def move(payloads: list[Any]) -> None:
             for outs, _ in payloads:
                 for out, (_, src) in zip(outs, payloads):
                     out.copy_(src)
 
-        return self._enter("all_gather", [tensor], "", (outputs, tensor), move)
+        # Ranks may send different row counts (uneven all-gather, as NCCL allows); what they must
+        # agree on is the list of output buffers.
+        return self._enter("all_gather", [tensor], detail, (outputs, tensor), move, key=(out_shapes, out_dtypes))
 
     def all_gather_single(self, output: torch.Tensor, tensor: torch.Tensor, opts: Any = None) -> dist.Work:
         if output.numel() != tensor.numel() * self.size():

@@ -122,3 +122,25 @@ def test_collective_log_records_each_call():
     assert failure is None
     assert [c.op for c in states[0].calls] == ["all_gather", "barrier"]
     assert states[1].calls[0].shapes == ((2, 2),) and states[1].calls[0].dtypes == ("int64",)
+
+
+def test_uneven_all_gather_with_agreeing_buffers_is_allowed():
+    sizes = [2, 0, 3]
+
+    def program(group):
+        t = torch.full((sizes[group.rank()],), float(group.rank()))
+        out = [torch.empty(n) for n in sizes]
+        dist.all_gather(out, t, group=group)
+        return [x.tolist() for x in out]
+
+    assert run_spmd(3, program) == [[[0.0, 0.0], [], [2.0, 2.0, 2.0]]] * 3
+
+
+def test_uneven_all_gather_with_disagreeing_buffers_is_divergence():
+    def program(group):
+        expected = [2, 3] if group.rank() == 0 else [2, 2]
+        t = torch.zeros(expected[group.rank()])
+        dist.all_gather([torch.empty(n) for n in expected], t, group=group)
+
+    with pytest.raises(SpmdError, match="ranks called different collectives"):
+        run_spmd(2, program)
