@@ -399,8 +399,11 @@ def _as_grid(value: Any, name: str, key: str) -> torch.Tensor:
     bad = torch.nonzero((grid <= 0).any(dim=1))
     if bad.numel():
         item = int(bad[0])
+        axis = int(torch.nonzero(grid[item] <= 0)[0])
+        value = int(grid[item, axis])
+        problem = "is 0 (an empty item)" if value == 0 else f"is negative ({value})"
         raise InputError(
-            f"{key} row {item} is {grid[item].tolist()}: every t, h, w must be positive",
+            f"{key} row {item} is {grid[item].tolist()}: {'thw'[axis]} {problem}, but every t, h, w must be positive",
             where=f"{name}, key {key}, row {item}",
             fix="drop empty items or fix the processor output",
         )

@@ -132,10 +132,35 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, *, name: str = "cu_seqlens") -> t
     return cu
 
 
+def check_cp_fits(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> None:
+    """Raise the exit-2 error for a cp so large that a non-empty segment has fewer tokens than pieces."""
+    if cp == 1 and kind != "contiguous":
+        return
+    pieces = 2 * cp if kind != "contiguous" else cp
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1] if kind == "zigzag" else cu_seqlens[-1:] - cu_seqlens[:1]
+    short = torch.nonzero((lengths > 0) & (lengths < pieces)).view(-1)
+    if not short.numel():
+        return
+    seg = int(short[0])
+    length = int(lengths[seg])
+    step = 2 if kind != "contiguous" else 1
+    largest = max(c for c in range(1, max(length // step, 1) + 1) if length % (step * c) == 0 or c == 1)
+    name = f"segment {seg}" if kind == "zigzag" else "the packed row"
+    raise InputError(
+        f"cp={cp} is larger than {name} allows: it has {length} token(s), fewer than the {pieces} pieces the "
+        f"{kind} layout cuts it into, so some ranks would hold none of it",
+        where=f"{name}, tokens [{int(cu_seqlens[seg if kind == 'zigzag' else 0])}, "
+              f"{int(cu_seqlens[seg + 1 if kind == 'zigzag' else -1])})",
+        fix=f"pass the cp your run used; without padding {name} allows at most cp={largest}; or pad short segments "
+            f"to {pieces} tokens (--pad)",
+    )
+
+
 def check_divisible(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> None:
     """Raise the exit-2 error naming the first segment a layout cannot cut evenly."""
     if cp == 1 and kind != "contiguous":
         return
+    check_cp_fits(cu_seqlens, cp, kind)
     multiple = 2 * cp if kind != "contiguous" else cp
     if kind == "zigzag":
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
