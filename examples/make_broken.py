@@ -1,0 +1,315 @@
+"""Regenerate ``examples/broken/``: one small batch per diagnose finding code, with the error it produces.
+
+    python examples/make_broken.py            # writes examples/broken/ next to this file
+    python examples/make_broken.py --out DIR  # writes elsewhere
+
+Each case directory holds the batch (``batch.pt``, or ``rank{r}.pt`` for pre-sharded input), the
+error text the failing run printed (``error.txt`` or a ``train.log``), and ``case.json``: the
+finding code ``cpinspect diagnose`` must confirm, the cp, the command-line arguments and the
+public issue the case reproduces. Deterministic: tests compare the committed files with this
+script's output and run the diagnosis of every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+import torch  # noqa: E402
+
+from cpinspect.layout import make_layout  # noqa: E402
+from cpinspect.synth import build_batch, demo_batch_dict, shard_batch  # noqa: E402
+from cpinspect.tokens import token_config  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+Content = Union[dict[str, torch.Tensor], str]
+IMAGE_38x50 = ("image", (1, 38, 50))  # 38·50/4 = 475 tokens: a 532x700 px image at patch 14
+
+
+def _pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _padded_batch(segments: Sequence[Sequence[tuple[str, Any]]], multiple: int, model: str,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """A full row whose segments are padded to ``multiple`` (what Megatron frameworks do before CP)."""
+    tokens = token_config(model)
+    logical = build_batch(segments, tokens=tokens, seed=seed)["cu_seqlens"]
+    lengths = (logical[1:] - logical[:-1]).tolist()
+    return build_batch(segments, [_pad(n, multiple) for n in lengths], tokens=tokens, seed=seed)
+
+
+def _case(code: str, cp: int, source: str, story: str, error_file: str = "error.txt",
+          args: Sequence[str] = ()) -> str:
+    return json.dumps({"code": code, "cp": cp, "error_file": error_file, "args": list(args), "reproduces": source,
+                       "story": story}, indent=2) + "\n"
+
+
+def _held(batch: dict[str, torch.Tensor], cp: int, layout: str, token_id: int) -> list[int]:
+    """Vision tokens each rank holds (used only to write the error texts the cases print)."""
+    cu = batch.get("cu_seqlens_padded", batch["cu_seqlens"]).to(torch.long)
+    plan = make_layout(cu, cp, layout)
+    return (batch["input_ids"].reshape(-1) == token_id)[plan.all_global_indices()].sum(dim=1).tolist()
+
+
+def presharded_rows_not_selected() -> dict[str, Content]:
+    """THUDM/slime#1379: tokens CP-sliced before the model, the tower encodes every image."""
+    segments = [
+        [("text", 12), IMAGE_38x50, ("text", 300), IMAGE_38x50, ("text", 9)],
+        [("text", 20), IMAGE_38x50, IMAGE_38x50, ("text", 640), IMAGE_38x50, ("text", 14)],
+        [("text", 31), IMAGE_38x50, ("text", 420), IMAGE_38x50, ("text", 6)],
+        [("text", 1332), IMAGE_38x50, ("text", 40), IMAGE_38x50, ("text", 18)],
+        [("text", 25), IMAGE_38x50, ("text", 700), IMAGE_38x50, IMAGE_38x50, ("text", 10)],
+        [("text", 8), IMAGE_38x50, ("text", 33)],
+    ]
+    full = _padded_batch(segments, 4, "qwen2.5-vl", seed=1379)
+    held = _held(full, 2, "zigzag", token_config("qwen2.5-vl").image_token_id)
+    assert held == [4001, 2174], held
+    files: dict[str, Content] = {f"rank{r}.pt": shard for r, shard in enumerate(shard_batch(full, 2))}
+    files["train.log"] = (
+        "[rank0]: step 12 | loss 1.734 | grad_norm 0.91\n"
+        "[rank0]: Traceback (most recent call last):\n"
+        "[rank0]: ValueError: Image features and image tokens do not match: tokens: 4001, features 6175\n"
+        "[rank1]: Traceback (most recent call last):\n"
+        "[rank1]:   File \"modeling_qwen2_5_vl.py\", in forward\n"
+        "[rank1]: ValueError: Image features and image tokens do not match: tokens: 2174, features 6175\n"
+        "E1126 04:12:55 torch/distributed/elastic/multiprocessing/api.py failed (exitcode: 1)\n"
+    )
+    files["case.json"] = _case(
+        "PRESHARDED_ROWS_NOT_SELECTED", 2, "THUDM/slime#1379",
+        "Qwen2.5-VL with --context-parallel-size 2: the tokens were CP-sliced before the model, so the placeholder "
+        "mask counts rank 1's 2174 image tokens while the tower encodes all 13 images (6175 rows)",
+        error_file="train.log", args=["--model", "qwen2.5-vl", "--rank", "1"])
+    return files
+
+
+def truncated_vision_span() -> dict[str, Content]:
+    """hiyouga/LlamaFactory#7590/#6425/#5964: cutoff_len cuts a video span, the grid stays whole."""
+    tokens = token_config("qwen2-vl")
+    whole = build_batch([[("text", 20), ("video", (4, 16, 16)), ("text", 30)],
+                         [("text", 10), ("image", (1, 8, 8)), ("text", 20)]], tokens=tokens, seed=7590)
+    ids, cu = whole["input_ids"].reshape(-1), whole["cu_seqlens"]
+    cutoff = 160
+    row = torch.cat([ids[:cutoff], ids[int(cu[1]):]]).view(1, -1)
+    lengths = torch.tensor([0, cutoff, cutoff + int(cu[2] - cu[1])], dtype=torch.int32)
+    batch = {"input_ids": row, "cu_seqlens": lengths, "image_grid_thw": whole["image_grid_thw"],
+             "video_grid_thw": whole["video_grid_thw"]}
+    video_tokens = int((row == tokens.video_token_id).sum())
+    return {
+        "batch.pt": batch,
+        "error.txt": f"ValueError: Video features and video tokens do not match: tokens: {video_tokens}, "
+                     "features 256\n",
+        "case.json": _case("TRUNCATED_VISION_SPAN", 1, "hiyouga/LlamaFactory#7590, #6425, #5964",
+                           "cutoff_len 160 cuts a 4x16x16 video (256 tokens) after 139 placeholders; the grid and "
+                           "pixel_values stay whole, so the encoder makes 256 rows",
+                           args=["--model", "qwen2-vl"]),
+    }
+
+
+def _two_images_per_segment() -> dict[str, torch.Tensor]:
+    segments = [
+        [("text", 6), ("image", (1, 8, 16)), ("text", 90), ("image", (1, 8, 8)), ("text", 27)],
+        [("text", 50), ("image", (1, 16, 16)), ("text", 10)],
+        [("text", 3), ("image", (1, 8, 8)), ("text", 70)],
+    ]
+    return _padded_batch(segments, 8, "qwen3-vl", seed=1368)
+
+
+def layout_mismatch() -> dict[str, Content]:
+    """Reference §1.6: per-document zigzag mask, rows cut per sequence (the whole row as one sequence)."""
+    batch = _two_images_per_segment()
+    image = token_config("qwen3-vl").image_token_id
+    mask_held, row_held = _held(batch, 2, "zigzag", image), _held(batch, 2, "sequence-zigzag", image)
+    return {
+        "batch.pt": batch,
+        "error.txt": f"[rank0]: RuntimeError: shape mismatch: value tensor of shape [{row_held[0]}, 4096] cannot be "
+                     f"broadcast to indexing result of shape [{mask_held[0]}, 4096]\n",
+        "case.json": _case("LAYOUT_MISMATCH", 2, "cp-vision reference §1.6 (TransformerEngine#1368 layouts)",
+                           "the hidden states and vision mask are split per document (THD), the vision rows per "
+                           "sequence (a BSHD helper such as split_data_cp_rank on the whole row)"),
+    }
+
+
+def cp_size_mismatch() -> dict[str, Content]:
+    """NVIDIA-NeMo/Megatron-Bridge#3881: one embedding path skipped the CP split (3904 vs 1952)."""
+    segments = [
+        [("text", 300), ("image", (1, 32, 32)), ("text", 420)],
+        [("text", 1200), ("image", (1, 24, 32)), ("text", 250)],
+        [("text", 700), ("video", (2, 16, 16)), ("text", 440)],
+    ]
+    batch = _padded_batch(segments, 4, "qwen3-vl", seed=3881)
+    assert int(batch["cu_seqlens_padded"][-1]) == 3904, batch["cu_seqlens_padded"]
+    return {
+        "batch.pt": batch,
+        "error.txt": "RuntimeError: Sizes of tensors must match except in dimension 0. Expected size 3904 but got size "
+                     "1952 for tensor number 1 in the list.\n",
+        "case.json": _case("CP_SIZE_MISMATCH", 2, "NVIDIA-NeMo/Megatron-Bridge#3881",
+                           "Qwen3.5-VL + MTP + CP 2: the MTP embedding applied the SP scatter but not the CP split, "
+                           "so a 3904-token tensor met a 1952-token one"),
+    }
+
+
+def segment_not_divisible() -> dict[str, Content]:
+    """THUDM/slime#2376: the zigzag mapping called with CP size 1 on an odd packed length (4551)."""
+    segments = [
+        [("text", 900), ("image", (1, 32, 40)), ("text", 597)],
+        [("text", 1400), ("image", (1, 16, 16)), ("text", 340)],
+        [("text", 814), ("text", 112)],
+    ]
+    batch = build_batch(segments, tokens=token_config("qwen3-vl"), seed=2376)
+    assert int(batch["cu_seqlens"][-1]) == 4551, batch["cu_seqlens"]
+    return {
+        "batch.pt": batch,
+        "error.txt": "ValueError: Packed sequence length 4551 must be divisible by 2 * CP size 1\n",
+        "case.json": _case("SEGMENT_NOT_DIVISIBLE", 1, "THUDM/slime#2376",
+                           "without context parallelism (cp 1) the packed row of 4551 tokens went through the zigzag "
+                           "mapping, which needs a multiple of 2 * cp"),
+    }
+
+
+def apply_kwarg() -> dict[str, Content]:
+    """NVIDIA-NeMo/Megatron-Bridge#4391 / #4784: a keyword passed to autograd Function.apply."""
+    return {
+        "batch.pt": demo_batch_dict(),
+        "error.txt": (
+            "Traceback (most recent call last):\n"
+            "  File \"model.py\", line 88, in forward\n"
+            "    vision_embeds = AllGatherVisionEmbeddings.apply(vision_embeds, seqlens, cp_group=self.cp_group)\n"
+            "TypeError: apply() takes no keyword arguments\n"
+        ),
+        "case.json": _case("APPLY_KWARG", 2, "NVIDIA-NeMo/Megatron-Bridge#4391 (and #4784)",
+                           "vision_dp_when_cp called AllGatherVisionEmbeddings.apply(..., cp_group=...)"),
+    }
+
+
+def logical_cu_as_physical() -> dict[str, Content]:
+    """Pre-sharded rows cut with padded boundaries, saved with only the logical cu_seqlens."""
+    segments = [
+        [("text", 9), ("image", (1, 8, 16)), ("text", 30)],
+        [("text", 21), ("image", (1, 16, 16)), ("text", 4), ("image", (1, 8, 8)), ("text", 13)],
+        [("text", 17)],
+    ]
+    full = _padded_batch(segments, 4, "qwen3-vl", seed=4917)
+    held = _held(full, 2, "zigzag", token_config("qwen3-vl").image_token_id)
+    files: dict[str, Content] = {}
+    for rank, shard in enumerate(shard_batch(full, 2)):
+        files[f"rank{rank}.pt"] = {k: v for k, v in shard.items() if k != "cu_seqlens_padded"}
+    rows = int(full["vision_embed_count"])
+    files["error.txt"] = (f"[rank0]: ValueError: Mismatch between local vision token count and local vision embedding "
+                          f"rows: expected={held[0]}, got={rows}.\n")
+    files["case.json"] = _case("LOGICAL_CU_AS_PHYSICAL", 2, "TransformerEngine cu_seqlens vs cu_seqlens_padded (§1.4)",
+                               "each rank row was cut with the padded boundaries but saved with the logical "
+                               "cu_seqlens only, so the model's pre-sharded test fails and all rows reach rank 0")
+    return files
+
+
+def grid_token_mismatch() -> dict[str, Content]:
+    """An image grid from another resize: [1, 16, 20] promises 80 tokens, the span has 64."""
+    batch = _two_images_per_segment()
+    grid = batch["image_grid_thw"].clone()
+    grid[2] = torch.tensor([1, 16, 20])
+    batch["image_grid_thw"] = grid
+    batch["vision_embed_count"] = (grid.prod(dim=1) // 4).sum()
+    placeholders = int((batch["input_ids"] == token_config("qwen3-vl").image_token_id).sum())
+    return {
+        "batch.pt": batch,
+        "error.txt": f"ValueError: Packed CP ranks contain {placeholders} vision tokens, but the vision encoder "
+                     f"produced {int(batch['vision_embed_count'])} embeddings.\n",
+        "case.json": _case("GRID_TOKEN_MISMATCH", 2, "Hugging Face 'features and tokens do not match' class",
+                           "the grid of image 2 was recomputed with other resize limits than the expanded prompt"),
+    }
+
+
+def token_id_mismatch() -> dict[str, Content]:
+    """Placeholders written with LLaVA-1.5's <image> id 32000 instead of Qwen's <|image_pad|>."""
+    batch = _two_images_per_segment()
+    ids = batch["input_ids"].clone()
+    ids[ids == token_config("qwen3-vl").image_token_id] = 32000
+    batch["input_ids"] = ids
+    return {
+        "batch.pt": batch,
+        "error.txt": f"ValueError: Packed CP ranks contain 0 vision tokens, but the vision encoder produced "
+                     f"{int(batch['vision_embed_count'])} embeddings.\n",
+        "case.json": _case("TOKEN_ID_MISMATCH", 2, "model-family token ids (reference §4.1)",
+                           "the samples were tokenized with a LLaVA template: every placeholder is id 32000"),
+    }
+
+
+def embed_count_mismatch() -> dict[str, Content]:
+    """The encoder's rows miss one small image (4 tokens): 124 placeholders, 120 rows."""
+    batch = demo_batch_dict()
+    return {
+        "batch.pt": batch,
+        "error.txt": "ValueError: Packed CP ranks contain 124 vision tokens, but the vision encoder produced 120 "
+                     "embeddings.\n",
+        "case.json": _case("EMBED_COUNT_MISMATCH", 2, "Megatron-Bridge count check (reference §2.5 step 6)",
+                           "the pixel_values of the 4x4-patch image in segment 3 never reached the encoder"),
+    }
+
+
+def batch_not_flat() -> dict[str, Content]:
+    """Three samples stacked as input_ids [3, 168] instead of one packed row [1, 504]."""
+    segments = [
+        [("text", 30), ("image", (1, 16, 16)), ("text", 60)],
+        [("text", 100), ("image", (1, 8, 8)), ("text", 20)],
+        [("text", 140)],
+    ]
+    packed = build_batch(segments, [168, 168, 168], tokens=token_config("qwen3-vl"), seed=504)
+    packed["input_ids"] = packed["input_ids"].view(3, 168)
+    return {
+        "batch.pt": packed,
+        "error.txt": "RuntimeError: Sizes of tensors must match except in dimension 1. Expected size 504 but got size "
+                     "168 for tensor number 1 in the list.\n",
+        "case.json": _case("BATCH_NOT_FLAT", 2, "THD packing convention (reference §2.4: input_ids.size(0) == 1)",
+                           "the collator stacked three padded samples instead of concatenating them"),
+    }
+
+
+CASES: dict[str, Callable[[], dict[str, Content]]] = {
+    "presharded_rows_not_selected": presharded_rows_not_selected,
+    "truncated_vision_span": truncated_vision_span,
+    "layout_mismatch": layout_mismatch,
+    "cp_size_mismatch": cp_size_mismatch,
+    "segment_not_divisible": segment_not_divisible,
+    "apply_kwarg": apply_kwarg,
+    "logical_cu_as_physical": logical_cu_as_physical,
+    "grid_token_mismatch": grid_token_mismatch,
+    "token_id_mismatch": token_id_mismatch,
+    "embed_count_mismatch": embed_count_mismatch,
+    "batch_not_flat": batch_not_flat,
+}
+
+
+def example_files() -> dict[str, Content]:
+    """Relative path (under ``broken/``) -> tensors or text, for every case."""
+    files: dict[str, Content] = {}
+    for name, build in CASES.items():
+        for relative, content in build().items():
+            files[f"{name}/{relative}"] = content
+    return files
+
+
+def write(out: Path) -> list[Path]:
+    written = []
+    for name, content in example_files().items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            path.write_text(content, encoding="utf-8")
+        else:
+            torch.save(content, path)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=HERE / "broken")
+    for path in write(parser.parse_args().out):
+        print(path)
