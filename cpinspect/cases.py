@@ -184,6 +184,7 @@ def _from_mask(name: str, kind: str, cp: int, lengths: Sequence[int], mask: torc
     """A case whose text positions get random ids and vision positions the image placeholder."""
     total = sum(lengths)
     ids = torch.randint(TEXT_LOW, TEXT_HIGH, (total,), generator=generator)
+    ids[(ids == tokens.image_token_id) | (ids == tokens.video_token_id)] = TEXT_TOKEN_ID  # custom ids may collide
     ids[mask] = tokens.image_token_id
     cu = _cumsum(torch.tensor(list(lengths), dtype=torch.long))
     return Case(name, kind, cp, ids, mask, cu, None, int(mask.sum()), tokens)

@@ -38,7 +38,7 @@ from cpinspect.oracle import expected_rows, global_positions
 from cpinspect.ranges import format_ranges
 from cpinspect.shrink import ShrinkResult, replay_commands, save_case, shrink_case
 from cpinspect.signatures import RankInputs, Signature, get_signature
-from cpinspect.spmd import CollectiveCall, RankState, SpmdError, _CollectiveAbort, execute_spmd
+from cpinspect.spmd import CollectiveCall, RankState, SpmdError, _CollectiveAbort, _short_path, execute_spmd
 from cpinspect.tokens import TokenConfig, token_config
 
 PASS, WRONG_ROWS, WRONG_LENGTH, BAD_RETURN = "pass", "wrong-rows", "wrong-length", "bad-return"
@@ -128,20 +128,12 @@ def _user_site(exc: BaseException) -> str:
     """``file:line`` of the innermost traceback frame in user code (not torch, not cpinspect)."""
     site, tb = "", exc.__traceback__
     while tb is not None:
-        path = os.path.abspath(tb.tb_frame.f_code.co_filename)
-        if not (path.startswith(_TORCH_DIR) or path.startswith(_PACKAGE_DIR) or "importlib" in path
-                or path.startswith("<")):
-            site = f"{_short(path)}:{tb.tb_lineno}"
+        raw = tb.tb_frame.f_code.co_filename  # "<frozen importlib._bootstrap>", "<string>": not a place to show
+        path = os.path.abspath(raw)
+        if not raw.startswith("<") and not path.startswith((_TORCH_DIR + os.sep, _PACKAGE_DIR + os.sep)):
+            site = f"{_short_path(path)}:{tb.tb_lineno}"
         tb = tb.tb_next
     return site
-
-
-def _short(path: str) -> str:
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return path
-    return rel if not rel.startswith("..") else path
 
 
 # ---------------------------------------------------------------- running one case
@@ -169,7 +161,7 @@ class _ReturnSite:
 
     def _profile(self, frame: Any, event: str, arg: Any) -> None:
         if event == "return" and frame.f_code is self.code:
-            self.site = f"{_short(os.path.abspath(frame.f_code.co_filename))}:{frame.f_lineno}"
+            self.site = f"{_short_path(os.path.abspath(frame.f_code.co_filename))}:{frame.f_lineno}"
 
     def __enter__(self) -> _ReturnSite:
         if self.code is not None:
@@ -436,7 +428,7 @@ def mask_variants(case: Case) -> Iterator[tuple[str, Case]]:
         if moved is not None:
             yield f"rank {rank} holds no vision token", moved
     concentrated = _move_vision(case, owner == 0)
-    if concentrated is not None and len(holders) > 1:
+    if concentrated is not None and holders != [0]:
         yield "rank 0 holds every vision token", concentrated
 
 
@@ -549,8 +541,9 @@ def report_lines(report: CheckReport) -> list[str]:
     failures = report.failures
     counts = ", ".join(f"{v} {n}" for v, n in sorted(report.verdict_counts().items()) if v != PASS)
     if report.ok:
-        lines.append(f"✓ all {len(report.results)} case(s) match the oracle on every rank; collectives are "
-                     f"rank-uniform ({report.uniformity.runs} perturbed run(s))")
+        uniform = (f"collectives are rank-uniform ({report.uniformity.runs} perturbed run(s))" if report.uniformity.runs
+                   else "rank-uniformity not checked (no clean case with cp > 1 and vision tokens)")
+        lines.append(f"✓ all {len(report.results)} case(s) match the oracle on every rank; {uniform}")
     else:
         lines.append(f"✗ {len(failures)} of {len(report.results)} case(s) failed ({counts})")
     shrunk = {s.verdict: s for s in report.shrunk}
@@ -655,7 +648,7 @@ def _name_of(fn: Callable[..., Any]) -> str:
     name = getattr(fn, "__qualname__", None) or repr(fn)
     path = getattr(sys.modules.get(module), "__file__", None)
     if path and (module == "__main__" or module.startswith("_cpinspect_user_")):
-        return f"{_short(path)}:{name}"
+        return f"{_short_path(path)}:{name}"
     return f"{module}:{name}"
 
 

@@ -159,7 +159,8 @@ def save_case(case: Case, directory: Path, stem: str) -> Path:
         tensors["cu_seqlens"] = case.logical_cu_seqlens.to(torch.int32).contiguous()
     else:
         tensors["cu_seqlens"] = physical
-    if case.explicit_mask:
+    placeholders = (case.input_ids == case.tokens.image_token_id) | (case.input_ids == case.tokens.video_token_id)
+    if case.explicit_mask or not torch.equal(placeholders, case.vision_mask):  # the ids alone would mislead
         tensors["vision_mask"] = case.vision_mask.contiguous()
     save_file(tensors, str(path), metadata={"cpinspect": "shrunk failing case", "cp": str(case.cp),
                                             "from": case.name})

@@ -129,3 +129,19 @@ def test_replay_commands_quote_and_carry_options():
     assert replay == ("cpinspect check 'my model.py:select_rows' --batch 'out dir/f.safetensors' --cp 3 --cases 0 "
                       "--signature megatron-bridge --model qwen2-vl --allow-apply-keywords")
     assert expected == "cpinspect simulate --cp 3 'out dir/f.safetensors' --model qwen2-vl"
+
+
+def test_custom_placeholder_ids_replay_with_their_flags(tmp_path):
+    from cpinspect.tokens import token_config
+
+    tokens = token_config(image_token_id=5000, video_token_id=5001)
+    report = run_check(impl("mirrored_chunks.py"), cp=[2], cases=7, tokens=tokens, save_dir=tmp_path,
+                       replay_flags=["--image-token-id", "5000", "--video-token-id", "5001"])
+    shrunk = report.shrunk[0]
+    batch = load_batch(shrunk.path)
+    assert batch.vision_mask is None  # the ids alone say where the vision tokens are
+    assert int(batch.rows[0].eq(5000).sum()) == shrunk.result.case.vision_tokens > 0
+    replay, expected = shrunk.commands
+    assert replay.endswith("--image-token-id 5000 --video-token-id 5001")
+    replayed = runner.invoke(app, shlex.split(replay)[1:] + ["--no-color", "--out", str(tmp_path / "again")])
+    assert replayed.exit_code == 1 and "✗ wrong-rows: 1 case(s)" in replayed.output
