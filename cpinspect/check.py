@@ -37,7 +37,7 @@ from cpinspect.layout import make_layout
 from cpinspect.oracle import expected_rows, global_positions
 from cpinspect.ranges import format_ranges
 from cpinspect.shrink import ShrinkResult, replay_commands, save_case, shrink_case
-from cpinspect.signatures import RankInputs, Signature, get_signature
+from cpinspect.signatures import SIGNATURES, RankInputs, Signature, get_signature
 from cpinspect.spmd import CollectiveCall, RankState, SpmdError, _CollectiveAbort, _short_path, execute_spmd
 from cpinspect.tokens import TokenConfig, token_config
 
@@ -291,9 +291,17 @@ def run_case(fn: Callable[..., Any], case: Case, signature: Signature | str = "d
         states, failure = execute_spmd(case.cp, _rank_program, signature.call, fn, local_masks, cu, logical,
                                        case.vision_embed_count, threads, timeout=timeout)
     result = judge(case, states, failure)  # before abandoning: a stopped thread updates its state
+    if _call_mismatch(states):
+        result.summary += (f"; the call itself failed: does the function take the {signature.name!r} signature? "
+                           f"(--signature: {', '.join(SIGNATURES)})")
     if failure is not None and failure.kind == "timeout":
         _abandon(threads)
     return result
+
+
+def _call_mismatch(states: list[RankState]) -> bool:
+    """Every rank raised TypeError before entering user code: the signature does not fit."""
+    return all(isinstance(s.error, TypeError) and not _user_site(s.error) for s in states)
 
 
 def judge(case: Case, states: list[RankState], failure: SpmdError | None) -> CaseResult:
