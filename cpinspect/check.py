@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -156,12 +157,13 @@ class _ReturnSite:
     def __init__(self, fn: Callable[..., Any]) -> None:
         target = getattr(fn, "__func__", fn)
         method = vars(type(target)).get("__call__")  # a callable object: its __call__ is the function
-        self.code = getattr(target, "__code__", None) or getattr(method, "__code__", None)
+        self.code: types.CodeType | None = getattr(target, "__code__", None) or getattr(method, "__code__", None)
         self.site = ""
 
-    def _profile(self, frame: Any, event: str, arg: Any) -> None:
-        if event == "return" and frame.f_code is self.code:
-            self.site = f"{_short_path(os.path.abspath(frame.f_code.co_filename))}:{frame.f_lineno}"
+    def _profile(self, frame: types.FrameType, event: str, arg: Any) -> None:
+        code = frame.f_code
+        if event == "return" and code is self.code:
+            self.site = f"{_short_path(os.path.abspath(code.co_filename))}:{frame.f_lineno}"
 
     def __enter__(self) -> _ReturnSite:
         if self.code is not None:
