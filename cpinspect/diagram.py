@@ -26,7 +26,7 @@ from rich.text import Text
 
 from cpinspect.balance import Balance
 from cpinspect.layout import Layout
-from cpinspect.render import RANK_COLORS, rank_label
+from cpinspect.render import RANK_COLORS, contrast_text, rank_label
 
 MAX_SEGMENTS = 12
 MAX_LISTED = 12
@@ -116,11 +116,7 @@ def local_boxes(layout: Layout, cp_rank: int, before: int | None = None) -> list
 def cell_style(rank: int) -> str:
     """Background of the rank's colour, with black or white text, whichever contrasts more (WCAG)."""
     color = RANK_COLORS[rank % len(RANK_COLORS)]
-    channels = [int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)]
-    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
-    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
-    text = "black" if (luminance + 0.05) / 0.05 > 1.05 / (luminance + 0.05) else "white"
-    return f"{text} on {color}"
+    return f"{contrast_text(color)} on {color}"
 
 
 def fit_widths(tokens: Sequence[int], minimum: Sequence[int], available: int,

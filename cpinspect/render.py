@@ -25,8 +25,17 @@ RANK_LETTERS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MAX_TABLE_ROWS = 24
 
 
+def contrast_text(color: str) -> str:
+    """Black or white, whichever contrasts more with the ``#rrggbb`` background (WCAG luminance)."""
+    channels = [int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "black" if (luminance + 0.05) / 0.05 > 1.05 / (luminance + 0.05) else "white"
+
+
 def rank_style(rank: int) -> str:
-    return f"bold white on {RANK_COLORS[rank % len(RANK_COLORS)]}"
+    color = RANK_COLORS[rank % len(RANK_COLORS)]
+    return f"bold {contrast_text(color)} on {color}"
 
 
 def rank_label(rank: int) -> str:
