@@ -123,7 +123,13 @@ def _two_images_per_segment() -> dict[str, torch.Tensor]:
 
 def layout_mismatch() -> dict[str, Content]:
     """Reference §1.6: per-document zigzag mask, rows cut per sequence (the whole row as one sequence)."""
-    batch = _two_images_per_segment()
+    segments = [
+        [("text", 6), ("image", (1, 8, 16)), ("text", 90), ("image", (1, 8, 8)), ("text", 27)],
+        [("text", 50), ("image", (1, 16, 16)), ("text", 10)],
+        [("text", 3), ("image", (1, 8, 8)), ("text", 70)],
+        [("text", 12), ("image", (1, 16, 8)), ("text", 40)],
+    ]
+    batch = _padded_batch(segments, 8, "qwen3-vl", seed=1368)
     image = token_config("qwen3-vl").image_token_id
     mask_held, row_held = _held(batch, 2, "zigzag", image), _held(batch, 2, "sequence-zigzag", image)
     return {

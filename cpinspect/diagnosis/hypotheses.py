@@ -43,6 +43,8 @@ class Prediction:
     rank: int | None = None
     scope: str = "rank"
     segment: int | None = None
+    cost: int = 0  # assumptions changed beyond the data as given: the simplest matching cause wins
+    variant: str = ""  # which alternative (layout, cp) the prediction assumes
 
 
 def explain(scene: Scene, observed: ObservedError, findings: list[DiagnosisFinding]) -> list[DiagnosisFinding]:
@@ -61,9 +63,9 @@ def explain(scene: Scene, observed: ObservedError, findings: list[DiagnosisFindi
 def _apply_kwarg() -> DiagnosisFinding:
     return cause(
         "APPLY_KWARG",
-        "autograd Function.apply() takes positional arguments only: a keyword such as cp_group= raises this TypeError "
-        "when the call is reached (Megatron-Bridge#4391, #4784: AllGatherVisionEmbeddings.apply(..., cp_group=...) "
-        "under vision_dp_when_cp); the batch is not involved",
+        "on the torch releases training stacks run, autograd Function.apply() takes positional arguments only: a "
+        "keyword such as cp_group= raises this TypeError when the call is reached (Megatron-Bridge#4391, #4784: "
+        "AllGatherVisionEmbeddings.apply(..., cp_group=...) under vision_dp_when_cp); the batch is not involved",
         "pass the group positionally: AllGatherVisionEmbeddings.apply(embeds, seqlens, cp_group); a custom "
         "Function can take keywords in a small wrapper that calls apply positionally")
 
@@ -140,7 +142,7 @@ def _explain_positions(scene: Scene, observed: ObservedError) -> list[Prediction
             "CP_SIZE_MISMATCH", index, value,
             f"{total} = the full row and {total // cp} = {total} / cp {cp}: 3-D position ids of the full row met a "
             "CP-local row (positions not sliced with the layout's indices)",
-            "slice position_ids[..., global_indices] per rank (cpinspect simulate --positions shows them)"))
+            "slice position_ids[..., global_indices] per rank (cpinspect simulate --positions shows them)", cost=1))
     return [dataclasses.replace(p, tokens=index, rows=value) for p in predictions]
 
 
@@ -216,13 +218,14 @@ def _not_selected_elsewhere(scene: Scene, kind: str, cp: int, rank: int, held: i
         return Prediction("CP_SIZE_MISMATCH", held, rows, story,
                           f"use one cp everywhere: the data was cut for cp={cp} (context_parallel_size, cpinspect "
                           "--cp)",
-                          rank=rank)
+                          rank=rank, cost=2, variant=f"{kind} cp={cp}")
     story = (f"the data was cut with {LAYOUT_WORDS[kind]}: rank {rank} then holds {held} vision tokens, and all "
              f"{rows} rows "
              f"({meaning}) were scattered into them; under {scene.data_layout} rank {rank} would hold "
              f"{_held_text(scene.held(scene.data_layout, scene.cp), rank)}")
     return Prediction("LAYOUT_MISMATCH", held, rows, story,
-                      f"shard the data the way the model does ({LAYOUT_WORDS[scene.layout]})", rank=rank)
+                      f"shard the data the way the model does ({LAYOUT_WORDS[scene.layout]})", rank=rank, cost=2,
+                      variant=f"{kind} cp={cp}")
 
 
 def _held_text(counts: list[int] | None, rank: int | None = None) -> str:
@@ -251,7 +254,7 @@ def _layout_mix_predictions(scene: Scene) -> list[Prediction]:
                     f"and the embeddings were split with different layouts (per-sequence vs per-document mix-up)",
                     f"cut the vision mask, the embeddings and the deepstack rows with one layout ({scene.layout}); "
                     "split_deepstack_embs/split_data_cp_rank are per-sequence (BSHD), THD needs the per-document "
-                    "indices", rank=rank))
+                    "indices", rank=rank, cost=1, variant=f"{mask_kind}/{rows_kind}"))
     return predictions
 
 
@@ -273,9 +276,10 @@ def _logical_predictions(scene: Scene, *, gathered: bool) -> list[Prediction]:
             return []
         return [Prediction("LOGICAL_CU_AS_PHYSICAL", sum(counted), rows,
                            f"{why}: the ranks then count {' + '.join(map(str, counted))} = {sum(counted)} vision "
-                           f"tokens instead of {sum(held)}", hint, scope="all ranks", segment=seg)]
+                           f"tokens instead of {sum(held)}", hint, scope="all ranks", segment=seg, cost=1)]
     return [Prediction("LOGICAL_CU_AS_PHYSICAL", h, c,
-                       f"{why}: rank {r} holds {h} vision tokens but selects {c} rows", hint, rank=r, segment=seg)
+                       f"{why}: rank {r} holds {h} vision tokens but selects {c} rows", hint, rank=r, segment=seg,
+                       cost=1)
             for r, (h, c) in enumerate(zip(held, counted))]
 
 
@@ -335,9 +339,15 @@ def _merge(findings: list[DiagnosisFinding], predictions: list[Prediction], scen
     tokens, rows = _observed_pair(observed)
     exact = [p for p in predictions if p.tokens == tokens and p.rows == rows]
     confirmed = [p for p in exact if scene.rank is None or p.rank is None or p.rank == scene.rank]
-    if confirmed:
+    if confirmed and min(p.cost for p in confirmed) == min(p.cost for p in exact):
+        cheapest = min(p.cost for p in confirmed)
+        confirmed = [p for p in confirmed if p.cost == cheapest]
+        if cheapest and len({(p.code, p.variant) for p in confirmed}) > 1:
+            first = {p.code: p for p in reversed(confirmed)}
+            return findings + [_possible(p, "other causes fit the same numbers equally well") for p in first.values()]
         return _with_confirmed(findings, confirmed, scene, observed)
     if exact:
+        exact = sorted(exact, key=lambda p: p.cost)
         return findings + [_possible(p, f"but the error came from rank {scene.rank}") for p in exact[:1]]
     fallback = _embed_fallback(scene, tokens, rows)
     if fallback is not None:

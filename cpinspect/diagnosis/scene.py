@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cpinspect.batch import FIELD_ALIASES, BatchSource, FieldInfo, PackedBatch, load_batch
+from cpinspect.batch import FIELD_ALIASES, BatchSource, FieldInfo, PackedBatch
 from cpinspect.diagnosis.report import DiagnosisFinding, cause
 from cpinspect.diagnosis.spans import (
     Runs,
@@ -50,16 +50,20 @@ def load_diagnosis_batch(source: BatchSource, *, keys: Mapping[str, str] | None 
     A batch dimension > 1 is an exit-2 error for ``simulate``; here it is the finding
     BATCH_NOT_FLAT, so the rows are concatenated (in a copy) and ``found`` keeps the file's shape.
     """
-    keys = dict(keys or {})
+    from cpinspect.batch import FIELDS, _from_parts
+
     if isinstance(source, PackedBatch):
         return source
+    keys = dict(keys or {})
+    unknown = [name for name in keys if name not in FIELDS]
+    if unknown:
+        raise InputError(f"--key names an unknown field {unknown[0]!r}", where=f"--key {unknown[0]}={keys[unknown[0]]}",
+                         fix=f"map one of: {', '.join(FIELDS)}")
     parts = _raw_parts(source)
-    flat = [(name, _flatten_ids(raw, keys)) for name, raw in parts]
-    batch = load_batch([raw for _, raw in flat] if len(flat) > 1 else flat[0][1], keys=keys)
+    batch = _from_parts([(name, _flatten_ids(raw, keys)) for name, raw in parts], keys, _source_name(source))
     batch.found = [[FieldInfo(str(k), tuple(v.shape) if isinstance(v, torch.Tensor) else (),
                               str(v.dtype).removeprefix("torch.") if isinstance(v, torch.Tensor) else type(v).__name__)
                     for k, v in raw.items()] for _, raw in parts]
-    batch.source = _source_name(source)
     return batch
 
 
@@ -174,7 +178,9 @@ class Scene:
         if self.batch.vision_embed_count is not None:
             return self.batch.vision_embed_count, "vision_embed_count"
         grid = self.grid_rows()
-        return grid, "Σ t·h·w/4 of the grids"
+        if grid is not None:
+            return grid, "Σ t·h·w/4 of the grids"
+        return self.placeholders, "one row per placeholder (no grids in the batch)"
 
     def held(self, kind: str, cp: int) -> list[int] | None:
         """Vision tokens each rank holds when the full row is cut with ``kind`` over ``cp`` ranks."""
