@@ -22,6 +22,8 @@ from cpinspect.selection import RankSelection, select_rank_rows
 from cpinspect.spmd import DEFAULT_TIMEOUT_S, RankState, SpmdError, execute_spmd
 from cpinspect.tokens import TokenConfig, token_config
 
+RANK_INDEX_LISTS = ("global_indices", "vision_positions", "selected_rows", "expected_rows")
+
 
 @dataclass
 class RankResult:
@@ -87,6 +89,19 @@ class Result:
         return selection.full_counts.view(-1, self.layout.chunks_per_segment)
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document as plain Python values."""
+        document = self.document()
+        for entry in document["ranks"]:
+            for key in RANK_INDEX_LISTS:
+                entry[key] = entry[key].tolist()
+        return document
+
+    def document(self) -> dict[str, Any]:
+        """:meth:`to_dict` with each rank's long index lists (:data:`RANK_INDEX_LISTS`) left as 1-D tensors.
+
+        On a million-token batch these lists hold millions of numbers; the CLI streams them to
+        JSON a slice at a time instead of building Python lists of all of them at once.
+        """
         return {
             "cp": self.cp,
             "layout": self.layout.kind,
@@ -101,15 +116,15 @@ class Result:
             "ranks": [
                 {
                     "rank": r.rank,
-                    "global_indices": r.global_indices.tolist(),
-                    "vision_positions": r.vision_positions.tolist(),
+                    "global_indices": r.global_indices,
+                    "vision_positions": r.vision_positions,
                     "local_counts": (
                         r.selection.local_counts.view(-1, 2).tolist()
                         if r.selection is not None and self.layout.kind != "contiguous"
                         else r.selection.local_counts.tolist() if r.selection is not None else None
                     ),
-                    "selected_rows": r.selected_rows.tolist(),
-                    "expected_rows": r.expected_rows.tolist(),
+                    "selected_rows": r.selected_rows,
+                    "expected_rows": r.expected_rows,
                     "ok": r.ok,
                 }
                 for r in self.ranks
@@ -169,11 +184,10 @@ def simulate(
         full_mask = torch.zeros(plan.total_tokens, dtype=torch.bool)
         full_mask[all_indices] = torch.stack(local_masks)
     local_piece_len = [plan.local_piece_len(r) for r in range(cp)]
-    states, failure = _executor(backend)(cp, rank_program, local_masks, local_piece_len, plan.rank_pieces,
+    states, failure = _executor(backend)(cp, rank_program, local_masks, local_piece_len, plan.rank_pieces, {},
                                          timeout=timeout)
     ranks = []
-    for rank, state in enumerate(states):
-        expected = expected_rows(full_mask, global_positions(layout, cu, cp, rank))
+    for rank, (state, expected) in enumerate(zip(states, _oracle_rows(full_mask, layout, cu, cp))):
         selection = state.value if state.status == "returned" else None
         ranks.append(RankResult(rank, all_indices[rank], local_ids[rank], selection, expected))
     embed_count, images, videos = _vision_items(batch, full_mask, full_ids, cu, tokens)
@@ -186,11 +200,38 @@ def simulate(
     return result
 
 
+def _oracle_rows(full_mask: torch.Tensor, layout: str, cu: torch.Tensor, cp: int) -> list[torch.Tensor]:
+    """The oracle's rows for every rank, ranking all ranks' vision tokens in one call.
+
+    One call over all ranks' global positions costs one pass over the row; a call per rank
+    would rank the whole row ``cp`` times.
+    """
+    positions = torch.stack([global_positions(layout, cu, cp, rank) for rank in range(cp)])
+    held = full_mask[positions].sum(1).tolist()
+    return list(torch.split(expected_rows(full_mask, positions.reshape(-1)), held))
+
+
 def rank_program(group: Any, local_masks: list[torch.Tensor], local_piece_len: list[torch.Tensor],
-                 rank_pieces: torch.Tensor) -> RankSelection:
-    """What one CP rank runs: module-level so a process backend can pickle it."""
+                 rank_pieces: torch.Tensor, shared: dict[str, torch.Tensor] | None = None) -> RankSelection:
+    """What one CP rank runs: module-level so a process backend can pickle it.
+
+    ``shared`` (one dict per simulation) lets ranks whose gathered tables equal the first
+    finisher's keep that one copy: every rank gathers ``[cp, pieces]`` counts, so cp private
+    copies would grow with cp squared. ``dict.setdefault`` is atomic, so threads need no lock.
+    """
     rank = group.rank()
-    return select_rank_rows(local_masks[rank], local_piece_len[rank], rank_pieces, group)
+    selection = select_rank_rows(local_masks[rank], local_piece_len[rank], rank_pieces, group)
+    return share_tables(selection, shared) if shared is not None else selection
+
+
+def share_tables(selection: Any, shared: dict[str, torch.Tensor]) -> Any:
+    """Point ``selection``'s count tables at the first equal ones in ``shared`` (set there if absent)."""
+    for name in ("gathered", "full_counts", "offsets"):
+        mine = getattr(selection, name)
+        first = shared.setdefault(name, mine)
+        if first is not mine and first.shape == mine.shape and torch.equal(first, mine):
+            setattr(selection, name, first)
+    return selection
 
 
 Executor = Callable[..., tuple[list[RankState], Optional[SpmdError]]]
