@@ -149,10 +149,16 @@ def _ordered(findings: list[DiagnosisFinding]) -> list[DiagnosisFinding]:
 
 
 def _extra_findings(scene: Scene) -> list[DiagnosisFinding]:
+    """Run :data:`EXTRA_CHECKS`; one that cannot run on this input says so instead of failing."""
     out = []
     for check in EXTRA_CHECKS:
-        for finding in check(scene.batch, scene.cp, layout=scene.data_layout, tokens=scene.tokens):
-            out.append(DiagnosisFinding.from_finding(finding))
+        try:
+            found = check(scene.batch, scene.cp, layout=scene.data_layout, tokens=scene.tokens)
+        except InputError as exc:
+            name = getattr(check, "__name__", "check")
+            out.append(info("SKIPPED", f"{name} could not run on this input: {exc.what}"))
+            continue
+        out.extend(DiagnosisFinding.from_finding(finding) for finding in found)
     return out
 
 

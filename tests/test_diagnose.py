@@ -497,3 +497,31 @@ def test_readme_transcript_is_the_current_output():
                                  "--error-file", str((directory / "train.log").relative_to(ROOT)), "--no-color"],
                            env={"COLUMNS": "120"})
     assert [line.rstrip() for line in result.output.rstrip().splitlines()] == block
+
+
+def test_an_extra_check_that_cannot_run_is_skipped_not_fatal():
+    from cpinspect.errors import InputError
+
+    def needs_every_rank(batch, cp, *, layout, tokens):
+        raise InputError("needs every rank's file")
+
+    EXTRA_CHECKS.append(needs_every_rank)
+    try:
+        report = diagnose_batch(EXAMPLES / "presharded_cp2" / "rank0.pt", 2)
+    finally:
+        EXTRA_CHECKS.remove(needs_every_rank)
+    skipped = finding(report, "SKIPPED", "info")
+    assert skipped.message == "needs_every_rank could not run on this input: needs every rank's file"
+
+
+def test_presharded_rows_with_an_indivisible_segment_still_explain_the_scatter():
+    full = synth.build_batch([[("text", 22), ("image", (1, 8, 8))], [("text", 18)]])
+    ids, grid = full["input_ids"].reshape(-1), full["image_grid_thw"]
+    cu = torch.tensor([0, 40, 58])  # 18 is not a multiple of 2 * cp = 4
+    shards = [{"input_ids": ids[:29], "cu_seqlens": cu, "image_grid_thw": grid},
+              {"input_ids": ids[29:], "cu_seqlens": cu, "image_grid_thw": grid}]
+    held = [int((s["input_ids"] == IMAGE_PAD).sum()) for s in shards]
+    assert held == [6, 10]  # the image (global 23-38) straddles the two local rows
+    report = diagnose_batch(shards, 2, error_text=scatter(16, 10, rank=1))
+    assert set(confirmed(report)) == {"SEGMENT_NOT_DIVISIBLE", "PRESHARDED_ROWS_NOT_SELECTED"}
+    assert finding(report, "PRESHARDED_ROWS_NOT_SELECTED").rank == 1

@@ -34,8 +34,9 @@ from cpinspect.layout import LAYOUTS, Layout, check_cp_fits, make_layout, padded
 from cpinspect.simulation import Result, simulate, vision_mask_of
 from cpinspect.tokens import TokenConfig
 
+# The largest embedding table of the Qwen2/2.5/3-VL checkpoints (Qwen2-VL-7B and Qwen2.5-VL-7B
+# config.json: vocab_size 152064; the 2B/3B ones have 151936): an id at or above it is out of vocab.
 MAX_VOCAB_ROWS = 152064
-OTHER_CPS = range(1, 17)
 SHARD_PER_DOCUMENT = "per document: Megatron get_batch_on_this_cp_rank given cu_seqlens (THD)"
 LAYOUT_WORDS = {
     "zigzag": "per-document zigzag (Megatron THD: every segment cut into 2·cp chunks)",
@@ -79,7 +80,8 @@ def _raw_parts(source: BatchSource) -> list[tuple[str, dict[str, Any]]]:
     items = list(source)
     if not items:
         raise InputError("an empty list of batch files was given", fix="pass one file per rank, in rank order")
-    return [("<dict>", dict(p)) if isinstance(p, Mapping) else (str(p), _read_file(Path(p))) for p in items]
+    return [(f"<rank {r} dict>", dict(p)) if isinstance(p, Mapping) else (str(p), _read_file(Path(p)))
+            for r, p in enumerate(items)]
 
 
 def _source_name(source: BatchSource) -> str:
@@ -87,7 +89,7 @@ def _source_name(source: BatchSource) -> str:
         return "<dict>"
     if isinstance(source, (str, os.PathLike)):
         return str(source)
-    return ", ".join("<dict>" if isinstance(p, Mapping) else str(p) for p in source)
+    return ", ".join(f"<rank {r} dict>" if isinstance(p, Mapping) else str(p) for r, p in enumerate(source))
 
 
 def _flatten_ids(raw: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
@@ -193,11 +195,18 @@ class Scene:
         if self.form == "one rank":
             return {self.rank if self.rank is not None else -1: self.one_rank_held or 0}
         counts = self.held(self.data_layout, self.cp)
+        if counts is None and self.form == "presharded":
+            counts = [int(self._local_mask(r).sum()) for r in range(len(self.batch.rows))]
         return dict(enumerate(counts)) if counts is not None else {}
+
+    def _local_mask(self, rank: int) -> torch.Tensor:
+        if self.batch.vision_mask:
+            return self.batch.vision_mask[rank]
+        return vision_mask_of(self.batch.rows[rank], self.tokens)
 
     def locate(self, position: int) -> tuple[int | None, int | None, int | None]:
         """(rank, segment, chunk) of a global token position under the model's layout at ``cp``."""
-        plan = try_layout(self.sim_cu, self.cp, self.layout)
+        plan = try_layout(self.cu, self.cp, self.layout)
         if plan is None or position >= plan.total_tokens:
             return None, int(torch.searchsorted(self.cu[1:], torch.tensor(position), right=True)), None
         piece = int(torch.searchsorted(plan.piece_start, torch.tensor(position), right=True)) - 1
