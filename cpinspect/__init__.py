@@ -28,6 +28,9 @@ _EXPORTS = {
     "Finding": "cpinspect.findings",
     "InputError": "cpinspect.errors",
     "CpInspectError": "cpinspect.errors",
+    "verify": "cpinspect.verification",
+    "VerificationError": "cpinspect.verification",
+    "capture": "cpinspect.capture",  # the module itself: cpinspect.capture.record(...)
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -38,7 +41,8 @@ def __getattr__(name: str) -> Any:
         import warnings
 
         warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module = importlib.import_module(_EXPORTS[name])
+        return module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
     raise AttributeError(f"module 'cpinspect' has no attribute {name!r}")
 
 
