@@ -42,7 +42,7 @@ ErrorFileOpt = Annotated[Optional[Path], typer.Option(
 EmbedsOpt = Annotated[Optional[int], typer.Option(
     "--embeds", help="Rows the vision encoder produced (vision_embeds.shape[0]), if known.", show_default=False)]
 RankOpt = Annotated[Optional[int], typer.Option(
-    "--rank", help="The rank that raised (default: the log's [rankN]: prefix).", show_default=False)]
+    "--rank", help="The rank that raised (default: the log's \\[rankN]: prefix).", show_default=False)]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")]
 
 

@@ -386,7 +386,8 @@ def _with_confirmed(findings: list[DiagnosisFinding], confirmed: list[Prediction
             numbers += f" (the same numbers fit rank(s) {', '.join(map(str, others[:6]))})"
         existing = next((i for i, f in enumerate(out) if f.code == code and f.status == "confirmed"), None)
         if existing is not None:
-            out[existing] = dataclasses.replace(out[existing], message=f"{out[existing].message}; {numbers}")
+            rank = out[existing].rank if out[existing].rank is not None else group[0].rank if not others else None
+            out[existing] = dataclasses.replace(out[existing], message=f"{out[existing].message}; {numbers}", rank=rank)
             continue
         rank = group[0].rank if not others or scene.rank is not None else None
         out.append(cause(code, numbers, group[0].hint, rank=rank, segment=group[0].segment))
