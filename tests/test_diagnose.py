@@ -525,3 +525,12 @@ def test_presharded_rows_with_an_indivisible_segment_still_explain_the_scatter()
     report = diagnose_batch(shards, 2, error_text=scatter(16, 10, rank=1))
     assert set(confirmed(report)) == {"SEGMENT_NOT_DIVISIBLE", "PRESHARDED_ROWS_NOT_SELECTED"}
     assert finding(report, "PRESHARDED_ROWS_NOT_SELECTED").rank == 1
+
+
+def test_without_cp_a_count_mismatch_is_the_grids_not_the_selection():
+    def bigger(batch):
+        batch["image_grid_thw"] = torch.tensor([[1, 8, 16], [1, 16, 20]])
+    batch = image_batch(bigger)
+    report = diagnose_batch(batch, 1, error_text="ValueError: Image features and image tokens do not match: "
+                            f"tokens: {32 + 64}, features {32 + 80}")
+    assert confirmed(report) == ["GRID_TOKEN_MISMATCH"]

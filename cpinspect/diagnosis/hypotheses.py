@@ -176,19 +176,25 @@ def _all_rows(scene: Scene) -> dict[int, str]:
 
 
 def _not_selected_predictions(scene: Scene) -> list[Prediction]:
-    """All rows scattered into one rank's positions, under the data's cut and every other one."""
+    """All rows scattered into one rank's positions, under the data's cut and every other one.
+
+    A rank that holds every vision token (always so at cp 1) has nothing to select: there, a count
+    mismatch is the grids' or the encoder's, not the selection's.
+    """
     predictions = []
+    everything = scene.placeholders
     for rows, meaning in _all_rows(scene).items():
-        for rank, held in scene.actual_held().items():
-            predictions.append(_not_selected(scene, rank, held, rows, meaning))
+        if scene.cp > 1:
+            predictions += [_not_selected(scene, rank, held, rows, meaning)
+                            for rank, held in scene.actual_held().items() if held != everything]
         if scene.full_mask is None:
             continue
         for kind in LAYOUTS:
-            for cp in OTHER_CPS:
+            for cp in OTHER_CPS[1:]:
                 if (kind, cp) == (scene.data_layout, scene.cp):
                     continue
-                for rank, held in enumerate(scene.held(kind, cp) or []):
-                    predictions.append(_not_selected_elsewhere(scene, kind, cp, rank, held, rows, meaning))
+                predictions += [_not_selected_elsewhere(scene, kind, cp, rank, held, rows, meaning)
+                                for rank, held in enumerate(scene.held(kind, cp) or []) if held != everything]
     return predictions
 
 
