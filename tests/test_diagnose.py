@@ -534,3 +534,19 @@ def test_without_cp_a_count_mismatch_is_the_grids_not_the_selection():
     report = diagnose_batch(batch, 1, error_text="ValueError: Image features and image tokens do not match: "
                             f"tokens: {32 + 64}, features {32 + 80}")
     assert confirmed(report) == ["GRID_TOKEN_MISMATCH"]
+
+
+@pytest.mark.parametrize("seed, cp", [(seed, cp) for seed in range(6) for cp in (2, 3, 4)])
+def test_rows_not_selected_is_found_on_random_batches(seed, cp):
+    batch = synth.random_batch(seed, cp)
+    ids, cu = batch["input_ids"].reshape(-1).tolist(), batch["cu_seqlens"].tolist()
+    mask = [i in (IMAGE_PAD, VIDEO_PAD) for i in ids]
+    held = [sum(mask[g] for g in rank) for rank in literal.zigzag_indices(cu, cp)]
+    total = sum(mask)
+    candidates = [r for r, count in enumerate(held) if count not in (total,)]
+    if not candidates:
+        pytest.skip("one rank holds every vision token")
+    rank = candidates[-1]
+    report = diagnose_batch(batch, cp, error_text=scatter(total, held[rank], rank=rank))
+    assert confirmed(report) == ["PRESHARDED_ROWS_NOT_SELECTED"]
+    assert finding(report, "PRESHARDED_ROWS_NOT_SELECTED").rank == rank
