@@ -358,14 +358,13 @@ def _merge(findings: list[DiagnosisFinding], predictions: list[Prediction], scen
     fallback = _embed_fallback(scene, tokens, rows)
     if fallback is not None:
         return findings + [fallback]
-    partial = [p for p in predictions if p.rows == rows and p.rows is not None
-               and p.code == "PRESHARDED_ROWS_NOT_SELECTED"]
+    partial = [p for p in predictions if p.rows == rows and p.code == "PRESHARDED_ROWS_NOT_SELECTED"]
     verdict = [cause(
         "PRESHARDED_ROWS_NOT_SELECTED",
         f"all {rows} embedding rows were offered to one rank, as when rows are not selected per rank "
         f"({_all_rows(scene)[rows]}), but no rank holds {tokens} vision tokens at cp={scene.cp} "
         f"({_held_text(scene.held(scene.data_layout, scene.cp))}); the error may come from another micro-batch",
-        NOT_SELECTED_HINT, status="possible")] if partial else []
+        NOT_SELECTED_HINT, status="possible")] if partial and rows is not None else []
     return findings + verdict + [_unexplained(scene, observed)]
 
 

@@ -45,7 +45,7 @@ LAYOUT_WORDS = {
 }
 
 
-def load_diagnosis_batch(source: BatchSource, *, keys: Mapping[str, str] | None = None) -> PackedBatch:
+def load_diagnosis_batch(source: PackedBatch | BatchSource, *, keys: Mapping[str, str] | None = None) -> PackedBatch:
     """Load like :func:`~cpinspect.batch.load_batch`, but keep a stacked ``[B, T]`` id tensor.
 
     A batch dimension > 1 is an exit-2 error for ``simulate``; here it is the finding
@@ -96,7 +96,8 @@ def _flatten_ids(raw: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]
     names = (keys["input_ids"],) if "input_ids" in keys else FIELD_ALIASES["input_ids"]
     key = next((k for k in names if k in raw), None)
     ids = raw.get(key) if key is not None else None
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] <= 1 or ids.is_floating_point():
+    if key is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] <= 1 \
+            or ids.is_floating_point():
         return raw
     return {**raw, key: ids.reshape(1, -1)}
 
@@ -387,8 +388,8 @@ def _validate_grids(batch: PackedBatch, tokens: TokenConfig) -> None:
 
 def _choose_data_layout(scene: Scene) -> list[DiagnosisFinding]:
     """Pre-sharded rows: find the layout under which they reassemble into whole vision spans."""
-    broken = {kind: _broken_spans(scene, kind) for kind in LAYOUTS}
-    broken = {kind: value for kind, value in broken.items() if value is not None}
+    counted = {kind: _broken_spans(scene, kind) for kind in LAYOUTS}
+    broken = {kind: value for kind, value in counted.items() if value is not None}
     mine = broken.get(scene.layout)
     if mine is None or mine[0] == 0:
         return []
