@@ -88,7 +88,7 @@ def rows_from_counts(
 
 def exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
     """``out[i] = sum(values[:i])``: the first row of each piece in a natural-order table."""
-    return torch.cumsum(values, 0) - values
+    return torch.cumsum(values, 0).sub_(values)
 
 
 def running_count(mask: torch.Tensor) -> torch.Tensor:
