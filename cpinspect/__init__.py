@@ -22,6 +22,8 @@ _EXPORTS = {
     "SimulatedProcessGroup": "cpinspect.spmd",
     "SpmdError": "cpinspect.spmd",
     "local_vision_rows": "cpinspect.selection",
+    "local_vision_row_map": "cpinspect.selection",
+    "VisionRowMap": "cpinspect.selection",
     "VisionCountMismatch": "cpinspect.selection",
     "make_layout": "cpinspect.layout",
     "Layout": "cpinspect.layout",
