@@ -143,9 +143,14 @@ def _analyze_step(key: GroupKey, files: dict[int, CapturedRank], layout: str, to
     if analysis.missing:
         return analysis
     ranked = [files[r] for r in range(analysis.cp)]
-    batch = load_diagnosis_batch([_batch_dict(c) for c in ranked])
-    batch.source = f"{directory} step {step}, global ranks {list(group_ranks)}"
-    analysis.report = diagnose_batch(batch, analysis.cp, layout=layout, tokens=tokens, timeout=timeout)
+    try:
+        batch = load_diagnosis_batch([_batch_dict(c) for c in ranked])
+        batch.source = f"{directory} step {step}, global ranks {list(group_ranks)}"
+        analysis.report = diagnose_batch(batch, analysis.cp, layout=layout, tokens=tokens, timeout=timeout)
+    except InputError as exc:  # name the step and its files, as diagnose would name the rank files
+        files_text = ", ".join(c.path.name for c in ranked)
+        where = f"step {step} of the CP group of global ranks {list(group_ranks)} ({files_text})"
+        raise InputError(exc.what, where=f"{where}; {exc.where}" if exc.where else where, fix=exc.fix) from None
     analysis.captured = captured_row_findings(ranked, layout)
     return analysis
 

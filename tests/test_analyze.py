@@ -198,3 +198,20 @@ def test_analyze_help_does_not_import_torch():
             "    assert e.code == 0, e.code\nassert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().endswith("ok"), out.stderr
+
+
+def test_ranks_that_captured_different_cu_seqlens_exit_2_naming_the_step_and_files(tmp_path):
+    write_capture(tmp_path, steps=(0, 1))
+    step1 = tmp_path / capture.file_name(1, 1)
+    with safe_open(str(step1), framework="pt") as handle:
+        meta = dict(handle.metadata())
+    tensors = load_file(step1)
+    tensors["cu_seqlens"] = tensors["cu_seqlens"].clone()
+    tensors["cu_seqlens"][1] += 2 * 2
+    save_file(tensors, str(step1), metadata=meta)
+    result = run("analyze", tmp_path, "--no-color")
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "disagree on cu_seqlens" in text
+    assert "step 1 of the CP group of global ranks [0, 1] (step000001-rank00000.safetensors, " \
+           "step000001-rank00001.safetensors)" in text

@@ -188,3 +188,18 @@ def test_rank_processes_exit_when_the_watchdog_process_is_killed(tmp_path):
 def test_a_function_that_cannot_be_pickled_is_refused_before_any_process_starts():
     with pytest.raises(TypeError, match="module-level function"):
         execute_gloo(2, lambda group: None)
+
+
+def test_a_rank_that_cannot_start_is_reported_without_waiting_for_the_start_timeout(tmp_path, monkeypatch):
+    module = tmp_path / "vanishing_program.py"
+    module.write_text("def program(group):\n    return group.rank()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from vanishing_program import program  # importable here, gone by the time the ranks import it
+
+    module.unlink()
+    start = time.monotonic()
+    states, failure = execute_gloo(2, program, timeout=5.0, start_timeout=300.0)
+    assert time.monotonic() - start < 120.0
+    assert failure is not None and failure.kind == "exception"
+    assert str(failure).startswith("rank process(es) failed before the group was formed: rank ")
+    assert "ModuleNotFoundError: No module named 'vanishing_program'" in str(failure)
