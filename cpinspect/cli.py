@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional, TextIO, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cpinspect.errors import CpInspectError, InputError
 
@@ -70,8 +71,8 @@ def guarded(command: F) -> F:
         except CpInspectError as exc:
             if debug:
                 raise
-            make_console(kwargs.get("no_color", False), stderr=True).print(f"[bold red]error:[/] {exc}", markup=True,
-                                                                       highlight=False)
+            make_console(kwargs.get("no_color", False), stderr=True).print(
+                f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -79,7 +80,7 @@ def guarded(command: F) -> F:
             if debug:
                 raise
             make_console(kwargs.get("no_color", False), stderr=True).print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}. This is a bug in cpinspect; rerun with "
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}. This is a bug in cpinspect; rerun with "
                 "--debug for the traceback and report it.", markup=True, highlight=False)
             raise typer.Exit(EXIT_INTERNAL) from None
 

@@ -57,6 +57,7 @@ from cpinspect.errors import InputError
 from cpinspect.errortext import ObservedError, parse_error_text
 from cpinspect.findings import Finding
 from cpinspect.layout import LAYOUTS
+from cpinspect.mrope import check_position_ids
 from cpinspect.tokens import TokenConfig, token_config
 
 __all__ = [
@@ -66,11 +67,11 @@ __all__ = [
 
 # --------------------------------------------------------------------------- extra checks
 ExtraCheck = Callable[..., list[Finding]]
-EXTRA_CHECKS: list[ExtraCheck] = []
-"""Checks appended here run after the built-in ones, as ``check(batch, cp, layout=..., tokens=...)``
+EXTRA_CHECKS: list[ExtraCheck] = [check_position_ids]
+"""Checks that run after the built-in ones, as ``check(batch, cp, layout=..., tokens=...)``
 returning :class:`~cpinspect.findings.Finding` objects (problems become confirmed findings, the rest
-info); each must return ``[]`` when it does not apply. This is where the mRoPE check is wired:
-``EXTRA_CHECKS.append(cpinspect.mrope.check_position_ids)``."""
+info); each must return ``[]`` when it does not apply. The batch's own mRoPE ``position_ids`` are
+checked here."""
 
 
 def diagnose_batch(

@@ -550,3 +550,27 @@ def test_rows_not_selected_is_found_on_random_batches(seed, cp):
     report = diagnose_batch(batch, cp, error_text=scatter(total, held[rank], rank=rank))
     assert confirmed(report) == ["PRESHARDED_ROWS_NOT_SELECTED"]
     assert finding(report, "PRESHARDED_ROWS_NOT_SELECTED").rank == rank
+
+
+@pytest.mark.parametrize("name, code", [
+    ("mrope_not_per_segment.pt", "MROPE_NOT_PER_SEGMENT"),
+    ("mrope_wrong_slice", "MROPE_WRONG_SLICE"),
+    ("mrope_mismatch.pt", "MROPE_MISMATCH"),
+])
+def test_diagnose_checks_the_batchs_own_position_ids(name, code):
+    from cpinspect.diagnose import diagnose_batch
+
+    report = diagnose_batch(Path(__file__).resolve().parent.parent / "examples" / "pipeline" / name, 2)
+    confirmed = [f.code for f in report.findings if f.status == "confirmed"]
+    assert confirmed == [code]
+    assert report.exit_code == 1
+
+
+def test_bracketed_text_in_error_messages_survives_rich_markup():
+    from typer.testing import CliRunner
+
+    from cpinspect.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--cp", "2", "--key", "[weird]", "--no-color"])
+    assert result.exit_code == 2
+    assert "'[weird]'" in result.output
