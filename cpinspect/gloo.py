@@ -96,8 +96,8 @@ class RecordingGroup(dist.ProcessGroup):
 
     def all_gather_single(self, output: torch.Tensor, tensor: torch.Tensor, opts: Any = None) -> dist.Work:
         opts = opts if opts is not None else dist.AllgatherOptions()
-        return self._run("all_gather_into_tensor", [tensor], "",
-                         lambda: self._inner.all_gather_single(output, tensor, opts))
+        inner = getattr(self._inner, "all_gather_single", None) or self._inner._allgather_base  # older torch
+        return self._run("all_gather_into_tensor", [tensor], "", lambda: inner(output, tensor, opts))
 
     _allgather_base = all_gather_single
 
