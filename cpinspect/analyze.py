@@ -179,18 +179,19 @@ def captured_row_findings(ranked: list[CapturedRank], layout: str = "zigzag") ->
             continue
         got = captured.tensors["selected_rows"].reshape(-1).to(torch.long)
         want = expected_rows(full_mask, plan.global_indices(rank))
-        finding = _compare_rows(captured.step, rank, got, want, masks[rank], plan)
+        finding = _compare_rows(captured, rank, got, want, masks[rank], plan)
         if finding is not None:
             findings.append(finding)
     return findings
 
 
-def _compare_rows(step: int, rank: int, got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor,
+def _compare_rows(captured: CapturedRank, rank: int, got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor,
                   plan: Layout) -> DiagnosisFinding | None:
+    who = f"captured at step {captured.step}: rank {rank} (global rank {captured.global_rank})"
     if got.numel() != want.numel():
         return DiagnosisFinding(
             "SCATTER_SHAPE_MISMATCH", "confirmed", "error",
-            f"captured at step {step}: rank {rank} selected {got.numel()} rows but holds {want.numel()} vision tokens",
+            f"{who} selected {got.numel()} rows but holds {want.numel()} vision tokens",
             rank=rank, hint="the scatter combined[mask] = rows needs exactly one row per local vision token")
     differ = torch.nonzero(got != want).view(-1)
     if differ.numel() == 0:
@@ -200,7 +201,7 @@ def _compare_rows(step: int, rank: int, got: torch.Tensor, want: torch.Tensor, m
     segment, chunk = _piece_at(plan, rank, position)
     return DiagnosisFinding(
         "ROWS_MISMATCH", "confirmed", "error",
-        f"captured at step {step}: rank {rank} selected rows that differ from the oracle at {differ.numel()} of its "
+        f"{who} selected rows that differ from the oracle at {differ.numel()} of its "
         f"{want.numel()} vision tokens; first at vision token {first} (local position {position}, segment {segment} "
         f"chunk {chunk}): got row {int(got[first])}, expected {int(want[first])}",
         rank=rank, segment=segment, chunk=chunk,

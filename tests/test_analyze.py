@@ -119,9 +119,10 @@ def test_rows_captured_wrong_on_one_rank_are_named_with_segment_and_chunk(tmp_pa
     chunk = (first - cu[segment]) // ((cu[segment + 1] - cu[segment]) // 4)
     assert (finding["code"], finding["rank"], finding["segment"], finding["chunk"]) == ("ROWS_MISMATCH", 1, segment,
                                                                                         chunk)
-    assert finding["message"].startswith("captured at step 0: rank 1 selected rows that differ from the oracle")
+    assert finding["message"].startswith("captured at step 0: rank 1 (global rank 1) selected rows that differ from "
+                                         "the oracle at 93 of its 93 vision tokens")
     text = run("analyze", tmp_path, "--no-color")
-    assert "ROWS_MISMATCH captured at step 0: rank 1" in " ".join(text.output.split())
+    assert "ROWS_MISMATCH captured at step 0: rank 1 (global rank 1)" in " ".join(text.output.split())
 
 
 def another_group(path: Path, group_ranks: list[int]) -> None:
