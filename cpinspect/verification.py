@@ -15,7 +15,7 @@ The summary, per rank (``S`` segments, so ``2S`` local zigzag pieces):
   both equal the piece's offset in natural order: the exclusive prefix sum of the gathered
   ``[S, 2cp]`` count table, which is what the oracle's global ranking of vision tokens gives.
 
-That is ``7 + 6S`` int64 per rank: 200 bytes for 4 segments, 48 KB for 1000. The selection's own
+That is ``7 + 6S`` int64 per rank: 248 bytes for 4 segments, 48 KB for 1000. The selection's own
 all-gather already carries ``2S`` of them, so verify costs one more small all-gather and a few
 vectorised ops (and one device-to-host copy to read the verdict).
 """
