@@ -19,7 +19,7 @@ mkdir -p "$DEST"
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "commit: $(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)"
     "$PY" - "$BACKEND" <<'EOF'
 import platform
 import sys
