@@ -80,8 +80,8 @@ def guarded(command: F) -> F:
             if debug:
                 raise
             make_console(kwargs.get("no_color", False), stderr=True).print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}. This is a bug in cpinspect; rerun with "
-                "--debug for the traceback and report it.", markup=True, highlight=False)
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}. This is a bug in "
+                "cpinspect; rerun with --debug for the traceback and report it.", markup=True, highlight=False)
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper  # type: ignore[return-value]
