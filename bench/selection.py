@@ -17,6 +17,7 @@ under ``torch.cuda.set_sync_debug_mode("warn")`` and counting the warnings.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -175,7 +176,8 @@ def count_syncs(case: Case, fn: Impl) -> int:
 
 def machine(device: str) -> str:
     cpu = platform.processor() or platform.machine()
-    base = f"{platform.node()} ({cpu}, {torch.get_num_threads()} torch threads), torch {torch.__version__}"
+    base = (f"{platform.node()} ({os.cpu_count()} cores, {cpu}, {torch.get_num_threads()} torch thread(s)), "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
     if device == "cuda":
         return base + f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     return base
@@ -207,6 +209,25 @@ def run_device(device: str, configs: tuple[tuple[int, int, int], ...], budget_s:
     return met
 
 
+def profile(device: str, tokens: int, segments: int, cp: int) -> None:
+    """The torch profiler's top operators over 100 calls of ``local_vision_rows`` on rank 0."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    case = build_case(tokens, segments, cp, device)
+    group = ReplayGroup(0, case.gathered)
+    call = impls()["local_vision_rows"]
+    for _ in range(20):
+        call(case, 0, group)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(100):
+            call(case, 0, group)
+        _sync(device)
+    print(f"\n## torch profiler: 100 calls of local_vision_rows, {case.label}, {machine(device)}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=28))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
@@ -215,6 +236,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads on the CPU (default 1: one rank's share of a host; on a "
                              "small shared machine a wider pool stalls on descheduled workers)")
+    parser.add_argument("--profile", action="store_true", help="print the torch profiler table for the first shape")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -226,6 +248,10 @@ def main() -> None:
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     print("# bench/selection.py: per-rank time of local_vision_rows vs the per-segment .item() loop")
     print("Each rank timed alone (replay group for the one all-gather); mean over ranks of the median call.")
+    if args.profile:
+        for device in devices:
+            profile(device, *configs[0])
+        return
     verdicts = {d: run_device(d, configs, args.budget) for d in devices}
     for device, met in verdicts.items():
         print(f"{device}: target >= {TARGETS[device]:g}x {'met' if met else 'MISSED'}")

@@ -121,3 +121,11 @@ def test_segment_not_divisible_by_2cp_is_refused():
 
     with pytest.raises(SpmdError, match="segment 0 has physical length 6, not divisible by 2\\*cp = 4"):
         run_spmd(2, program)
+
+
+def test_sync_free_forms_are_public_names():
+    import cpinspect
+
+    assert cpinspect.local_vision_row_map is local_vision_row_map
+    assert cpinspect.local_vision_rows is local_vision_rows
+    assert "VisionRowMap" in dir(cpinspect)

@@ -133,3 +133,17 @@ def test_the_oracle_ranks_the_full_row_once_whatever_cp(monkeypatch):
     monkeypatch.setattr(simulation, "expected_rows", counted)
     assert simulate_small(raw, 64).ok
     assert calls["n"] == 1
+
+
+def test_streamed_json_is_byte_identical_to_json_dumps(monkeypatch):
+    import io
+    import json
+
+    from cpinspect import cli
+
+    raw, _, _ = small_batch(64, seed=9)
+    result = simulate_small(raw, 64)
+    monkeypatch.setattr(cli, "JSON_SLICE", 7)  # many slices per list, uneven last slice
+    streamed = io.StringIO()
+    cli.write_json(result.document(), streamed)
+    assert streamed.getvalue() == json.dumps(result.to_dict())
