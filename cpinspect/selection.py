@@ -64,28 +64,6 @@ def piece_of_positions(local_piece_len: torch.Tensor, local_tokens: int) -> torc
     return torch.searchsorted(ends, positions, right=True)
 
 
-def count_per_piece(local_mask: torch.Tensor, piece_of_position: torch.Tensor, num_pieces: int) -> torch.Tensor:
-    """``[num_pieces]`` number of vision tokens in each local piece (a scatter-add, no bincount sync)."""
-    counts = torch.zeros(num_pieces, dtype=torch.long, device=local_mask.device)
-    return counts.index_add_(0, piece_of_position, local_mask.to(torch.long))
-
-
-def rows_from_counts(
-    local_mask: torch.Tensor,
-    piece_of_position: torch.Tensor,
-    local_counts: torch.Tensor,
-    full_counts: torch.Tensor,
-    my_pieces: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offsets ``[P]`` and this rank's rows, per vision position (a per-token view for explanations)."""
-    offsets = exclusive_cumsum(full_counts)
-    vision_positions = torch.nonzero(local_mask).view(-1)
-    piece = piece_of_position[vision_positions]
-    local_offsets = exclusive_cumsum(local_counts)
-    ordinal = torch.arange(vision_positions.numel(), device=local_mask.device) - local_offsets[piece]
-    return offsets, offsets[my_pieces[piece]] + ordinal
-
-
 def exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
     """``out[i] = sum(values[:i])``: the first row of each piece in a natural-order table."""
     return torch.cumsum(values, 0).sub_(values)
