@@ -75,7 +75,7 @@ def test_different_ops_are_divergence():
 def test_slow_rank_times_out_within_the_deadline():
     def slow(group):
         if group.rank() == 1:
-            time.sleep(2.5)
+            time.sleep(8.0)
         dist.barrier(group=group)
 
     start = time.monotonic()
@@ -84,7 +84,7 @@ def test_slow_rank_times_out_within_the_deadline():
     assert info.value.kind == "timeout"
     assert "did not complete within 0.3 s" in str(info.value)
     assert "rank 1 is still running outside any collective" in str(info.value)
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 5.0  # the deadline plus grace, not the 8 s sleep
 
 
 def test_exception_on_some_ranks_says_the_others_would_hang():
