@@ -457,3 +457,18 @@ def _short(t: torch.Tensor, limit: int = 8) -> str:
     head = ", ".join(map(str, values[: limit // 2]))
     tail = ", ".join(map(str, values[-limit // 2 :]))
     return f"[{head}, ..., {tail}] ({len(values)} entries)"
+
+
+def check_grid_merge(grid: torch.Tensor | None, key: str, merge: int, *, where: str | None = None) -> None:
+    """Raise when an item's h or w is not a multiple of the spatial merge size (no whole token count)."""
+    if grid is None or grid.numel() == 0:
+        return
+    bad = torch.nonzero((grid[:, 1:] % merge).any(dim=1)).view(-1)
+    if bad.numel():
+        row = int(bad[0])
+        raise InputError(
+            f"{key} row {row} is {grid[row].tolist()}: h and w must be multiples of the spatial merge size "
+            f"{merge} ({merge}x{merge} patches become one token), so t·h·w/{merge * merge} is not whole",
+            where=f"{where or key}, row {row}",
+            fix="store the grid the processor returned (in patches, before merging); for Qwen-VL h and w are even",
+        )

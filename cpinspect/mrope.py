@@ -33,7 +33,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from cpinspect.batch import PackedBatch
+from cpinspect.batch import PackedBatch, check_grid_merge
 from cpinspect.errors import InputError
 from cpinspect.findings import Finding
 from cpinspect.layout import LAYOUTS, Layout, make_layout
@@ -133,8 +133,8 @@ def find_vision_items(
     run, or an item crosses a segment boundary or sits in a segment's padding.
     """
     image_grid, video_grid = _grid(image_grid_thw), _grid(video_grid_thw)
-    _check_merge(image_grid, "image_grid_thw", tokens)
-    _check_merge(video_grid, "video_grid_thw", tokens)
+    check_grid_merge(image_grid, "image_grid_thw", tokens.spatial_merge_size)
+    check_grid_merge(video_grid, "video_grid_thw", tokens.spatial_merge_size)
     image = _place(ids, image_grid, tokens.image_token_id, "image", "image_grid_thw", tokens)
     video_grid_items, video_source, video_frame = _video_items(video_grid, split_video_frames)
     video = _place(ids, video_grid_items, tokens.video_token_id, "video", "video_grid_thw", tokens)
@@ -150,19 +150,6 @@ def find_vision_items(
     segment = _check_segments(items, cu_seqlens, logical_lengths)
     return VisionItems(items.kind, items.source, items.frame, items.grid, items.start, items.length, segment,
                        split_video_frames)
-
-
-def _check_merge(grid: torch.Tensor, key: str, tokens: TokenConfig) -> None:
-    merge = tokens.spatial_merge_size
-    bad = torch.nonzero(((grid[:, 1] % merge) != 0) | ((grid[:, 2] % merge) != 0)).view(-1)
-    if bad.numel():
-        row = int(bad[0])
-        raise InputError(
-            f"{key} row {row} is {grid[row].tolist()}: h and w must be multiples of the spatial merge size "
-            f"{merge}, or the item has no whole number of LLM tokens",
-            where=f"{key}, row {row}",
-            fix="store the grid in patch units as the Qwen-VL processor returns it",
-        )
 
 
 def _video_items(grid: torch.Tensor, split_frames: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

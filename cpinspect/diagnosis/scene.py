@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cpinspect.batch import FIELD_ALIASES, BatchSource, FieldInfo, PackedBatch
+from cpinspect.batch import FIELD_ALIASES, BatchSource, FieldInfo, PackedBatch, check_grid_merge
 from cpinspect.diagnosis.report import DiagnosisFinding, cause
 from cpinspect.diagnosis.spans import (
     Runs,
@@ -371,19 +371,9 @@ def _validate_ids(batch: PackedBatch, tokens: TokenConfig) -> None:
 
 
 def _validate_grids(batch: PackedBatch, tokens: TokenConfig) -> None:
-    merge = tokens.spatial_merge_size
     for key in ("image_grid_thw", "video_grid_thw"):
-        grid = getattr(batch, key)
-        if grid is None or grid.numel() == 0:
-            continue
-        bad = torch.nonzero((grid[:, 1:] % merge).any(dim=1)).view(-1)
-        if bad.numel():
-            row = int(bad[0])
-            raise InputError(
-                f"{key} row {row} is {grid[row].tolist()}: h and w must be multiples of the spatial merge size "
-                f"{merge} ({merge}x{merge} patches become one token), so t·h·w/{tokens.merge_area} is not whole",
-                where=f"{batch.source}, key {batch.keys.get(key, key)}, row {row}",
-                fix="store the grid the processor returned (in patches, before merging); for Qwen-VL h and w are even")
+        check_grid_merge(getattr(batch, key), key, tokens.spatial_merge_size,
+                         where=f"{batch.source}, key {batch.keys.get(key, key)}")
 
 
 def _choose_data_layout(scene: Scene) -> list[DiagnosisFinding]:
