@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
+from types import FrameType
 from typing import Any
 
 import torch
@@ -121,7 +122,7 @@ class RecordingGroup(dist.ProcessGroup):
 
 def _call_site() -> str:
     """``file:line`` of the innermost frame outside torch and cpinspect's group modules."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
         if not (path.startswith(_TORCH_DIR) or path in _QUIET_FILES):
@@ -169,13 +170,17 @@ def _join_gloo(rank: int, cp: int, port: int, start_timeout: float, timeout: flo
     # The watchdog enforces `timeout`; gloo's own deadline only backs it up if the watchdog is gone.
     dist.init_process_group("gloo", store=store, rank=rank, world_size=cp,
                             timeout=timedelta(seconds=max(start_timeout, timeout + 10.0)))
-    return dist.group.WORLD
+    world = dist.group.WORLD
+    assert world is not None  # init_process_group just created it
+    return world
 
 
 def _raised_event(exc: BaseException) -> tuple[Any, ...]:
+    blob: bytes | None
     try:
-        blob: bytes | None = pickle.dumps(exc)
-        pickle.loads(blob)
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+        blob = data
     except Exception:  # noqa: BLE001 - an exception type that does not survive pickling
         blob = None
     return ("raised", type(exc).__name__, str(exc), blob, _error_site(exc))
@@ -316,7 +321,8 @@ class _Ranks:
     def poll(self, until: float) -> list[tuple[int, tuple[Any, ...] | None]]:
         """Events that arrived before ``until``; ``(rank, None)`` once when a rank's process ended."""
         live = [p.sentinel for r, (p, _) in enumerate(self.processes) if r not in self.ended]
-        wait([c for c in self.conns if not c.closed] + live, timeout=max(0.0, until - time.monotonic()))
+        handles: list[Any] = [c for c in self.conns if not c.closed] + live
+        wait(handles, timeout=max(0.0, until - time.monotonic()))
         events: list[tuple[int, tuple[Any, ...] | None]] = []
         for rank, (process, _) in enumerate(self.processes):
             ended = rank not in self.ended and process.exitcode is not None

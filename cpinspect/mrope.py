@@ -714,7 +714,7 @@ def _rank_statuses(check: PositionCheck, cp: int) -> list[str | None]:
     if not check.present:
         return [None] * cp
     if len(check.statuses) == 1:  # one full-row tensor: the same verdict for every rank's slice
-        return check.statuses * cp
+        return [check.statuses[0]] * cp
     return list(check.statuses)
 
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -102,7 +103,7 @@ class _CollectiveAbort(Exception):
 
 def _call_site() -> str:
     """``file:line`` of the innermost frame outside cpinspect's group and torch.distributed."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
         if not (path.startswith(_TORCH_DIR) or os.path.dirname(path) == _THIS_DIR and path.endswith("spmd.py")):

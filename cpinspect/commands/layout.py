@@ -150,7 +150,7 @@ def build_views(layout: Layout, balances: dict[str, Balance], impossible: dict[s
         drawn = layout if kind == layout.kind else make_layout(layout.cu_seqlens, layout.cp, kind)
         views += [layout_diagram(drawn, width, mask=mask, full=full), Text("")]
         if vision is not None:
-            views += [vision_view(drawn, mask, items, full), Text("")]
+            views += [vision_view(drawn, vision[0].full_mask, items, full), Text("")]
     views.append(balance_table(balances, impossible, layout.kind))
     return views
 
@@ -177,7 +177,7 @@ def export_picture(views: list[RenderableType], width: int, svg: Path | None, ht
     for path, export in ((svg, recorder.export_svg), (html, recorder.export_html)):
         if path is None:
             continue
-        text = export(title="cpinspect layout", clear=False) if path is svg else export(clear=False)
+        text = recorder.export_svg(title="cpinspect layout", clear=False) if path is svg else export(clear=False)
         try:
             path.write_text(text, encoding="utf-8")
         except OSError as exc:
