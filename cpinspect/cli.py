@@ -50,6 +50,7 @@ KeyOpt = Annotated[Optional[list[str]], typer.Option("--key", help="Map a field 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (complete lists).")]
 NoColorOpt = Annotated[bool, typer.Option("--no-color", help="No colours (NO_COLOR is honoured too).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the Python traceback of errors.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")]
 
 
 def make_console(no_color: bool, stderr: bool = False) -> Console:
@@ -158,7 +159,7 @@ def simulate(
     pad: Annotated[bool, typer.Option("--pad", help="Pad segments to a multiple of 2*cp like frameworks.")] = False,
     rank: Annotated[Optional[int], typer.Option("--rank", help="Show only this rank.", min=0)] = None,
     full: Annotated[bool, typer.Option("--full", help="Print long lists and tables in full.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")] = 10.0,
+    timeout: TimeoutOpt = 10.0,
     backend: Annotated[str, typer.Option("--backend", help="threads (simulated group in this process) or gloo "
                                                             "(one real process per rank).")] = "threads",
     explain: Annotated[bool, typer.Option("--explain", help="Narrate one rank's selection step by step "

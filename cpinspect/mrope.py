@@ -758,18 +758,9 @@ def _span(low: int, high: int) -> str:
 
 def render_findings(findings: list[Finding]) -> RenderableType:
     """✗/ℹ lines for findings, in the style of the simulate verdict."""
-    parts: list[RenderableType] = []
-    for finding in findings:
-        where = ", ".join(f"{k} {v}" for k, v in (("rank", finding.rank), ("segment", finding.segment),
-                                                    ("chunk", finding.chunk)) if v is not None)
-        mark, style = ("✗", "bold red") if finding.is_problem else ("ℹ", "cyan")
-        line = Text(f"{mark} {finding.code}", style=style)
-        line.append(f" ({where})" if where else "")
-        line.append(f": {finding.message}")
-        if finding.hint:
-            line.append(f"\n  fix: {finding.hint}", style="yellow")
-        parts.append(line)
-    return Group(*parts)
+    from cpinspect.render import finding_line
+
+    return Group(*(finding_line(finding) for finding in findings))
 
 
 def _limited(entries: list[Any], full: bool, limit: int = 8) -> tuple[list[Any], int]:

@@ -13,6 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from cpinspect.findings import Finding
 from cpinspect.ranges import format_ranges
 from cpinspect.simulation import RankResult, Result
 
@@ -157,16 +158,21 @@ def verdict(result: Result) -> RenderableType:
             f"0..{result.vision_tokens - 1} once each, and every rank's row count equals its vision tokens.",
             style="bold green",
         ))
-    for finding in problems:
-        where = ", ".join(f"{k} {v}" for k, v in (("rank", finding.rank), ("segment", finding.segment),
-                                                    ("chunk", finding.chunk)) if v is not None)
-        line = Text(f"✗ {finding.code}", style="bold red")
-        line.append(f" ({where})" if where else "")
-        line.append(f": {finding.message}")
-        if finding.hint:
-            line.append(f"\n  fix: {finding.hint}", style="yellow")
-        parts.append(line)
+    parts.extend(finding_line(finding) for finding in problems)
     return Group(*parts)
+
+
+def finding_line(finding: Finding) -> Text:
+    """``✗`` (problem) or ``ℹ`` (info): the code, where it applies, the message and the fix."""
+    where = ", ".join(f"{k} {v}" for k, v in (("rank", finding.rank), ("segment", finding.segment),
+                                                ("chunk", finding.chunk)) if v is not None)
+    mark, style = ("✗", "bold red") if finding.is_problem else ("ℹ", "cyan")
+    line = Text(f"{mark} {finding.code}", style=style)
+    line.append(f" ({where})" if where else "")
+    line.append(f": {finding.message}")
+    if finding.hint:
+        line.append(f"\n  fix: {finding.hint}", style="yellow")
+    return line
 
 
 def render_result(result: Result, console: Console, *, source: str, rank: int | None = None,

@@ -22,6 +22,7 @@ from cpinspect.cli import (
     LayoutOpt,
     ModelOpt,
     NoColorOpt,
+    TimeoutOpt,
     VideoIdOpt,
     guarded,
     import_torch,
@@ -33,7 +34,6 @@ DirArg = Annotated[Path, typer.Argument(help="The directory given to cpinspect.c
 StepOpt = Annotated[Optional[list[int]], typer.Option("--step", help="Analyze only this step (repeatable).",
                                                       show_default=False)]
 FullOpt = Annotated[bool, typer.Option("--full", help="Print the whole diagnosis of consistent steps too.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")]
 
 
 @guarded

@@ -20,6 +20,7 @@ from cpinspect.cli import (
     LayoutOpt,
     ModelOpt,
     NoColorOpt,
+    TimeoutOpt,
     VideoIdOpt,
     guarded,
     import_torch,
@@ -43,7 +44,6 @@ EmbedsOpt = Annotated[Optional[int], typer.Option(
     "--embeds", help="Rows the vision encoder produced (vision_embeds.shape[0]), if known.", show_default=False)]
 RankOpt = Annotated[Optional[int], typer.Option(
     "--rank", help="The rank that raised (default: the log's \\[rankN]: prefix).", show_default=False)]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")]
 
 
 @guarded
