@@ -7,7 +7,7 @@ number and global token range; beneath, each rank's local row shows those chunks
 they sit in memory, with the local offsets ``cu[i]/cp`` marked. Cells are proportional to their
 token counts and shrink to the terminal width; labels always carry the exact numbers, and rank
 digits/letters keep the picture readable without colour. With a vision mask every cell also
-shows where its vision tokens are (``█`` all vision, ``▒`` some, ``·`` none).
+shows where its vision tokens are (``█`` all vision, ``▓ ▒ ░`` some, ``·`` none).
 
 ``python -m cpinspect.diagram`` draws the worked example (``cu_seqlens = [0, 8, 24]``, cp 2).
 """
@@ -26,7 +26,7 @@ from rich.text import Text
 
 from cpinspect.balance import Balance
 from cpinspect.layout import Layout
-from cpinspect.render import RANK_COLORS, contrast_text, rank_label
+from cpinspect.render import RANK_COLORS, contrast_text, density_glyph, rank_label
 
 MAX_SEGMENTS = 12
 MAX_LISTED = 12
@@ -163,7 +163,7 @@ def vision_prefix(mask: torch.Tensor) -> torch.Tensor:
 
 
 def vision_strip(vision: torch.Tensor, start: int, end: int, width: int) -> str:
-    """``width`` characters over tokens ``[start, end)``: █ all vision, ▒ some, · none.
+    """``width`` characters over tokens ``[start, end)`` (glyphs: :data:`cpinspect.render.STRIP_LEGEND`).
 
     ``vision`` is :func:`vision_prefix` of the full row's mask.
     """
@@ -174,7 +174,7 @@ def vision_strip(vision: torch.Tensor, start: int, end: int, width: int) -> str:
     upper = torch.maximum(edges[1:], edges[:-1] + 1)
     counts = (vision[upper] - vision[edges[:-1]]).tolist()
     size = (upper - edges[:-1]).tolist()
-    return "".join("·" if v == 0 else "█" if v == s else "▒" for v, s in zip(counts, size))
+    return "".join(density_glyph(v, s) for v, s in zip(counts, size))
 
 
 def _content(box: Box, width: int, compact: bool) -> list[str]:

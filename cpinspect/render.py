@@ -43,8 +43,20 @@ def rank_label(rank: int) -> str:
     return RANK_LETTERS[rank] if rank < len(RANK_LETTERS) else str(rank)
 
 
+STRIP_LEGEND = "█ all vision, ▓ ▒ ░ some (most to least), · none"
+
+
+def density_glyph(vision: int, size: int) -> str:
+    """One strip cell for ``vision`` vision tokens among ``size``: shades keep big rows readable."""
+    if vision == 0:
+        return "·"
+    if vision == size:
+        return "█"
+    return "░" if 3 * vision <= size else "▒" if 3 * vision <= 2 * size else "▓"
+
+
 def mask_strip(mask: torch.Tensor, width: int) -> Text:
-    """The local vision mask squeezed into ``width`` cells: █ all vision, ▒ some, · text only."""
+    """The local vision mask squeezed into ``width`` cells (see :data:`STRIP_LEGEND`)."""
     n = mask.numel()
     if n == 0:
         return Text("(empty)", style="dim")
@@ -55,12 +67,7 @@ def mask_strip(mask: torch.Tensor, width: int) -> Text:
     size = edges[1:] - edges[:-1]
     text = Text()
     for v, s in zip(vision.tolist(), size.tolist()):
-        if v == 0:
-            text.append("·", style="dim")
-        elif v == s:
-            text.append("█", style="magenta")
-        else:
-            text.append("▒", style="magenta")
+        text.append(density_glyph(v, s), style="dim" if v == 0 else "magenta")
     return text
 
 
@@ -187,6 +194,7 @@ def _views(result: Result, console: Console, *, source: str, rank: int | None, f
     width = console.width
     yield header(result, source)
     if result.spmd_error is None:
+        yield Text(f"mask: {STRIP_LEGEND}", style="dim")
         for r in ranks:
             yield rank_block(result, r, full, width)
         yield counts_table(result, full, width)

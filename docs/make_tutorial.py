@@ -121,7 +121,7 @@ def sections(n: dict[str, str]) -> list[str | Command]:
         Command("cpinspect layout --cp 4 --seqlens 12,20 --pad"),
         "## 7. Vision tokens inside the chunks",
         "A Qwen-VL vision encoder returns one embedding row per vision token, in the natural order of the full "
-        "row. With a batch, `--vision` marks vision tokens in every chunk (█ all vision, ▒ some, · none) and "
+        "row. With a batch, `--vision` marks vision tokens in every chunk (█ all vision, ▓ ▒ ░ some, · none) and "
         "lists which rows land on which rank. The first image crosses all four chunks of segment 0, so rank 0 "
         "holds its first and last rows and rank 1 the middle: rank 0's rows are not contiguous.",
         Command("cpinspect layout --cp 2 examples/qwen3vl_packed.pt --vision"),
