@@ -256,7 +256,7 @@ def _positions_extension(enabled: bool, batch: Any) -> Any:
     """The --positions view (cpinspect.mrope), or None when not asked for."""
     if not enabled:
         return None
-    from cpinspect.mrope import PositionsExtension
+    from cpinspect.positions_view import PositionsExtension
 
     return PositionsExtension(batch)
 

@@ -30,9 +30,10 @@ from rich.text import Text
 from cpinspect.batch import PackedBatch
 from cpinspect.errors import InputError
 from cpinspect.findings import Finding
-from cpinspect.mrope import VIDEO, VisionItems, find_vision_items, render_findings
+from cpinspect.positions_view import render_findings
 from cpinspect.ranges import format_ranges
 from cpinspect.spmd import DEFAULT_TIMEOUT_S, RankState, SpmdError, execute_spmd
+from cpinspect.vision_items import VIDEO, VisionItems, find_vision_items
 
 VISION_DP_RANKS_KEY = "vision_dp_ranks"
 REQUIRES_GRAD_KEY = "vision_requires_grad"

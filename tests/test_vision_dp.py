@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 from cpinspect.batch import load_batch
 from cpinspect.cli import app
 from cpinspect.errors import InputError
-from cpinspect.mrope import find_vision_items
 from cpinspect.simulation import simulate
 from cpinspect.spmd import execute_spmd, run_spmd
 from cpinspect.synth import build_batch, demo_batch_dict, shard_batch
@@ -23,6 +22,7 @@ from cpinspect.vision_dp import (
     reduce_vision_grad,
     split_by_count,
 )
+from cpinspect.vision_items import find_vision_items
 
 TWO_IMAGES = (
     (("text", 6), ("image", (1, 4, 4)), ("text", 6)),
