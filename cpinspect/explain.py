@@ -16,7 +16,8 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from cpinspect.diagram import cell_style, piece_name, token_span
+from cpinspect.diagram import cell_style, token_span
+from cpinspect.diagram_vision import piece_name
 from cpinspect.ranges import format_ranges
 from cpinspect.render import mask_strip
 from cpinspect.simulation import RankResult, Result

@@ -21,10 +21,10 @@ from cpinspect.diagram import (
     layout_diagram,
     local_boxes,
     segment_cells,
-    vision_items,
     vision_prefix,
     vision_strip,
 )
+from cpinspect.diagram_vision import vision_items
 from cpinspect.layout import LAYOUTS, make_layout
 from cpinspect.synth import demo_batch_dict
 from tests.literal import contiguous_indices, expected_rows, zigzag_indices

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from cpinspect.balance import Balance
     from cpinspect.batch import PackedBatch
-    from cpinspect.diagram import VisionItem
+    from cpinspect.diagram_vision import VisionItem
     from cpinspect.layout import Layout
     from cpinspect.simulation import Result
 
@@ -135,7 +135,8 @@ def build_views(layout: Layout, balances: dict[str, Balance], impossible: dict[s
                 width: int, compare: bool, full: bool, vision: tuple[Result, PackedBatch] | None = None
                 ) -> list[RenderableType]:
     """Everything ``cpinspect layout`` prints, in order (``vision``: the simulation and its batch)."""
-    from cpinspect.diagram import balance_table, layout_diagram, vision_view
+    from cpinspect.diagram import balance_table, layout_diagram
+    from cpinspect.diagram_vision import vision_view
     from cpinspect.layout import LAYOUTS, make_layout
 
     views: list[RenderableType] = [Text(f"source: {source}\ncu_seqlens {_cu_text(layout.cu_seqlens)} (physical)",
@@ -156,7 +157,7 @@ def build_views(layout: Layout, balances: dict[str, Balance], impossible: dict[s
 
 
 def _items(result: Result, batch: PackedBatch) -> list[VisionItem]:
-    from cpinspect.diagram import vision_items
+    from cpinspect.diagram_vision import vision_items
 
     return vision_items(result.full_ids, result.full_mask, result.layout.cu_seqlens,
                         image_token_id=result.tokens.image_token_id, video_token_id=result.tokens.video_token_id,
