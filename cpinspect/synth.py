@@ -156,3 +156,27 @@ def random_batch(
     ids[vision_run & video[runs.clamp(max=total - 1)]] = tokens.video_token_id
     cu = torch.cumsum(torch.tensor([0, *lengths]), 0).to(torch.int32)
     return {"input_ids": ids.view(1, -1), "cu_seqlens": cu}
+
+
+def write_files(files: dict[str, Any], out: Any) -> list[Any]:
+    """Write generated example files under ``out``: tensor dicts as ``.pt``/``.safetensors``, strings as text.
+
+    One writer for every ``examples/make_*.py`` generator, so their committed outputs are saved alike.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    written = []
+    for name, content in files.items():
+        path = Path(out) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            path.write_text(content, encoding="utf-8")
+        elif path.suffix == ".safetensors":
+            save_file({k: v.contiguous() for k, v in content.items()}, str(path))
+        else:
+            torch.save(content, path)
+        written.append(path)
+    return written
+

@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch  # noqa: E402
 
 from cpinspect.layout import make_layout  # noqa: E402
-from cpinspect.synth import build_batch, demo_batch_dict, shard_batch  # noqa: E402
+from cpinspect.synth import build_batch, demo_batch_dict, shard_batch, write_files  # noqa: E402
 from cpinspect.tokens import token_config  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -302,16 +302,7 @@ def example_files() -> dict[str, Content]:
 
 
 def write(out: Path) -> list[Path]:
-    written = []
-    for name, content in example_files().items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, str):
-            path.write_text(content, encoding="utf-8")
-        else:
-            torch.save(content, path)
-        written.append(path)
-    return written
+    return write_files(example_files(), out)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
-from cpinspect.synth import demo_batch_dict, shard_batch  # noqa: E402
+from cpinspect.synth import demo_batch_dict, shard_batch, write_files  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,16 +32,7 @@ def example_files() -> dict[str, dict[str, torch.Tensor]]:
 
 
 def write(out: Path) -> list[Path]:
-    written = []
-    for name, tensors in example_files().items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".safetensors":
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-        else:
-            torch.save(tensors, path)
-        written.append(path)
-    return written
+    return write_files(example_files(), out)
 
 
 if __name__ == "__main__":

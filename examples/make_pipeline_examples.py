@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch  # noqa: E402
 
 from cpinspect.mrope import row_positions  # noqa: E402
-from cpinspect.synth import build_batch, demo_batch_dict, shard_batch  # noqa: E402
+from cpinspect.synth import build_batch, demo_batch_dict, shard_batch, write_files  # noqa: E402
 from cpinspect.tokens import token_config  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -111,13 +111,7 @@ def example_files() -> dict[str, dict[str, torch.Tensor]]:
 
 
 def write(out: Path) -> list[Path]:
-    written = []
-    for name, tensors in example_files().items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(tensors, path)
-        written.append(path)
-    return written
+    return write_files(example_files(), out)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from cpinspect.check import load_function
 from cpinspect.errors import InputError
 from cpinspect.testing import assert_selection_matches
+from tests.test_check import _torch_accepts_apply_keywords
 
 IMPLS = Path(__file__).resolve().parent.parent / "examples" / "impls"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "qwen3vl_packed.pt"
@@ -65,18 +65,6 @@ def test_unknown_signature_is_an_input_error():
 def test_keyword_apply_fails_unless_allowed():
     with pytest.raises(AssertionError, match="apply\\(\\) takes no keyword arguments"):
         assert_selection_matches(impl("keyword_apply.py"), cp=[2], cases=7)
-
-    class Probe(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, factor):
-            return x * factor
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad, None
-
-    try:
-        Probe.apply(torch.ones(1), factor=2)
-    except TypeError:
+    if not _torch_accepts_apply_keywords():
         pytest.skip("this torch rejects apply() keywords itself")
     assert assert_selection_matches(impl("keyword_apply.py"), cp=[2], cases=7, allow_apply_keywords=True).ok
