@@ -1,6 +1,6 @@
 """Large synthetic packed batches for the benchmarks (seeded, generated without Python loops).
 
-The test batches in :mod:`cpinspect.synth` are small and item-shaped; the benchmarks need
+The test batches in :mod:`cpinspect.core.synth` are small and item-shaped; the benchmarks need
 millions of tokens quickly, so this module draws segment lengths and vision runs in bulk.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from cpinspect.tokens import IMAGE_PAD, VIDEO_PAD
+from cpinspect.core.tokens import IMAGE_PAD, VIDEO_PAD
 
 TEXT_LOW, TEXT_HIGH = 100, 150000
 MEAN_RUN = 64  # average length of a text or vision run, in tokens

@@ -8,7 +8,7 @@ Each rank's call is timed alone, with a *replay group*: a ``ProcessGroup`` whose
 hands back what the real collective would deliver (every rank's counts, computed from the full
 mask beforehand). Both implementations go through it, so the table compares the per-rank work
 only, as a real job would pay it next to an NCCL all-gather. Before timing, every rank's rows
-from both implementations are checked against the oracle (:mod:`cpinspect.oracle`).
+from both implementations are checked against the oracle (:mod:`cpinspect.core.oracle`).
 
 On CUDA the table also counts device-to-host synchronisations per call, by running one call
 under ``torch.cuda.set_sync_debug_mode("warn")`` and counting the warnings.
@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from bench.batches import packed_batch
 from bench.loop_reference import loop_vision_rows
-from cpinspect.oracle import expected_rows, global_positions
-from cpinspect.selection import local_vision_row_map, local_vision_rows
+from cpinspect.core.oracle import expected_rows, global_positions
+from cpinspect.core.selection import local_vision_row_map, local_vision_rows
 
 CONFIGS = (  # (tokens, segments, cp); vision fraction ~0.4
     (524_288, 256, 8),

@@ -1,3 +1,3 @@
-from cpinspect.cli import main
+from cpinspect.cli.app import main
 
 main()

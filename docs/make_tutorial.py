@@ -34,7 +34,7 @@ def run_cli(line: str) -> tuple[int, str]:
     """Exit code and combined stdout/stderr of ``cpinspect ...``, in process, at the tutorial's width."""
     from typer.testing import CliRunner
 
-    from cpinspect.cli import app
+    from cpinspect.cli.app import app
 
     words = shlex.split(line)
     assert words[0] == "cpinspect", line
@@ -55,7 +55,7 @@ def _numbers() -> dict[str, str]:
     """The figures the prose quotes, computed by the library rather than typed."""
     import torch
 
-    from cpinspect.balance import compare_layouts
+    from cpinspect.core.balance import compare_layouts
 
     small, _ = compare_layouts(torch.tensor([0, 16]), 2)
     four, _ = compare_layouts(torch.tensor([0, 32]), 4)

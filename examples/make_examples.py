@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 import torch  # noqa: E402
 
-from cpinspect.synth import demo_batch_dict, shard_batch, write_files  # noqa: E402
+from cpinspect.core.synth import demo_batch_dict, shard_batch, write_files  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,9 +17,9 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 import torch  # noqa: E402
 
-from cpinspect.mrope import row_positions  # noqa: E402
-from cpinspect.synth import build_batch, demo_batch_dict, shard_batch, write_files  # noqa: E402
-from cpinspect.tokens import token_config  # noqa: E402
+from cpinspect.core.mrope import row_positions  # noqa: E402
+from cpinspect.core.synth import build_batch, demo_batch_dict, shard_batch, write_files  # noqa: E402
+from cpinspect.core.tokens import token_config  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -7,7 +7,7 @@
 Each step packs a batch (step 0: the bundled demo; later steps: seeded random batches), gives every
 rank its zigzag shard the way miles/slime pre-shard it, and then does what a Qwen-VL model does
 before its scatter: selects its rows of the vision embeddings with one all-gather of counts on the
-real CP group and scatters them. Just before the scatter it calls ``cpinspect.capture.record`` and
+real CP group and scatters them. Just before the scatter it calls ``cpinspect.jobs.capture.record`` and
 ``cpinspect.verify``. ``--bug-step N`` makes rank 1 select rolled rows at step N: verify then
 raises on every rank together (each rank notes it and goes on), and ``cpinspect analyze`` names
 the rank, segment and chunk.
@@ -34,10 +34,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from cpinspect import capture, local_vision_rows, verify  # noqa: E402
-from cpinspect.layout import make_layout  # noqa: E402
-from cpinspect.synth import demo_batch_dict, random_batch  # noqa: E402
-from cpinspect.tokens import token_config  # noqa: E402
-from cpinspect.verification import VerificationError  # noqa: E402
+from cpinspect.core.layout import make_layout  # noqa: E402
+from cpinspect.core.synth import demo_batch_dict, random_batch  # noqa: E402
+from cpinspect.core.tokens import token_config  # noqa: E402
+from cpinspect.jobs.verify import VerificationError  # noqa: E402
 
 HIDDEN = 8
 

@@ -15,9 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cpinspect import capture, synth
-from cpinspect.cli import app
-from cpinspect.spmd import execute_spmd
+from cpinspect.cli.app import app
+from cpinspect.core import synth
+from cpinspect.groups.simulated import execute_spmd
+from cpinspect.jobs import capture
 from tests import literal
 
 runner = CliRunner()
@@ -195,7 +196,7 @@ def test_unknown_step_exit_2(clean_capture):
 
 
 def test_analyze_help_does_not_import_torch():
-    code = ("import sys\nfrom cpinspect.cli import app\ntry:\n    app(['analyze', '--help'])\nexcept SystemExit as e:\n"
+    code = ("import sys\nfrom cpinspect.cli.app import app\ntry:\n    app(['analyze', '--help'])\nexcept SystemExit as e:\n"
             "    assert e.code == 0, e.code\nassert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().endswith("ok"), out.stderr

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cpinspect.balance import Balance, compare_layouts, prefix_work
+from cpinspect.core.balance import Balance, compare_layouts, prefix_work
 from tests.literal import contiguous_indices, zigzag_indices
 
 

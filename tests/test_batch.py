@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cpinspect import synth
-from cpinspect.batch import load_batch
-from cpinspect.errors import InputError
+from cpinspect.core import synth
+from cpinspect.core.errors import InputError
+from cpinspect.core.loading import load_batch
 
 
 def test_aliases_and_flat_or_batched_ids():

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cpinspect import capture
-from cpinspect.gloo import execute_gloo
-from cpinspect.spmd import execute_spmd
+from cpinspect.groups.gloo import execute_gloo
+from cpinspect.groups.simulated import execute_spmd
 
 CU = torch.tensor([0, 8, 16], dtype=torch.int32)
 
@@ -162,7 +162,7 @@ def test_real_gloo_group_metadata(tmp_path):
 def test_read_refuses_a_file_that_is_not_a_capture(tmp_path):
     from safetensors.torch import save_file
 
-    from cpinspect.errors import InputError
+    from cpinspect.core.errors import InputError
 
     path = tmp_path / "step000000-rank00000.safetensors"
     save_file({"x": torch.zeros(1)}, str(path))

@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 from typer.testing import CliRunner
 
-from cpinspect.cases import KINDS, case_from_local_masks, generate_cases
-from cpinspect.check import (
+from cpinspect.check.api import (
     BAD_RETURN,
     DIVERGENCE,
     EXCEPTION,
@@ -28,9 +27,10 @@ from cpinspect.check import (
     run_case,
     run_check,
 )
-from cpinspect.cli import app
-from cpinspect.errors import InputError
-from cpinspect.tokens import VIDEO_PAD
+from cpinspect.check.cases import KINDS, case_from_local_masks, generate_cases
+from cpinspect.cli.app import app
+from cpinspect.core.errors import InputError
+from cpinspect.core.tokens import VIDEO_PAD
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ROOT / "examples" / "impls"
@@ -379,7 +379,7 @@ def test_rank_dependent_collectives_are_reported_when_no_case_diverged(tmp_path)
 
 
 def _saved(case, folder):
-    from cpinspect.shrink import save_case
+    from cpinspect.check.shrink import save_case
 
     return save_case(case, folder, "batch")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cpinspect.cli import app
+from cpinspect.cli.app import app
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 runner = CliRunner()
@@ -57,7 +57,7 @@ def test_json_for_one_rank_is_one_complete_object():
 def test_inconsistent_batch_exits_1(tmp_path):
     import torch
 
-    from cpinspect import synth
+    from cpinspect.core import synth
 
     raw = synth.demo_batch_dict()
     raw["vision_embed_count"] = torch.tensor(100)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cpinspect import synth
-from cpinspect.cli import app
-from cpinspect.diagnose import CAUSE_CODES, EXTRA_CHECKS, INFO_CODES, diagnose_batch
-from cpinspect.errortext import parse_error_text
-from cpinspect.findings import Finding
-from cpinspect.tokens import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, token_config
+from cpinspect.cli.app import app
+from cpinspect.core import synth
+from cpinspect.core.findings import Finding
+from cpinspect.core.tokens import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, token_config
+from cpinspect.diagnose.api import CAUSE_CODES, EXTRA_CHECKS, INFO_CODES, diagnose_batch
+from cpinspect.diagnose.errortext import parse_error_text
 from tests import literal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -500,7 +500,7 @@ def test_readme_transcript_is_the_current_output():
 
 
 def test_an_extra_check_that_cannot_run_is_skipped_not_fatal():
-    from cpinspect.errors import InputError
+    from cpinspect.core.errors import InputError
 
     def needs_every_rank(batch, cp, *, layout, tokens):
         raise InputError("needs every rank's file")
@@ -558,7 +558,7 @@ def test_rows_not_selected_is_found_on_random_batches(seed, cp):
     ("mrope_mismatch.pt", "MROPE_MISMATCH"),
 ])
 def test_diagnose_checks_the_batchs_own_position_ids(name, code):
-    from cpinspect.diagnose import diagnose_batch
+    from cpinspect.diagnose.api import diagnose_batch
 
     report = diagnose_batch(Path(__file__).resolve().parent.parent / "examples" / "pipeline" / name, 2)
     confirmed = [f.code for f in report.findings if f.status == "confirmed"]
@@ -569,7 +569,7 @@ def test_diagnose_checks_the_batchs_own_position_ids(name, code):
 def test_bracketed_text_in_error_messages_survives_rich_markup():
     from typer.testing import CliRunner
 
-    from cpinspect.cli import app
+    from cpinspect.cli.app import app
 
     result = CliRunner().invoke(app, ["simulate", "--cp", "2", "--key", "[weird]", "--no-color"])
     assert result.exit_code == 2

@@ -15,8 +15,10 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from cpinspect.cli import app
-from cpinspect.diagram import (
+from cpinspect.cli.app import app
+from cpinspect.core.layout import LAYOUTS, make_layout
+from cpinspect.core.synth import demo_batch_dict
+from cpinspect.views.layout import (
     fit_widths,
     layout_diagram,
     local_boxes,
@@ -24,9 +26,7 @@ from cpinspect.diagram import (
     vision_prefix,
     vision_strip,
 )
-from cpinspect.diagram_vision import vision_items
-from cpinspect.layout import LAYOUTS, make_layout
-from cpinspect.synth import demo_batch_dict
+from cpinspect.views.layout_vision import vision_items
 from tests.literal import contiguous_indices, expected_rows, zigzag_indices
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -199,7 +199,7 @@ def test_sixteen_rank_colours_are_clearly_apart_and_their_labels_readable():
     import itertools
     import math
 
-    from cpinspect.diagram import cell_style
+    from cpinspect.views.layout import cell_style
 
     backgrounds = [cell_style(rank).split(" on ")[1] for rank in range(16)]
     closest = min(math.dist(_lab(a), _lab(b)) for a, b in itertools.combinations(backgrounds, 2))

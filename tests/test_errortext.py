@@ -5,8 +5,8 @@ The messages are the ones quoted in the public issues the reference (§6) lists,
 
 import pytest
 
-from cpinspect.errors import InputError
-from cpinspect.errortext import KINDS, parse_error_text, parse_line, read_error_log
+from cpinspect.core.errors import InputError
+from cpinspect.diagnose.errortext import KINDS, parse_error_text, parse_line, read_error_log
 
 
 @pytest.mark.parametrize("text, kind, numbers", [

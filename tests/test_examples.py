@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpinspect.batch import load_batch
+from cpinspect.core.loading import load_batch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -35,7 +35,7 @@ def test_committed_file_equals_generator_output(name):
 
 
 def test_example_properties_the_readme_promises():
-    from cpinspect.simulation import simulate
+    from cpinspect.simulation.run import simulate
 
     batch = load_batch(EXAMPLES / "qwen3vl_packed.pt")
     cp2 = simulate(batch, 2)

@@ -12,11 +12,11 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from cpinspect.cli import app
-from cpinspect.explain import naive_scatter_message, render_explain
-from cpinspect.ranges import format_ranges
-from cpinspect.simulation import simulate
-from cpinspect.synth import demo_batch, demo_batch_dict
+from cpinspect.cli.app import app
+from cpinspect.core.ranges import format_ranges
+from cpinspect.core.synth import demo_batch, demo_batch_dict
+from cpinspect.simulation.explain import naive_scatter_message, render_explain
+from cpinspect.simulation.run import simulate
 from tests.literal import expected_rows, local_counts, zigzag_indices
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -91,7 +91,7 @@ def test_naive_scatter_fails_with_pytorchs_message_and_the_ranks_shapes():
 
 
 def simulate_dict(raw, cp, **kwargs):
-    from cpinspect.batch import load_batch
+    from cpinspect.core.loading import load_batch
 
     return simulate(load_batch(raw), cp, **kwargs)
 

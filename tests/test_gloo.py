@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from typer.testing import CliRunner
 
-from cpinspect.cli import app
-from cpinspect.gloo import execute_gloo
-from cpinspect.spmd import execute_spmd
+from cpinspect.cli.app import app
+from cpinspect.groups.gloo import execute_gloo
+from cpinspect.groups.simulated import execute_spmd
 from tests import literal
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -165,7 +165,7 @@ def test_cp4_rank_stuck_outside_collectives_times_out_within_the_bound(tmp_path)
 
 WATCHDOG_SCRIPT = """
 import sys
-from cpinspect.gloo import execute_gloo
+from cpinspect.groups.gloo import execute_gloo
 from tests.test_gloo import stuck_in_user_code
 if __name__ == "__main__":
     execute_gloo(2, stuck_in_user_code, sys.argv[1], 1, timeout=600.0)

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from cpinspect import synth
-from cpinspect.selection import VisionCountMismatch, local_vision_row_map, local_vision_rows
-from cpinspect.spmd import SpmdError, run_spmd
+from cpinspect.core import synth
+from cpinspect.core.selection import VisionCountMismatch, local_vision_row_map, local_vision_rows
+from cpinspect.groups.simulated import SpmdError, run_spmd
 from tests.literal import expected_rows, zigzag_indices
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from cpinspect.errors import InputError
-from cpinspect.layout import make_layout, pad_row, padded_cu_seqlens
-from cpinspect.oracle import global_positions
+from cpinspect.core.errors import InputError
+from cpinspect.core.layout import make_layout, pad_row, padded_cu_seqlens
+from cpinspect.core.oracle import global_positions
 from tests.literal import contiguous_indices, zigzag_indices
 
 

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cpinspect import synth
-from cpinspect.cli import app
-from cpinspect.errors import InputError
+from cpinspect.cli.app import app
+from cpinspect.core import synth
+from cpinspect.core.errors import InputError
 
 runner = CliRunner()
 Setup = Callable[[Path], list[str]]

@@ -10,13 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cpinspect.batch import load_batch
-from cpinspect.cli import app
-from cpinspect.errors import InputError
-from cpinspect.mrope import check_position_ids, compare_position_ids, row_positions
-from cpinspect.oracle import global_positions
-from cpinspect.synth import build_batch, demo_batch_dict, shard_batch
-from cpinspect.tokens import token_config
+from cpinspect.cli.app import app
+from cpinspect.core.errors import InputError
+from cpinspect.core.loading import load_batch
+from cpinspect.core.mrope import check_position_ids, compare_position_ids, row_positions
+from cpinspect.core.oracle import global_positions
+from cpinspect.core.synth import build_batch, demo_batch_dict, shard_batch
+from cpinspect.core.tokens import token_config
 
 MODELS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cpinspect.cli import app
+from cpinspect.cli.app import app
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

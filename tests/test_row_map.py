@@ -9,9 +9,9 @@ collective, and the deferred checks.
 import pytest
 import torch
 
-from cpinspect import synth
-from cpinspect.selection import VisionCountMismatch, local_vision_row_map, local_vision_rows
-from cpinspect.spmd import SpmdError, execute_spmd, run_spmd
+from cpinspect.core import synth
+from cpinspect.core.selection import VisionCountMismatch, local_vision_row_map, local_vision_rows
+from cpinspect.groups.simulated import SpmdError, execute_spmd, run_spmd
 from tests.literal import expected_rows, zigzag_indices
 
 VISION = (151655, 151656)

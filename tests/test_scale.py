@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cpinspect import simulation, synth
-from cpinspect.batch import load_batch
-from cpinspect.spmd import CollectiveCall, SpmdError, run_spmd
+from cpinspect.core import synth
+from cpinspect.core.loading import load_batch
+from cpinspect.groups.simulated import CollectiveCall, SpmdError, run_spmd
+from cpinspect.simulation import run as simulation
 from tests.literal import expected_rows, zigzag_indices
 
 VISION = (151655, 151656)
@@ -139,7 +140,7 @@ def test_streamed_json_is_byte_identical_to_json_dumps(monkeypatch):
     import io
     import json
 
-    from cpinspect import cli
+    from cpinspect.cli import common as cli
 
     raw, _, _ = small_batch(64, seed=9)
     result = simulate_small(raw, 64)

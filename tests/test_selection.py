@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from cpinspect import synth
-from cpinspect.batch import load_batch
-from cpinspect.selection import VisionCountMismatch, local_vision_rows
-from cpinspect.simulation import simulate
-from cpinspect.spmd import SpmdError, run_spmd
+from cpinspect.core import synth
+from cpinspect.core.loading import load_batch
+from cpinspect.core.selection import VisionCountMismatch, local_vision_rows
+from cpinspect.groups.simulated import SpmdError, run_spmd
+from cpinspect.simulation.run import simulate
 from tests.literal import expected_rows, local_counts, zigzag_indices
 
 IMG = 151655

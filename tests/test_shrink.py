@@ -6,11 +6,11 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-from cpinspect.batch import load_batch
-from cpinspect.cases import Case, case_from_local_masks, generate_cases
-from cpinspect.check import DIVERGENCE, WRONG_ROWS, load_function, run_case, run_check
-from cpinspect.cli import app
-from cpinspect.shrink import candidates, replay_commands, save_case, shrink_case, with_cp
+from cpinspect.check.api import DIVERGENCE, WRONG_ROWS, load_function, run_case, run_check
+from cpinspect.check.cases import Case, case_from_local_masks, generate_cases
+from cpinspect.check.shrink import candidates, replay_commands, save_case, shrink_case, with_cp
+from cpinspect.cli.app import app
+from cpinspect.core.loading import load_batch
 
 IMPLS = Path(__file__).resolve().parent.parent / "examples" / "impls"
 runner = CliRunner()
@@ -132,7 +132,7 @@ def test_replay_commands_quote_and_carry_options():
 
 
 def test_custom_placeholder_ids_replay_with_their_flags(tmp_path):
-    from cpinspect.tokens import token_config
+    from cpinspect.core.tokens import token_config
 
     tokens = token_config(image_token_id=5000, video_token_id=5001)
     report = run_check(impl("mirrored_chunks.py"), cp=[2], cases=7, tokens=tokens, save_dir=tmp_path,

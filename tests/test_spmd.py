@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cpinspect.spmd import SpmdError, execute_spmd, run_spmd
+from cpinspect.groups.simulated import SpmdError, execute_spmd, run_spmd
 
 
 def test_unmodified_collectives_move_real_data():

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cpinspect.check import load_function
-from cpinspect.errors import InputError
+from cpinspect.check.api import load_function
+from cpinspect.core.errors import InputError
 from cpinspect.testing import assert_selection_matches
 from tests.test_check import _torch_accepts_apply_keywords
 

@@ -7,10 +7,10 @@ tests/literal.py, never from cpinspect's own selection.
 import pytest
 import torch
 
-from cpinspect import synth
-from cpinspect.gloo import execute_gloo
-from cpinspect.spmd import execute_spmd
-from cpinspect.verification import VerificationError, verify
+from cpinspect.core import synth
+from cpinspect.groups.gloo import execute_gloo
+from cpinspect.groups.simulated import execute_spmd
+from cpinspect.jobs.verify import VerificationError, verify
 from tests import literal
 
 # Megatron-Bridge test_get_cp_local_vision_embed_indices_multiple_segments: cu [0, 8, 16], cp 2.

@@ -8,21 +8,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cpinspect.batch import load_batch
-from cpinspect.cli import app
-from cpinspect.errors import InputError
-from cpinspect.simulation import simulate
-from cpinspect.spmd import execute_spmd, run_spmd
-from cpinspect.synth import build_batch, demo_batch_dict, shard_batch
-from cpinspect.tokens import token_config
-from cpinspect.vision_dp import (
+from cpinspect.cli.app import app
+from cpinspect.core.errors import InputError
+from cpinspect.core.loading import load_batch
+from cpinspect.core.synth import build_batch, demo_batch_dict, shard_batch
+from cpinspect.core.tokens import token_config
+from cpinspect.core.vision_items import find_vision_items
+from cpinspect.groups.simulated import execute_spmd, run_spmd
+from cpinspect.simulation.run import simulate
+from cpinspect.simulation.vision_dp import (
     VisionDPExtension,
     all_gather_vision_embeddings,
     plan_vision_dp,
     reduce_vision_grad,
     split_by_count,
 )
-from cpinspect.vision_items import find_vision_items
 
 TWO_IMAGES = (
     (("text", 6), ("image", (1, 4, 4)), ("text", 6)),

@@ -1,0 +1,375 @@
+"""Packed rows to run a user's selection on: seeded generated cases, users' batch files, vectors.
+
+A :class:`Case` is one full packed row (token ids, vision mask, physical and logical boundaries,
+the number of vision embeddings) and the cp to shard it over. Generated cases are the shapes that
+break hand-written selections (the kind cycles with the case number, the cp with it too):
+
+* ``crossing``: vision runs straddling chunk boundaries, the middle one (both chunks on one rank)
+  and rank boundaries, plus runs spanning several chunks;
+* ``empty-rank``: some ranks hold no vision token at all (the early-return deadlock);
+* ``text-only``: segments without vision, and sometimes a row without any;
+* ``video``: Qwen-VL video frames and images with real grids, padded segments (logical != physical);
+* ``single-segment`` and ``many-short`` (many segments of one or two chunks per rank);
+* ``random``: :func:`cpinspect.core.synth.random_batch` runs anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from cpinspect.core.batch import PackedBatch
+from cpinspect.core.errors import InputError
+from cpinspect.core.layout import check_divisible, make_layout
+from cpinspect.core.synth import TEXT_HIGH, TEXT_LOW, build_batch, random_batch
+from cpinspect.core.tokens import TokenConfig, token_config
+
+KINDS = ("crossing", "empty-rank", "text-only", "video", "single-segment", "many-short", "random")
+TEXT_TOKEN_ID = TEXT_LOW  # what a vision position becomes when a shrink step turns it into text
+
+
+@dataclass(frozen=True)
+class Case:
+    """One full packed row and the cp to shard it over (tensors on the CPU, never shared).
+
+    ``input_ids``/``vision_mask`` are ``[T]``; ``cu_seqlens`` are physical boundaries ``[S + 1]``
+    (int64) and ``logical_cu_seqlens`` the real lengths inside them (``None`` = no padding).
+    ``explicit_mask`` says the mask came from the batch rather than from the placeholder ids.
+    """
+
+    name: str
+    kind: str
+    cp: int
+    input_ids: torch.Tensor
+    vision_mask: torch.Tensor
+    cu_seqlens: torch.Tensor
+    logical_cu_seqlens: torch.Tensor | None
+    vision_embed_count: int
+    tokens: TokenConfig
+    explicit_mask: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    @property
+    def num_segments(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def vision_tokens(self) -> int:
+        return int(self.vision_mask.sum())
+
+    @property
+    def segment_lengths(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    @property
+    def logical_or_physical(self) -> torch.Tensor:
+        return self.logical_cu_seqlens if self.logical_cu_seqlens is not None else self.cu_seqlens
+
+    def size_key(self) -> tuple[int, int, int, int]:
+        """What "smaller" means when shrinking: cp, then segments, tokens, vision tokens."""
+        return (self.cp, self.num_segments, self.total_tokens, self.vision_tokens)
+
+    def describe(self) -> str:
+        lengths = self.segment_lengths
+        shown = ", ".join(map(str, lengths[:6])) + (", ..." if len(lengths) > 6 else "")
+        return (
+            f"cp {self.cp}, {self.num_segments} segment(s) [{shown}], {self.total_tokens} tokens, "
+            f"{self.vision_tokens} vision"
+        )
+
+    def global_indices(self) -> torch.Tensor:
+        """``[cp, T / cp]`` global position of every local position, in the zigzag layout."""
+        return make_layout(self.cu_seqlens, self.cp).all_global_indices()
+
+    def local_masks(self) -> torch.Tensor:
+        """``[cp, T / cp]`` every rank's local vision mask."""
+        return self.vision_mask[self.global_indices()]
+
+    def owner_of_positions(self) -> torch.Tensor:
+        """``[T]`` the rank holding each global position."""
+        indices = self.global_indices()
+        owner = torch.empty(self.total_tokens, dtype=torch.long)
+        owner[indices] = torch.arange(self.cp)[:, None].expand_as(indices)
+        return owner
+
+    def segment_of_positions(self) -> torch.Tensor:
+        """``[T]`` the segment each global position belongs to."""
+        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        return torch.repeat_interleave(torch.arange(self.num_segments), lengths, output_size=self.total_tokens)
+
+    def with_mask(self, mask: torch.Tensor, name: str | None = None) -> Case:
+        """The same row with vision tokens at ``mask``; ids and embedding count follow.
+
+        The count keeps any difference it had from the mask (a batch whose count is wrong stays
+        wrong by the same amount), so a shrink step never repairs the failure it shrinks.
+        """
+        ids = self.input_ids.clone()
+        ids[mask & ~self.vision_mask] = self.tokens.image_token_id
+        ids[~mask & self.vision_mask] = TEXT_TOKEN_ID
+        count = self.vision_embed_count + int(mask.sum()) - self.vision_tokens
+        return replace(self, name=name or self.name, input_ids=ids, vision_mask=mask.clone(), vision_embed_count=count)
+
+    def keep(self, keep: torch.Tensor, cp: int | None = None, name: str | None = None) -> Case:
+        """Only the positions where ``keep`` is True; empty segments disappear (vectorised).
+
+        Logical lengths shrink by the kept positions that lay inside them.
+        """
+        segment = self.segment_of_positions()
+        offset = torch.arange(self.total_tokens) - self.cu_seqlens[segment]
+        logical_len = (self.logical_or_physical[1:] - self.logical_or_physical[:-1])[segment]
+        new_len = torch.zeros(self.num_segments, dtype=torch.long).index_add_(0, segment, keep.long())
+        new_logical = torch.zeros(self.num_segments, dtype=torch.long).index_add_(
+            0, segment, (keep & (offset < logical_len)).long())
+        present = new_len > 0
+        cu = _cumsum(new_len[present])
+        logical = _cumsum(new_logical[present]) if self.logical_cu_seqlens is not None else None
+        dropped_vision = int((self.vision_mask & ~keep).sum())
+        return replace(
+            self, name=name or self.name, cp=cp or self.cp, input_ids=self.input_ids[keep],
+            vision_mask=self.vision_mask[keep], cu_seqlens=cu,
+            logical_cu_seqlens=logical if logical is None or not torch.equal(logical, cu) else None,
+            vision_embed_count=self.vision_embed_count - dropped_vision,
+        )
+
+
+def _cumsum(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths.to(torch.long), 0)])
+
+
+def generate_cases(cps: Sequence[int], count: int, seed: int, tokens: TokenConfig | None = None) -> list[Case]:
+    """``count`` seeded cases; case ``i`` uses ``cps[i % len(cps)]`` and cycles through :data:`KINDS`."""
+    tokens = tokens or token_config()
+    cases = []
+    for index in range(count):
+        cp = cps[index % len(cps)]
+        kind = KINDS[(index // len(cps)) % len(KINDS)]
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        cases.append(BUILDERS[kind](generator, cp, tokens, f"case {index} ({kind}, seed {seed})"))
+    return cases
+
+
+def _randint(generator: torch.Generator, low: int, high: int) -> int:
+    """A uniform integer in ``[low, high]`` (inclusive, like ``random.randint``)."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+
+def _runs_mask(total: int, starts: Sequence[int], ends: Sequence[int]) -> torch.Tensor:
+    """``[total]`` True inside any ``[start, end)`` run (clipped to the row), by a difference array."""
+    delta = torch.zeros(total + 1, dtype=torch.long)
+    start = torch.tensor(list(starts), dtype=torch.long).clamp(0, total)
+    end = torch.tensor(list(ends), dtype=torch.long).clamp(0, total)
+    delta.index_add_(0, start, torch.ones_like(start)).index_add_(0, end, -torch.ones_like(end))
+    return torch.cumsum(delta, 0)[:total] > 0
+
+
+def _random_runs(generator: torch.Generator, lengths: Sequence[int], max_runs: int = 3) -> torch.Tensor:
+    """Up to ``max_runs`` random vision runs inside each segment."""
+    starts, ends, offset = [], [], 0
+    for length in lengths:
+        for _ in range(_randint(generator, 0, max_runs) if length else 0):
+            start = offset + _randint(generator, 0, length - 1)
+            starts.append(start)
+            ends.append(min(offset + length, start + _randint(generator, 1, max(1, length // 2))))
+        offset += length
+    return _runs_mask(offset, starts, ends)
+
+
+def _from_mask(name: str, kind: str, cp: int, lengths: Sequence[int], mask: torch.Tensor, tokens: TokenConfig,
+               generator: torch.Generator) -> Case:
+    """A case whose text positions get random ids and vision positions the image placeholder."""
+    total = sum(lengths)
+    ids = torch.randint(TEXT_LOW, TEXT_HIGH, (total,), generator=generator)
+    ids[(ids == tokens.image_token_id) | (ids == tokens.video_token_id)] = TEXT_TOKEN_ID  # custom ids may collide
+    ids[mask] = tokens.image_token_id
+    cu = _cumsum(torch.tensor(list(lengths), dtype=torch.long))
+    return Case(name, kind, cp, ids, mask, cu, None, int(mask.sum()), tokens)
+
+
+def _crossing(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
+    chunks = [_randint(generator, 2, 5) for _ in range(_randint(generator, 1, 3))]
+    lengths = [2 * cp * c for c in chunks]
+    starts, ends, segment_start = [], [], 0
+    for chunk_len, length in zip(chunks, lengths):
+        # chunk cp-1 | cp is the middle (one rank holds both sides); any other boundary is a rank boundary
+        for boundary_chunk in (cp, _randint(generator, 1, 2 * cp - 1)):
+            boundary = segment_start + boundary_chunk * chunk_len
+            starts.append(boundary - _randint(generator, 1, chunk_len))
+            ends.append(boundary + _randint(generator, 1, chunk_len))
+        spanning = segment_start + _randint(generator, 0, chunk_len - 1)
+        starts.append(spanning)
+        ends.append(min(segment_start + length, spanning + 2 * chunk_len + 1))
+        segment_start += length
+    return _from_mask(name, "crossing", cp, lengths, _runs_mask(sum(lengths), starts, ends), tokens, generator)
+
+
+def _empty_rank(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
+    lengths = [2 * cp * _randint(generator, 1, 4) for _ in range(_randint(generator, 1, 4))]
+    case = _from_mask(name, "empty-rank", cp, lengths, _random_runs(generator, lengths), tokens, generator)
+    if cp == 1:
+        return case.with_mask(torch.zeros_like(case.vision_mask))
+    empty = torch.randperm(cp, generator=generator)[: _randint(generator, 1, cp - 1)]
+    allowed = ~torch.isin(case.owner_of_positions(), empty)
+    mask = case.vision_mask & allowed
+    if not mask.any():  # keep at least one vision token so the non-empty ranks really gather something
+        mask[int(torch.nonzero(allowed)[0])] = True
+    return case.with_mask(mask)
+
+
+def _text_only(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
+    lengths = [2 * cp * _randint(generator, 1, 4) for _ in range(_randint(generator, 2, 5))]
+    case = _from_mask(name, "text-only", cp, lengths, _random_runs(generator, lengths), tokens, generator)
+    if _randint(generator, 0, 2) == 0:
+        return case.with_mask(torch.zeros_like(case.vision_mask))
+    text_segments = torch.randperm(len(lengths), generator=generator)[: _randint(generator, 1, len(lengths) - 1)]
+    return case.with_mask(case.vision_mask & ~torch.isin(case.segment_of_positions(), text_segments))
+
+
+def _video(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
+    """Real Qwen-VL placeholder layouts with grids; segments padded up to a multiple of ``2*cp``."""
+    sides = (2, 4, 8)
+    segments = []
+    for index in range(_randint(generator, 1, 3)):
+        items: list[tuple[str, object]] = [("text", _randint(generator, 0, 6))]
+        if index == 0 or _randint(generator, 0, 1):
+            t, h, w = _randint(generator, 1, 3), sides[_randint(generator, 0, 2)], sides[_randint(generator, 0, 2)]
+            items += [("video", (t, h, w)), ("text", _randint(generator, 0, 4))]
+        if _randint(generator, 0, 1):
+            items += [("image", (1, sides[_randint(generator, 0, 2)], sides[_randint(generator, 0, 2)]))]
+        segments.append(items)
+    seed = _randint(generator, 0, 2**31 - 1)
+    logical = build_batch(segments, tokens=tokens, seed=seed)["cu_seqlens"].to(torch.long)
+    multiple = 2 * cp
+    padded = [(-(-int(n) // multiple) + _randint(generator, 0, 1)) * multiple for n in logical[1:] - logical[:-1]]
+    batch = build_batch(segments, [max(p, multiple) for p in padded], tokens=tokens, seed=seed)
+    ids = batch["input_ids"].reshape(-1)
+    mask = (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
+    cu = batch["cu_seqlens_padded"].to(torch.long)
+    logical_cu = batch["cu_seqlens"].to(torch.long)
+    return Case(name, "video", cp, ids, mask, cu, None if torch.equal(cu, logical_cu) else logical_cu,
+                int(batch["vision_embed_count"]), tokens)
+
+
+def _single_segment(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
+    lengths = [2 * cp * _randint(generator, 1, 8)]
+    return _from_mask(name, "single-segment", cp, lengths, _random_runs(generator, lengths, 4), tokens, generator)
+
+
+def _many_short(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
+    lengths = [2 * cp * _randint(generator, 1, 2) for _ in range(_randint(generator, 8, 20))]
+    mask = _random_runs(generator, lengths, 2)
+    case = _from_mask(name, "many-short", cp, lengths, mask, tokens, generator)
+    all_vision = torch.randperm(len(lengths), generator=generator)[:2]  # whole segments of vision tokens
+    return case.with_mask(mask | torch.isin(case.segment_of_positions(), all_vision))
+
+
+def _random(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
+    raw = random_batch(_randint(generator, 0, 2**31 - 1), cp, tokens=tokens)
+    ids = raw["input_ids"].reshape(-1)
+    mask = (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
+    return Case(name, "random", cp, ids, mask, raw["cu_seqlens"].to(torch.long), None, int(mask.sum()), tokens)
+
+
+BUILDERS: dict[str, Callable[[torch.Generator, int, TokenConfig, str], Case]] = {
+    "crossing": _crossing,
+    "empty-rank": _empty_rank,
+    "text-only": _text_only,
+    "video": _video,
+    "single-segment": _single_segment,
+    "many-short": _many_short,
+    "random": _random,
+}
+
+
+def cases_from_batch(batch: PackedBatch, cps: Sequence[int], tokens: TokenConfig) -> tuple[list[Case], list[str]]:
+    """Cases for a loaded batch file, and notes about cp values it cannot run at.
+
+    A full row runs at every requested cp whose ``2*cp`` divides its segments; a pre-sharded
+    batch (one row per rank) runs at the cp it was cut for.
+    """
+    if batch.per_rank_files:
+        case = _presharded_case(batch, tokens)
+        elsewhere = f"{batch.source} is pre-sharded for cp {case.cp}, so it was checked at cp {case.cp} only"
+        return [case], [] if case.cp in cps else [elsewhere]
+    if int(batch.cu_seqlens[-1]) != batch.row_tokens:
+        total, row = int(batch.cu_seqlens[-1]), batch.row_tokens
+        looks = f" (it looks like one rank's row pre-sharded for cp={total // row})" if row and total % row == 0 else ""
+        raise InputError(
+            f"cu_seqlens ends at {total} but the row has {row} tokens: this is not a full packed row{looks}",
+            where=batch.source,
+            fix="pass a full row, or the directory (or list) of every rank's pre-sharded file",
+        )
+    usable = [cp for cp in cps if _divisible(batch.cu_seqlens, cp)]
+    if not usable:
+        check_divisible(batch.cu_seqlens, cps[0])  # raises the message naming the first bad segment
+    ids = batch.rows[0]
+    mask = batch.vision_mask[0] if batch.vision_mask else _placeholders(ids, tokens)
+    cases = [_batch_case(batch, f"{batch.source} at cp {cp}", cp, ids, mask, tokens) for cp in usable]
+    notes = [
+        f"{batch.source} was skipped at cp {cp}: a segment length is not divisible by 2*cp = {2 * cp}"
+        for cp in cps if cp not in usable
+    ]
+    return cases, notes
+
+
+def _divisible(cu_seqlens: torch.Tensor, cp: int) -> bool:
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return cp == 1 or not bool((lengths % (2 * cp)).any())
+
+
+def _placeholders(ids: torch.Tensor, tokens: TokenConfig) -> torch.Tensor:
+    return (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
+
+
+def _presharded_case(batch: PackedBatch, tokens: TokenConfig) -> Case:
+    cp = len(batch.rows)
+    total = int(batch.cu_seqlens[-1])
+    if total != cp * batch.row_tokens:
+        raise InputError(
+            f"{cp} per-rank rows of {batch.row_tokens} tokens do not make the {total} tokens cu_seqlens describes",
+            where=batch.source,
+            fix=f"each of the {cp} rank files must hold cu_seqlens[-1] / cp = {total // cp} local tokens",
+        )
+    indices = make_layout(batch.cu_seqlens, cp).all_global_indices()
+    ids = torch.empty(total, dtype=torch.long)
+    ids[indices] = torch.stack(batch.rows)
+    local_masks = batch.vision_mask or [_placeholders(row, tokens) for row in batch.rows]
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[indices] = torch.stack(local_masks)
+    return _batch_case(batch, f"{batch.source} (pre-sharded, cp {cp})", cp, ids, mask, tokens)
+
+
+def _batch_case(batch: PackedBatch, name: str, cp: int, ids: torch.Tensor, mask: torch.Tensor,
+                tokens: TokenConfig) -> Case:
+    grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None and g.numel()]
+    if batch.vision_embed_count is not None:
+        count = batch.vision_embed_count
+    elif grids:
+        count = int(sum(int((g.prod(dim=1) // tokens.merge_area).sum()) for g in grids))
+    else:
+        count = int(mask.sum())
+    logical = batch.logical_cu_seqlens
+    if logical is not None and torch.equal(logical, batch.cu_seqlens):
+        logical = None
+    return Case(name, "batch", cp, ids.clone(), mask.clone(), batch.cu_seqlens.clone(), logical, count, tokens,
+                explicit_mask=batch.vision_mask is not None)
+
+
+def case_from_local_masks(cu_seqlens: Sequence[int], local_masks: Sequence[Sequence[int]], *,
+                          vision_embed_count: int | None = None, name: str = "pre-sharded masks",
+                          tokens: TokenConfig | None = None) -> Case:
+    """A case from every rank's local mask (how published test vectors are written)."""
+    tokens = tokens or token_config()
+    cu = torch.tensor(list(cu_seqlens), dtype=torch.long)
+    cp = len(local_masks)
+    indices = make_layout(cu, cp).all_global_indices()
+    mask = torch.zeros(int(cu[-1]), dtype=torch.bool)
+    mask[indices] = torch.tensor([list(m) for m in local_masks], dtype=torch.bool)
+    ids = torch.full_like(mask, TEXT_TOKEN_ID, dtype=torch.long)
+    ids[mask] = tokens.image_token_id
+    count = int(mask.sum()) if vision_embed_count is None else vision_embed_count
+    return Case(name, "vectors", cp, ids, mask, cu, None, count, tokens)

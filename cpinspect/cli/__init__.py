@@ -1,0 +1,1 @@
+"""The command line: :mod:`cpinspect.cli.app` lists the commands, one module each."""

@@ -1,0 +1,123 @@
+"""``cpinspect check``: run your own selection function on simulated CP ranks against the oracle.
+
+Torch is imported inside the command only (``--help`` must stay torch-free).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.text import Text
+
+from cpinspect.check.signatures import SIGNATURES
+from cpinspect.cli.common import guarded, import_torch, make_console, parse_keys, progress_steps
+from cpinspect.cli.options import (
+    EXIT_INCONSISTENT,
+    EXIT_OK,
+    DebugOpt,
+    ImageIdOpt,
+    JsonOpt,
+    KeyOpt,
+    ModelOpt,
+    NoColorOpt,
+    VideoIdOpt,
+)
+from cpinspect.core.errors import InputError
+
+TargetArg = Annotated[str, typer.Argument(
+    metavar="IMPLEMENTATION",
+    help="Your function: path/to/file.py:function or package.module:function.", show_default=False)]
+CpListOpt = Annotated[str, typer.Option("--cp", help="Comma-separated cp values to generate cases for.")]
+SignatureOpt = Annotated[str, typer.Option("--signature", help=f"How your function is called: {', '.join(SIGNATURES)} "
+                                                               "(see the README).")]
+BatchesOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--batch", help="A batch file or rank directory to check as well (repeatable).", show_default=False)]
+
+
+def parse_cps(text: str) -> list[int]:
+    """``"2,3,4,8"`` -> ``[2, 3, 4, 8]``; an exit-2 error for anything else."""
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise InputError(f"--cp {text!r} is not a list of positive integers", where="--cp",
+                         fix="write e.g. --cp 2,3,4,8")
+    return list(dict.fromkeys(values))
+
+
+def token_flags(model: str, image_token_id: int | None, video_token_id: int | None) -> list[str]:
+    """The token options to repeat in replay commands (only those that differ from the defaults)."""
+    flags = ["--model", model] if model != "qwen3-vl" else []
+    flags += ["--image-token-id", str(image_token_id)] if image_token_id is not None else []
+    return flags + (["--video-token-id", str(video_token_id)] if video_token_id is not None else [])
+
+
+@guarded
+def check(
+    target: TargetArg,
+    cp: CpListOpt = "2,3,4,8",
+    signature: SignatureOpt = "default",
+    batch: BatchesOpt = None,
+    cases: Annotated[int, typer.Option("--cases", help="Generated cases (spread over the cp values).", min=0)] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated cases.")] = 0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a simulated collective may wait before the "
+                                                             "ranks are reported as hung.")] = 5.0,
+    max_time: Annotated[float, typer.Option("--max-time", help="Stop starting new cases after this many seconds.")
+                        ] = 120.0,
+    out: Annotated[Path, typer.Option("--out", help="Folder for shrunk failing batches.")] = Path("cpinspect-failures"),
+    no_shrink: Annotated[bool, typer.Option("--no-shrink", help="Report failures without shrinking them.")] = False,
+    allow_apply_keywords: Annotated[bool, typer.Option(
+        "--allow-apply-keywords", help="Accept autograd Function.apply(..., kw=...) (only new torch does).")] = False,
+    model: ModelOpt = "qwen3-vl",
+    image_token_id: ImageIdOpt = None,
+    video_token_id: VideoIdOpt = None,
+    key: KeyOpt = None,
+    json_out: JsonOpt = False,
+    no_color: NoColorOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run YOUR selection function on simulated CP ranks; compare every rank with the oracle."""
+    cps = parse_cps(cp)
+    if cases == 0 and not batch:
+        raise InputError("nothing to check: --cases 0 and no --batch", where="--cases",
+                         fix="generate cases (--cases 100) or pass --batch FILE")
+    import_torch()
+    from cpinspect.check.api import load_function, run_check
+    from cpinspect.check.signatures import get_signature
+    from cpinspect.core.loading import load_batch
+    from cpinspect.core.tokens import token_config
+
+    get_signature(signature)
+    tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
+    keys = parse_keys(key)
+    batches = [load_batch(path, keys=keys) for path in batch or []]
+    fn = load_function(target)
+    with progress_steps(not json_out) as step:
+        step(f"checking {target} on cp {', '.join(map(str, cps))}")
+        report = run_check(
+            fn, cp=cps, cases=cases, seed=seed, signature=signature, batches=batches, timeout=timeout,
+            max_seconds=max_time, shrink=not no_shrink, save_dir=out, target=target, tokens=tokens,
+            strict_apply=not allow_apply_keywords, replay_flags=token_flags(model, image_token_id, video_token_id),
+        )
+    if json_out:
+        sys.stdout.write(json.dumps(report.to_dict()) + "\n")
+    else:
+        console = make_console(no_color)
+        for line in report.text().splitlines():
+            console.print(Text(line, style=_style(line)), soft_wrap=True)  # replay commands stay copyable
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_INCONSISTENT)
+
+
+def _style(line: str) -> str:
+    if line.startswith("✓"):
+        return "bold green"
+    if line.startswith("✗"):
+        return "bold red"
+    if line.startswith("note:"):
+        return "yellow"
+    return "dim" if line.startswith("  ") and not line.startswith("    ") else ""

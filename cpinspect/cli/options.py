@@ -1,0 +1,28 @@
+"""The options every command shares, as typed annotations, and the exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+EXIT_OK, EXIT_INCONSISTENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+BatchArg = Annotated[
+    Optional[list[Path]],
+    typer.Argument(help="Batch file (.pt/.safetensors), a directory of rank{r} files, or one file per rank "
+                        "in rank order. Omit to use the built-in demo batch.", show_default=False),
+]
+CpOpt = Annotated[int, typer.Option("--cp", help="Context-parallel size (number of simulated ranks).", min=1)]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="zigzag (Megatron per-document THD), sequence-zigzag "
+                                                          "(whole row as one sequence) or contiguous.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Token preset: qwen2-vl, qwen2.5-vl or qwen3-vl.")]
+ImageIdOpt = Annotated[Optional[int], typer.Option("--image-token-id", help="Override the image_pad token id.")]
+VideoIdOpt = Annotated[Optional[int], typer.Option("--video-token-id", help="Override the video_pad token id.")]
+KeyOpt = Annotated[Optional[list[str]], typer.Option("--key", help="Map a field to your key name: "
+                                                                    "--key input_ids=tokens_local (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (complete lists).")]
+NoColorOpt = Annotated[bool, typer.Option("--no-color", help="No colours (NO_COLOR is honoured too).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the Python traceback of errors.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")]

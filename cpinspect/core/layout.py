@@ -1,0 +1,261 @@
+"""How a packed THD row is cut over CP ranks, expressed as *pieces*.
+
+A piece is a contiguous range of global token positions that one rank holds whole. Every layout
+cpinspect knows is a list of pieces in natural (global) order plus, per rank, the ids of the
+pieces it holds in local-memory order:
+
+* ``zigzag`` (Megatron per-document THD): each physical segment is cut into ``2*cp`` equal chunks;
+  rank ``r`` holds chunks ``r`` and ``2*cp-1-r`` of every segment. Piece id = ``seg*2cp + chunk``.
+* ``sequence-zigzag`` (BSHD / per-sequence): the same, with the whole row as one segment.
+* ``contiguous`` (verl Ulysses, picotron, "allgather CP"): rank ``r`` holds ``[r*T/cp, (r+1)*T/cp)``.
+
+Because every rank holds the same number of pieces, the per-rank count exchange is one
+fixed-shape all-gather, whatever the layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cpinspect.core.errors import InputError
+
+LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Pieces of one packed row over ``cp`` ranks (all tensors int64, on the CPU).
+
+    ``piece_start``/``piece_len`` are ``[P]`` in natural order; ``rank_pieces`` is
+    ``[cp, pieces_per_rank]``: the global piece ids each rank holds, in local order.
+    ``piece_segment``/``piece_chunk`` name each piece for people (segment, chunk number).
+    """
+
+    kind: str
+    cp: int
+    cu_seqlens: torch.Tensor
+    piece_start: torch.Tensor
+    piece_len: torch.Tensor
+    piece_segment: torch.Tensor
+    piece_chunk: torch.Tensor
+    rank_pieces: torch.Tensor
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    @property
+    def local_tokens(self) -> int:
+        return self.total_tokens // self.cp
+
+    @property
+    def num_segments(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def pieces_per_rank(self) -> int:
+        return self.rank_pieces.shape[1]
+
+    @property
+    def chunks_per_segment(self) -> int:
+        """Columns of the gathered count table: ``2*cp`` for zigzag layouts, ``cp`` otherwise."""
+        return 2 * self.cp if self.kind != "contiguous" else self.cp
+
+    def local_piece_len(self, cp_rank: int) -> torch.Tensor:
+        """``[pieces_per_rank]`` lengths of the pieces rank ``cp_rank`` holds, in local order."""
+        return self.piece_len[self.rank_pieces[cp_rank]]
+
+    def global_indices(self, cp_rank: int) -> torch.Tensor:
+        """Global position of every local token of ``cp_rank``, in local order."""
+        return _expand_pieces(self.piece_start[self.rank_pieces[cp_rank]], self.local_piece_len(cp_rank))
+
+    def all_global_indices(self) -> torch.Tensor:
+        """``[cp, local_tokens]``: row ``r`` is :meth:`global_indices` of rank ``r``."""
+        flat = self.rank_pieces.reshape(-1)
+        return _expand_pieces(self.piece_start[flat], self.piece_len[flat]).view(self.cp, -1)
+
+    def owner_of_piece(self) -> torch.Tensor:
+        """``[P]`` rank that holds each piece."""
+        owner = torch.empty(self.piece_start.numel(), dtype=torch.long)
+        owner[self.rank_pieces.reshape(-1)] = torch.arange(self.cp).repeat_interleave(self.pieces_per_rank)
+        return owner
+
+
+def _expand_pieces(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``arange(start, start+len)`` for every piece, without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long)
+    local_start = torch.cumsum(lengths, 0) - lengths
+    return torch.repeat_interleave(starts - local_start, lengths, output_size=total) + torch.arange(total)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, *, name: str = "cu_seqlens") -> torch.Tensor:
+    """Validate a cumulative-length vector and return it as 1-D int64."""
+    if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
+        raise InputError(
+            f"{name} has dtype {cu_seqlens.dtype}, but boundaries must be integers",
+            where=name,
+            fix="store it as an int32 or int64 tensor (e.g. torch.tensor([0, 8, 24], dtype=torch.int32))",
+        )
+    cu = cu_seqlens.reshape(-1) if cu_seqlens.dim() == 2 and cu_seqlens.shape[0] == 1 else cu_seqlens
+    if cu.dim() != 1:
+        raise InputError(
+            f"{name} has shape {list(cu_seqlens.shape)}, but it must be 1-D",
+            where=name,
+            fix="pass one cumulative-length vector [num_segments + 1] for the packed row",
+        )
+    if cu.numel() < 2:
+        raise InputError(
+            f"{name} has {cu.numel()} entries; it needs at least 2 (one segment: [0, T])",
+            where=name,
+            fix="include the leading 0 and the end offset of every segment",
+        )
+    cu = cu.to(torch.long)
+    if int(cu[0]) != 0:
+        raise InputError(
+            f"{name} starts at {int(cu[0])}, not 0",
+            where=f"{name}[0]",
+            fix="boundaries are offsets into the packed row and must start at 0",
+        )
+    lengths = cu[1:] - cu[:-1]
+    bad = torch.nonzero(lengths < 0)
+    if bad.numel():
+        seg = int(bad[0])
+        raise InputError(
+            f"{name} decreases at segment {seg}: {int(cu[seg])} -> {int(cu[seg + 1])}",
+            where=f"{name}[{seg}:{seg + 2}]",
+            fix="cu_seqlens must be non-decreasing cumulative sums of segment lengths",
+        )
+    return cu
+
+
+def check_cp_fits(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> None:
+    """Raise the exit-2 error for a cp so large that a non-empty segment has fewer tokens than pieces."""
+    if cp == 1 and kind != "contiguous":
+        return
+    pieces = 2 * cp if kind != "contiguous" else cp
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1] if kind == "zigzag" else cu_seqlens[-1:] - cu_seqlens[:1]
+    short = torch.nonzero((lengths > 0) & (lengths < pieces)).view(-1)
+    if not short.numel():
+        return
+    seg = int(short[0])
+    length = int(lengths[seg])
+    step = 2 if kind != "contiguous" else 1
+    largest = max(c for c in range(1, max(length // step, 1) + 1) if length % (step * c) == 0 or c == 1)
+    name = f"segment {seg}" if kind == "zigzag" else "the packed row"
+    raise InputError(
+        f"cp={cp} is larger than {name} allows: it has {length} token(s), fewer than the {pieces} pieces the "
+        f"{kind} layout cuts it into, so some ranks would hold none of it",
+        where=f"{name}, tokens [{int(cu_seqlens[seg if kind == 'zigzag' else 0])}, "
+              f"{int(cu_seqlens[seg + 1 if kind == 'zigzag' else -1])})",
+        fix=f"pass the cp your run used; without padding {name} allows at most cp={largest}; or pad short segments "
+            f"to {pieces} tokens (--pad)",
+    )
+
+
+def check_divisible(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> None:
+    """Raise the exit-2 error naming the first segment a layout cannot cut evenly."""
+    if cp == 1 and kind != "contiguous":
+        return
+    check_cp_fits(cu_seqlens, cp, kind)
+    multiple = 2 * cp if kind != "contiguous" else cp
+    if kind == "zigzag":
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        bad = torch.nonzero(lengths % multiple)
+        if bad.numel():
+            seg = int(bad[0])
+            length = int(lengths[seg])
+            nxt = -(-length // multiple) * multiple
+            raise InputError(
+                f"segment {seg} has physical length {length}, which is not divisible by 2*cp = {multiple} "
+                f"({bad.numel()} of {lengths.numel()} segments are not); the next multiple is {nxt}",
+                where=f"segment {seg}, tokens [{int(cu_seqlens[seg])}, {int(cu_seqlens[seg + 1])})",
+                fix=f"pad every segment to a multiple of {multiple} as Megatron frameworks do "
+                "(rerun with --pad to let cpinspect do it), or pick a cp that divides the lengths",
+            )
+        return
+    total = int(cu_seqlens[-1])
+    if total % multiple:
+        nxt = -(-total // multiple) * multiple
+        rule = "2*cp" if kind == "sequence-zigzag" else "cp"
+        raise InputError(
+            f"the row has {total} tokens, which is not divisible by {rule} = {multiple} for the {kind} "
+            f"layout; the next multiple is {nxt}",
+            where="the whole packed row",
+            fix="pad the row (--pad pads each segment) or pick a cp that divides the row length",
+        )
+
+
+def make_layout(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> Layout:
+    """Build the pieces of ``kind`` for physical boundaries ``cu_seqlens`` over ``cp`` ranks."""
+    if kind not in LAYOUTS:
+        raise InputError(f"unknown layout {kind!r}", where="--layout", fix=f"use one of {', '.join(LAYOUTS)}")
+    if cp < 1:
+        raise InputError(f"cp is {cp}, but it must be at least 1", where="--cp", fix="pass --cp 1 or more")
+    cu = check_cu_seqlens(cu_seqlens)
+    check_divisible(cu, cp, kind)
+    total = int(cu[-1])
+    if kind == "contiguous":
+        local = total // cp
+        starts = torch.arange(cp) * local
+        return Layout(
+            kind, cp, cu, starts, torch.full((cp,), local), torch.zeros(cp, dtype=torch.long),
+            torch.arange(cp), torch.arange(cp).view(cp, 1),
+        )
+    split_cu = cu if kind == "zigzag" else torch.tensor([0, total])
+    starts, lengths, segment, chunk = _zigzag_pieces(split_cu, cp)
+    return Layout(kind, cp, cu, starts, lengths, segment, chunk, zigzag_rank_pieces(split_cu.numel() - 1, cp))
+
+
+def _zigzag_pieces(cu: torch.Tensor, cp: int) -> tuple[torch.Tensor, ...]:
+    """Starts, lengths, segment and chunk of the ``2*cp`` chunks of every segment.
+
+    With cp == 1 nothing is split upstream; an odd segment then gets chunks of floor/ceil length
+    so that the count table keeps its ``[S, 2]`` shape.
+    """
+    num_chunks = 2 * cp
+    seg_len = cu[1:] - cu[:-1]
+    num_segments = seg_len.numel()
+    chunk = torch.arange(num_chunks)
+    chunk_len = seg_len // num_chunks
+    lengths = chunk_len[:, None].expand(num_segments, num_chunks).clone()
+    if cp == 1:
+        lengths[:, 1] = seg_len - chunk_len
+    offsets = torch.cumsum(lengths, 1) - lengths
+    starts = cu[:-1, None] + offsets
+    segment = torch.arange(num_segments)[:, None].expand(num_segments, num_chunks)
+    return (
+        starts.reshape(-1),
+        lengths.reshape(-1),
+        segment.reshape(-1).clone(),
+        chunk.repeat(num_segments),
+    )
+
+
+def zigzag_rank_pieces(num_segments: int, cp: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``[cp, 2*num_segments]`` piece ids: rank r holds ``seg*2cp + r`` then ``seg*2cp + 2cp-1-r``."""
+    base = torch.arange(num_segments, device=device) * (2 * cp)
+    ranks = torch.arange(cp, device=device)
+    head = base[None, :] + ranks[:, None]
+    tail = base[None, :] + (2 * cp - 1 - ranks)[:, None]
+    return torch.stack([head, tail], dim=-1).reshape(cp, 2 * num_segments)
+
+
+def padded_cu_seqlens(cu_seqlens: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Round every segment length up to ``multiple`` (what Megatron frameworks do before CP)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    padded = (lengths + multiple - 1) // multiple * multiple
+    return torch.cat([cu_seqlens.new_zeros(1), torch.cumsum(padded, 0)])
+
+
+def pad_row(row: torch.Tensor, cu_seqlens: torch.Tensor, new_cu: torch.Tensor, fill: int | bool) -> torch.Tensor:
+    """Move each segment of ``row`` (last dim) to its padded place; the gaps take ``fill``."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    shift = torch.repeat_interleave(new_cu[:-1] - cu_seqlens[:-1], lengths)
+    target = torch.arange(row.shape[-1]) + shift
+    out = row.new_full((*row.shape[:-1], int(new_cu[-1])), fill)
+    out[..., target] = row
+    return out

@@ -1,0 +1,390 @@
+"""Loading a batch from files or dicts: read each file, pick the fields, validate them.
+
+Only ``torch.load(..., weights_only=True)`` and safetensors are used: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpinspect.core.batch import (
+    FIELD_ALIASES,
+    FIELDS,
+    LOGICAL_CU_KEYS,
+    PADDED_CU_KEYS,
+    PHYSICAL_CU_KEYS,
+    RANK_FILE,
+    BatchSource,
+    FieldInfo,
+    PackedBatch,
+)
+from cpinspect.core.errors import InputError
+from cpinspect.core.layout import check_cu_seqlens
+
+
+def load_batch(source: BatchSource, *, keys: Mapping[str, str] | None = None) -> PackedBatch:
+    """Load a batch from a path (file or ``rank{r}`` directory), a dict, or a list of either.
+
+    ``keys`` maps cpinspect field names (``input_ids``, ``cu_seqlens``, ...) to the names the
+    source uses, for stacks with their own spelling (``--key input_ids=tokens_local``).
+    """
+    keys = dict(keys or {})
+    for name in keys:
+        if name not in FIELDS:
+            raise InputError(
+                f"--key names an unknown field {name!r}",
+                where=f"--key {name}={keys[name]}",
+                fix=f"map one of: {', '.join(FIELDS)}",
+            )
+    if isinstance(source, Mapping):
+        return _from_parts([("<dict>", dict(source))], keys, "<dict>")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            files = _rank_files(path)
+            return _from_parts([(str(f), _read_file(f)) for f in files], keys, str(path))
+        return _from_parts([(str(path), _read_file(path))], keys, str(path))
+    parts = list(source)
+    if not parts:
+        raise InputError("an empty list of batch files was given", fix="pass one file per rank, in rank order")
+    loaded = [(str(p), _read_file(Path(p))) if not isinstance(p, Mapping) else ("<dict>", dict(p)) for p in parts]
+    return _from_parts(loaded, keys, ", ".join(name for name, _ in loaded))
+
+
+def _rank_files(directory: Path) -> list[Path]:
+    by_rank: dict[int, Path] = {}
+    for entry in sorted(directory.iterdir()):
+        match = RANK_FILE.match(entry.name)
+        if not match:
+            continue
+        rank = int(match.group(1))
+        if rank in by_rank:
+            raise InputError(
+                f"rank {rank} appears twice: {by_rank[rank].name} and {entry.name}",
+                where=str(directory),
+                fix="keep exactly one rank{r}.pt or rank{r}.safetensors file per rank",
+            )
+        by_rank[rank] = entry
+    if not by_rank:
+        raise InputError(
+            "the directory holds no rank files",
+            where=str(directory),
+            fix="a pre-sharded batch directory needs files named rank0.pt, rank1.pt, ... (or .safetensors)",
+        )
+    missing = [r for r in range(max(by_rank) + 1) if r not in by_rank]
+    if missing:
+        raise InputError(
+            f"rank file(s) for rank {', '.join(map(str, missing))} are missing (found ranks "
+            f"{', '.join(map(str, sorted(by_rank)))})",
+            where=str(directory),
+            fix="save every CP rank's local batch as rank{r}.pt; a simulation needs all of them",
+        )
+    return [by_rank[r] for r in range(len(by_rank))]
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise InputError(f"the file {path} does not exist", where=str(path), fix="check the path")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory", where=str(path), fix="pass it as a pre-sharded batch directory")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _read_safetensors(path)
+    if suffix in (".pt", ".pth"):
+        return _read_torch(path)
+    raise InputError(
+        f"unknown file extension {path.suffix or '(none)'!r}",
+        where=str(path),
+        fix="save the batch as .pt (a dict of tensors) or .safetensors",
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(
+            f"the safetensors file could not be read ({_first_line(exc)})",
+            where=str(path),
+            fix="the file is truncated or corrupt: save it again with safetensors.torch.save_file",
+        ) from None
+
+
+def _read_torch(path: Path) -> dict[str, Any]:
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            "refused to load the file: it holds Python objects other than tensors, containers and "
+            f"numbers, and cpinspect only loads with weights_only=True ({_first_line(exc)[:160]})",
+            where=str(path),
+            fix="save a plain dict of tensors (torch.save({'input_ids': ids, 'cu_seqlens': cu}, path)) "
+            "or use .safetensors; nothing from the file was executed",
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise InputError(
+            f"the .pt file could not be read ({_first_line(exc)[:160]})",
+            where=str(path),
+            fix="the file is truncated or corrupt: save it again with torch.save",
+        ) from None
+    if not isinstance(data, Mapping):
+        raise InputError(
+            f"the file holds a {type(data).__name__}, not a dict of named tensors",
+            where=str(path),
+            fix="save a dict such as {'input_ids': ids, 'cu_seqlens': cu}",
+        )
+    return dict(data)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _from_parts(parts: list[tuple[str, dict[str, Any]]], keys: Mapping[str, str], source: str) -> PackedBatch:
+    fields = [_pick_fields(name, raw, keys) for name, raw in parts]
+    first_name, first = parts[0][0], fields[0]
+    rows = [_as_row(f["input_ids"], name, keys.get("input_ids", f.get("_input_ids_key", "input_ids")))
+            for (name, _), f in zip(parts, fields)]
+    cu = check_cu_seqlens(_as_tensor(first["cu_seqlens"], first_name, first["_cu_key"]), name=first["_cu_key"])
+    for (name, _), f in zip(parts[1:], fields[1:]):
+        other = check_cu_seqlens(_as_tensor(f["cu_seqlens"], name, f["_cu_key"]), name=f["_cu_key"])
+        if other.shape != cu.shape or not torch.equal(other, cu):
+            raise InputError(
+                f"per-rank files disagree on {first['_cu_key']}: {_short(cu)} in {first_name} but "
+                f"{_short(other)} in {name}",
+                where=name,
+                fix="every CP rank must carry the same global cu_seqlens; re-save the rank files from one step",
+            )
+    lengths = {row.numel() for row in rows}
+    if len(lengths) > 1:
+        sizes = ", ".join(f"rank {r}: {row.numel()}" for r, row in enumerate(rows))
+        raise InputError(
+            f"per-rank files hold local rows of different lengths ({sizes})",
+            where=source,
+            fix="zigzag gives every rank cu_seqlens[-1] / cp tokens; re-save the local rows from one step",
+        )
+    batch = PackedBatch(rows=rows, cu_seqlens=cu, source=source)
+    batch.keys = dict(first["_keys"])
+    batch.found = [f["_found"] for f in fields]
+    batch.extra = [{str(k): v.detach().to("cpu").clone() for k, v in raw.items()
+                    if isinstance(v, torch.Tensor) and k not in f["_keys"].values()}
+                   for (_, raw), f in zip(parts, fields)]
+    if first.get("logical_cu_seqlens") is not None:
+        batch.logical_cu_seqlens = check_cu_seqlens(
+            _as_tensor(first["logical_cu_seqlens"], first_name, first["_keys"]["logical_cu_seqlens"]),
+            name=first["_keys"]["logical_cu_seqlens"],
+        )
+        _check_logical(batch.logical_cu_seqlens, cu, first_name)
+    for grid in ("image_grid_thw", "video_grid_thw"):
+        if first.get(grid) is not None:
+            setattr(batch, grid, _as_grid(first[grid], first_name, first["_keys"][grid]))
+    if first.get("second_per_grid_ts") is not None:
+        batch.second_per_grid_ts = _as_tensor(first["second_per_grid_ts"], first_name, "second_per_grid_ts").reshape(-1)
+    if first.get("vision_embed_count") is not None:
+        batch.vision_embed_count = _as_count(first["vision_embed_count"], first_name)
+    if all(f.get("vision_mask") is not None for f in fields):
+        batch.vision_mask = [
+            _as_mask(f["vision_mask"], name, row.numel()) for (name, _), f, row in zip(parts, fields, rows)
+        ]
+    if all(f.get("position_ids") is not None for f in fields):
+        batch.position_ids = [
+            _as_tensor(f["position_ids"], name, "position_ids") for (name, _), f in zip(parts, fields)
+        ]
+    return batch
+
+
+def _pick_fields(name: str, raw: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
+    """Resolve aliases: which key of ``raw`` holds each cpinspect field."""
+    chosen: dict[str, str] = {}
+    for field_name, aliases in FIELD_ALIASES.items():
+        candidates = (keys[field_name],) if field_name in keys else aliases
+        for key in candidates:
+            if key in raw:
+                chosen[field_name] = key
+                break
+        else:
+            if field_name in keys:
+                raise InputError(
+                    f"--key maps {field_name} to {keys[field_name]!r}, but the batch has no such key "
+                    f"(keys: {', '.join(sorted(map(str, raw))) or 'none'})",
+                    where=name,
+                    fix="check the spelling of the key",
+                )
+    if "cu_seqlens" in keys:
+        if keys["cu_seqlens"] not in raw:
+            raise InputError(
+                f"--key maps cu_seqlens to {keys['cu_seqlens']!r}, but the batch has no such key",
+                where=name,
+                fix=f"keys present: {', '.join(sorted(map(str, raw)))}",
+            )
+        chosen["cu_seqlens"] = keys["cu_seqlens"]
+    else:
+        present = [k for k in PHYSICAL_CU_KEYS if k in raw]
+        if present:
+            chosen["cu_seqlens"] = present[0]
+    if "logical_cu_seqlens" in keys:
+        chosen["logical_cu_seqlens"] = keys["logical_cu_seqlens"]
+    elif chosen.get("cu_seqlens") in PADDED_CU_KEYS:
+        logical = [k for k in LOGICAL_CU_KEYS if k in raw]
+        if logical:
+            chosen["logical_cu_seqlens"] = logical[0]
+    missing = [f for f in ("input_ids", "cu_seqlens") if f not in chosen]
+    if missing:
+        want = {
+            "input_ids": "input_ids (or tokens)",
+            "cu_seqlens": "cu_seqlens (or cu_seqlens_padded, cu_seqlens_q_padded, cu_seqlens_q)",
+        }
+        raise InputError(
+            f"the batch has no {' and no '.join(want[m] for m in missing)} (keys found: "
+            f"{', '.join(sorted(map(str, raw))) or 'none'})",
+            where=name,
+            fix="save these keys, or map your names with --key input_ids=NAME / --key cu_seqlens=NAME",
+        )
+    out: dict[str, Any] = {f: raw[k] for f, k in chosen.items()}
+    out["_keys"] = chosen
+    out["_cu_key"] = chosen["cu_seqlens"]
+    out["_input_ids_key"] = chosen["input_ids"]
+    out["_found"] = [
+        FieldInfo(str(k), tuple(v.shape) if isinstance(v, torch.Tensor) else (), _dtype_name(v)) for k, v in raw.items()
+    ]
+    return out
+
+
+def _dtype_name(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(value.dtype).removeprefix("torch.")
+    return type(value).__name__
+
+
+def _as_tensor(value: Any, name: str, key: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu").clone()
+    if isinstance(value, (list, tuple, int)):
+        try:
+            return torch.tensor(value)
+        except (TypeError, ValueError):
+            pass
+    raise InputError(
+        f"{key} is a {type(value).__name__}, not a tensor",
+        where=f"{name}, key {key}",
+        fix="store it as a torch tensor",
+    )
+
+
+def _as_row(value: Any, name: str, key: str) -> torch.Tensor:
+    ids = _as_tensor(value, name, key)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise InputError(
+            f"{key} has dtype {ids.dtype}, but token ids must be integers",
+            where=f"{name}, key {key}",
+            fix="store token ids as int64 (input_ids.long())",
+        )
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    elif ids.dim() == 2:
+        raise InputError(
+            f"{key} has shape {list(ids.shape)}: batch dimension {ids.shape[0]} > 1, but a packed THD batch is "
+            "one flat row [1, T] (BATCH_NOT_FLAT)",
+            where=f"{name}, key {key}",
+            fix="pack the samples into one row and describe them with cu_seqlens, or pass one row per file",
+        )
+    elif ids.dim() != 1:
+        raise InputError(
+            f"{key} has {ids.dim()} dimensions (shape {list(ids.shape)}); expected [T] or [1, T]",
+            where=f"{name}, key {key}",
+            fix="pass the packed token row, not embeddings or a stacked batch",
+        )
+    ids = ids.to(torch.long)
+    if ids.numel() and int(ids.min()) < 0:
+        where = int(torch.nonzero(ids < 0)[0])
+        raise InputError(
+            f"{key} holds a negative token id ({int(ids[where])} at position {where})",
+            where=f"{name}, key {key}, position {where}",
+            fix="ids must be vocabulary indices; replace ignore-index values (-100) belong in labels, not input_ids",
+        )
+    return ids
+
+
+def _as_grid(value: Any, name: str, key: str) -> torch.Tensor:
+    grid = _as_tensor(value, name, key)
+    if grid.numel() == 0:
+        return grid.reshape(0, 3).to(torch.long)
+    if grid.is_floating_point() or grid.dim() != 2 or grid.shape[1] != 3:
+        raise InputError(
+            f"{key} has shape {list(grid.shape)} and dtype {grid.dtype}; expected integer [N, 3] rows of (t, h, w)",
+            where=f"{name}, key {key}",
+            fix="store one (t, h, w) row per image or video, as the processor returns it",
+        )
+    grid = grid.to(torch.long)
+    bad = torch.nonzero((grid <= 0).any(dim=1))
+    if bad.numel():
+        item = int(bad[0])
+        axis = int(torch.nonzero(grid[item] <= 0)[0])
+        value = int(grid[item, axis])
+        problem = "is 0 (an empty item)" if value == 0 else f"is negative ({value})"
+        raise InputError(
+            f"{key} row {item} is {grid[item].tolist()}: {'thw'[axis]} {problem}, but every t, h, w must be positive",
+            where=f"{name}, key {key}, row {item}",
+            fix="drop empty items or fix the processor output",
+        )
+    return grid
+
+
+def _as_mask(value: Any, name: str, length: int) -> torch.Tensor:
+    mask = _as_tensor(value, name, "vision_mask").reshape(-1)
+    if mask.numel() != length:
+        raise InputError(
+            f"vision_mask has {mask.numel()} entries but input_ids has {length}",
+            where=f"{name}, key vision_mask",
+            fix="the mask must cover the same (local) row as input_ids",
+        )
+    return mask.to(torch.bool)
+
+
+def _as_count(value: Any, name: str) -> int:
+    tensor = _as_tensor(value, name, "vision_embed_count")
+    if tensor.numel() != 1 or tensor.is_floating_point() or int(tensor.reshape(-1)[0]) < 0:
+        raise InputError(
+            f"vision_embed_count must be one non-negative integer, got {tensor.tolist()}",
+            where=f"{name}, key vision_embed_count",
+            fix="store the number of rows of the vision encoder's output",
+        )
+    return int(tensor.reshape(-1)[0])
+
+
+def _check_logical(logical: torch.Tensor, physical: torch.Tensor, name: str) -> None:
+    if logical.shape != physical.shape:
+        raise InputError(
+            f"logical cu_seqlens has {logical.numel()} entries but physical has {physical.numel()}",
+            where=name,
+            fix="both must describe the same segments",
+        )
+    longer = torch.nonzero((logical[1:] - logical[:-1]) > (physical[1:] - physical[:-1]))
+    if longer.numel():
+        seg = int(longer[0])
+        raise InputError(
+            f"segment {seg} is longer logically ({int(logical[seg + 1] - logical[seg])}) than physically "
+            f"({int(physical[seg + 1] - physical[seg])})",
+            where=f"{name}, segment {seg}",
+            fix="the padded (physical) boundaries must contain the real (logical) lengths; are the two swapped?",
+        )
+
+
+def _short(t: torch.Tensor, limit: int = 8) -> str:
+    values = t.tolist()
+    if len(values) <= limit:
+        return str(values)
+    head = ", ".join(map(str, values[: limit // 2]))
+    tail = ", ".join(map(str, values[-limit // 2 :]))
+    return f"[{head}, ..., {tail}] ({len(values)} entries)"

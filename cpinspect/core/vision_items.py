@@ -1,0 +1,193 @@
+"""Vision items of a packed Qwen-VL row: placeholder runs matched to their grids, in token order.
+
+Grids are consumed in order over the whole row (across segments), as upstream does; a Qwen3-VL video
+becomes one item per temporal patch. Shared by the mRoPE positions and the vision-DP split, which
+both need to know where each image or video sits and how many tokens it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cpinspect.core.batch import check_grid_merge
+from cpinspect.core.errors import InputError
+from cpinspect.core.tokens import TokenConfig
+
+IMAGE, VIDEO = 0, 1
+
+@dataclass(frozen=True)
+class VisionItems:
+    """Vision items of a full row in natural (token) order; all tensors ``[N]`` (``grid`` ``[N, 3]``).
+
+    ``kind`` is 0 for an image, 1 for a video (or one temporal patch of a split Qwen3-VL video);
+    ``source`` is the row of ``image_grid_thw``/``video_grid_thw`` it came from and ``frame`` the
+    temporal patch of a split video. ``grid`` is in patches as the encoder sees the item.
+    """
+
+    kind: torch.Tensor
+    source: torch.Tensor
+    frame: torch.Tensor
+    grid: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+    segment: torch.Tensor
+    split_frames: bool = False
+
+    @property
+    def count(self) -> int:
+        return self.kind.numel()
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """``[N]`` encoder patches per item (``t*h*w``)."""
+        return self.grid.prod(dim=1)
+
+    def label(self, item: int) -> str:
+        """``image 0``, ``video 1`` or ``video 1 frame 2`` for people."""
+        return self.labels()[item]
+
+    def labels(self) -> list[str]:
+        """Every item's label, in natural order (built once: views ask for many)."""
+        cached: list[str] | None = self.__dict__.get("_labels")
+        if cached is None:
+            cached = [
+                f"{'image' if kind == IMAGE else 'video'} {source}"
+                + (f" frame {frame}" if self.split_frames and kind == VIDEO else "")
+                for kind, source, frame in zip(self.kind.tolist(), self.source.tolist(), self.frame.tolist())
+            ]
+            object.__setattr__(self, "_labels", cached)
+        return cached
+
+    def token_item(self, total_tokens: int) -> torch.Tensor:
+        """``[T]`` item index of every token of the full row, -1 for text."""
+        owner = torch.full((total_tokens,), -1, dtype=torch.long)
+        if self.count:
+            owner[_expand(self.start, self.length)] = torch.repeat_interleave(torch.arange(self.count), self.length)
+        return owner
+
+
+def exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(values, 0) - values
+
+
+def _expand(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenated ``arange(start, start+len)`` of every run, without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long)
+    offsets = exclusive_cumsum(lengths)
+    return torch.repeat_interleave(starts - offsets, lengths, output_size=total) + torch.arange(total)
+
+
+def _grid(grid: torch.Tensor | None) -> torch.Tensor:
+    return torch.zeros(0, 3, dtype=torch.long) if grid is None else grid.reshape(-1, 3).to(torch.long)
+
+
+def find_vision_items(
+    ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    tokens: TokenConfig,
+    *,
+    image_grid_thw: torch.Tensor | None,
+    video_grid_thw: torch.Tensor | None,
+    split_video_frames: bool,
+    logical_lengths: torch.Tensor | None = None,
+) -> VisionItems:
+    """Match the placeholder runs of ``ids`` to the grids, in order, and check they agree.
+
+    Grids are consumed in order over the whole row (across segments), as upstream does. Raises
+    :class:`InputError` when the placeholders and grids disagree, an item is not one contiguous
+    run, or an item crosses a segment boundary or sits in a segment's padding.
+    """
+    image_grid, video_grid = _grid(image_grid_thw), _grid(video_grid_thw)
+    check_grid_merge(image_grid, "image_grid_thw", tokens.spatial_merge_size)
+    check_grid_merge(video_grid, "video_grid_thw", tokens.spatial_merge_size)
+    image = _place(ids, image_grid, tokens.image_token_id, "image", "image_grid_thw", tokens)
+    video_grid_items, video_source, video_frame = _video_items(video_grid, split_video_frames)
+    video = _place(ids, video_grid_items, tokens.video_token_id, "video", "video_grid_thw", tokens)
+    kind = torch.cat([torch.full((image_grid.shape[0],), IMAGE), torch.full((video_grid_items.shape[0],), VIDEO)])
+    source = torch.cat([torch.arange(image_grid.shape[0]), video_source]).to(torch.long)
+    frame = torch.cat([torch.zeros(image_grid.shape[0], dtype=torch.long), video_frame])
+    grid = torch.cat([image_grid, video_grid_items])
+    start = torch.cat([image[0], video[0]])
+    length = torch.cat([image[1], video[1]])
+    order = torch.argsort(start)
+    items = VisionItems(kind[order], source[order], frame[order], grid[order], start[order], length[order],
+                        torch.zeros(0, dtype=torch.long), split_video_frames)
+    segment = _check_segments(items, cu_seqlens, logical_lengths)
+    return VisionItems(items.kind, items.source, items.frame, items.grid, items.start, items.length, segment,
+                       split_video_frames)
+
+
+def _video_items(grid: torch.Tensor, split_frames: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Video grids as items: one per video, or (Qwen3-VL) one ``[1, h, w]`` per temporal patch."""
+    count = grid.shape[0]
+    if not split_frames:
+        return grid, torch.arange(count), torch.zeros(count, dtype=torch.long)
+    frames = grid[:, 0]
+    source = torch.repeat_interleave(torch.arange(count), frames)
+    frame = torch.arange(source.numel()) - torch.repeat_interleave(exclusive_cumsum(frames), frames)
+    per_frame = grid[source].clone()
+    per_frame[:, 0] = 1
+    return per_frame, source, frame
+
+
+def _place(ids: torch.Tensor, grid: torch.Tensor, token_id: int, kind: str, key: str,
+           tokens: TokenConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """First token and length of every item of one kind: its placeholders consumed in grid order."""
+    positions = torch.nonzero(ids == token_id).view(-1)
+    lengths = grid.prod(dim=1) // tokens.merge_area
+    expected = int(lengths.sum())
+    if positions.numel() != expected:
+        raise InputError(
+            f"the row has {positions.numel()} {kind} placeholder tokens (id {token_id}) but {key} "
+            f"({grid.shape[0]} item(s)) accounts for {expected} = sum(t*h*w) / {tokens.merge_area}",
+            where=key,
+            fix=f"pass the {key} of exactly this row (a truncated vision span or a missing grid row is the usual "
+            "cause), or the right --model / --image-token-id / --video-token-id",
+        )
+    if not lengths.numel():
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    first = exclusive_cumsum(lengths)
+    start, last = positions[first], positions[first + lengths - 1]
+    broken = torch.nonzero(last - start + 1 != lengths).view(-1)
+    if broken.numel():
+        item = int(broken[0])
+        raise InputError(
+            f"{kind} item {item} (grid {grid[item].tolist()}, {int(lengths[item])} tokens) is not one contiguous run: "
+            f"its placeholders span tokens {int(start[item])}..{int(last[item])}",
+            where=f"{key}, item {item}, tokens {int(start[item])}..{int(last[item])}",
+            fix="the grids must match the placeholder runs in order (one run per item; one per temporal patch "
+            "for Qwen3-VL videos): check the --model preset and the grid order",
+        )
+    return start, lengths
+
+
+def _check_segments(items: VisionItems, cu: torch.Tensor, logical_lengths: torch.Tensor | None) -> torch.Tensor:
+    if not items.count:
+        return torch.zeros(0, dtype=torch.long)
+    first_seg = torch.searchsorted(cu[1:], items.start, right=True)
+    last_seg = torch.searchsorted(cu[1:], items.start + items.length - 1, right=True)
+    crossing = torch.nonzero(first_seg != last_seg).view(-1)
+    if crossing.numel():
+        item = int(crossing[0])
+        raise InputError(
+            f"{items.label(item)} (tokens {int(items.start[item])}..{int(items.start[item] + items.length[item] - 1)})"
+            f" crosses the boundary between segments {int(first_seg[item])} and {int(last_seg[item])}",
+            where=f"segment {int(first_seg[item])}, {items.label(item)}",
+            fix="a packed segment must hold whole vision items: check cu_seqlens and truncation",
+        )
+    if logical_lengths is not None:
+        logical_end = cu[:-1][first_seg] + logical_lengths[first_seg]
+        padded = torch.nonzero(items.start + items.length > logical_end).view(-1)
+        if padded.numel():
+            item = int(padded[0])
+            raise InputError(
+                f"{items.label(item)} reaches into the padding of segment {int(first_seg[item])} (logical end "
+                f"{int(logical_end[item])})",
+                where=f"segment {int(first_seg[item])}, {items.label(item)}",
+                fix="the logical cu_seqlens must cover every vision token: are the logical and padded keys swapped?",
+            )
+    return first_seg

@@ -1,0 +1,228 @@
+"""Diagnose a CP + vision failure: turn the numbers of an error into a cause, by simulation.
+
+Public API (stable: ``cpinspect analyze`` reuses it)::
+
+    from cpinspect.diagnose.api import diagnose_batch, DiagnoseReport, render_report
+    report = diagnose_batch(batch, cp, layout="zigzag", tokens=None, error_text=None, embeds=None,
+                            rank=None, timeout=10.0)
+    report.findings   # list[DiagnosisFinding]: code, status (confirmed|possible|info), severity,
+                      #   message, rank, segment, chunk, hint
+    report.observed   # dict: the numbers parsed from the error text (and ``embeds``)
+    report.exit_code  # 0 nothing wrong found, 1 a cause confirmed or the batch inconsistent
+    report.to_dict()  # the --json document {ok, observed, findings: [...]} (plus cp, layout, input)
+    render_report(report, console)
+
+``batch`` is a :class:`~cpinspect.core.batch.PackedBatch` (a full row, every rank's pre-sharded row,
+or one rank's row) or anything :func:`load_diagnosis_batch` accepts (a path, a dict, a list).
+``error_text`` is the message or a pasted log (the last recognised line wins), or an
+:class:`~cpinspect.diagnose.errortext.ObservedError` already read from a log file. ``embeds`` is the
+number of rows the vision encoder produced, if known. ``rank`` is the rank that raised (else the
+log's ``[rankN]:`` prefix). Bad input raises :class:`~cpinspect.core.errors.InputError`.
+
+How it works. A :class:`Scene` is built once: the batch's form for ``cp`` (rows cut for another
+cp are themselves a finding, CP_SIZE_MISMATCH, and the diagnosis goes on with the rows' cp), the
+full row and its vision mask, the core simulation (:func:`cpinspect.simulation.run.simulate`), and the
+vision spans against the grids. *Audits* report what needs no observed number. *Hypotheses*
+predict the two counts an error reports, each from a simulation of one candidate cause on this
+batch (e.g. "rows were not selected: rank r fills its held vision tokens with all E rows",
+with what rank r holds taken from :func:`cpinspect.core.layout.make_layout` under every layout and cp
+that can cut the row); a prediction equal to the observed pair is *confirmed*, one that matches
+only one of the two numbers is *possible*. Then :data:`EXTRA_CHECKS` run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from cpinspect.core.batch import BatchSource, PackedBatch
+from cpinspect.core.errors import InputError
+from cpinspect.core.findings import Finding
+from cpinspect.core.layout import LAYOUTS
+from cpinspect.core.mrope import check_position_ids
+from cpinspect.core.tokens import TokenConfig, token_config
+from cpinspect.diagnose.audits import audit, consistent
+from cpinspect.diagnose.errortext import ObservedError, parse_error_text
+from cpinspect.diagnose.hypotheses import explain
+from cpinspect.diagnose.report import (
+    CAUSE_CODES,
+    INFO_CODES,
+    STATUSES,
+    DiagnoseReport,
+    DiagnosisFinding,
+    clip,
+    info,
+)
+from cpinspect.diagnose.scene import Scene, build_scene, load_diagnosis_batch
+
+__all__ = [
+    "CAUSE_CODES", "EXTRA_CHECKS", "INFO_CODES", "STATUSES", "DiagnoseReport", "DiagnosisFinding", "diagnose_batch",
+    "load_diagnosis_batch", "render_report",
+]
+
+# --------------------------------------------------------------------------- extra checks
+ExtraCheck = Callable[..., list[Finding]]
+EXTRA_CHECKS: list[ExtraCheck] = [check_position_ids]
+"""Checks that run after the built-in ones, as ``check(batch, cp, layout=..., tokens=...)``
+returning :class:`~cpinspect.core.findings.Finding` objects (problems become confirmed findings, the rest
+info); each must return ``[]`` when it does not apply. The batch's own mRoPE ``position_ids`` are
+checked here."""
+
+
+def diagnose_batch(
+    batch: PackedBatch | BatchSource,
+    cp: int,
+    *,
+    layout: str = "zigzag",
+    tokens: TokenConfig | None = None,
+    error_text: str | ObservedError | None = None,
+    embeds: int | None = None,
+    rank: int | None = None,
+    timeout: float = 10.0,
+) -> DiagnoseReport:
+    """Audit ``batch`` for ``cp`` ranks and explain ``error_text`` by simulating candidate causes.
+
+    See the module docstring for the report's fields. Never modifies the caller's tensors.
+    """
+    tokens = tokens or token_config()
+    _check_options(cp, layout, embeds, rank)
+    loaded = load_diagnosis_batch(batch)
+    observed = error_text if isinstance(error_text, ObservedError) or error_text is None else parse_error_text(
+        error_text)
+    findings: list[DiagnosisFinding] = []
+    if isinstance(error_text, str) and observed is None:
+        findings.append(info("ERROR_NOT_RECOGNISED", f"the error text matched none of the known forms: "
+                              f"{clip(error_text)!r}", "paste the line with the numbers (see the README's list)"))
+    scene, form_findings = build_scene(loaded, cp, layout, tokens, embeds=embeds, rank=rank, timeout=timeout)
+    if rank is None and observed is not None:
+        scene.rank = observed.rank  # a log's rank may lie beyond cp: itself a sign of another cp
+    findings += form_findings + audit(scene)
+    if observed is not None:
+        findings = explain(scene, observed, findings)
+    findings += _extra_findings(scene)
+    findings += consistent(scene, findings)
+    return DiagnoseReport(_ordered(findings), _observed_dict(observed, embeds, scene.rank), scene.cp, layout,
+                          scene.form, loaded.source, _summary(scene))
+
+
+def _check_options(cp: int, layout: str, embeds: int | None, rank: int | None) -> None:
+    if cp < 1:
+        raise InputError(f"cp is {cp}, but it must be at least 1", where="--cp",
+                         fix="pass the context-parallel size of the run (--cp 2, --cp 4, ...)")
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown layout {layout!r}", where="--layout", fix=f"use one of {', '.join(LAYOUTS)}")
+    if embeds is not None and embeds < 0:
+        raise InputError(f"--embeds is {embeds}, but a number of embedding rows cannot be negative", where="--embeds",
+                         fix="pass the row count of the vision encoder's output (vision_embeds.shape[0])")
+    if rank is not None and not 0 <= rank < max(cp, 1) and cp >= 1:
+        raise InputError(f"--rank {rank} is out of range for cp={cp}", where="--rank", fix=f"pick 0..{cp - 1}")
+
+
+def _observed_dict(observed: ObservedError | None, embeds: int | None, rank: int | None) -> dict[str, Any]:
+    out = observed.to_dict() if observed is not None else {}
+    if embeds is not None:
+        out["embeds"] = embeds
+    if rank is not None:
+        out["rank"] = rank
+    return out
+
+
+def _summary(scene: Scene) -> dict[str, Any]:
+    rows, label = scene.embed_rows()
+    return {
+        "tokens": scene.total_tokens, "segments": scene.batch.num_segments, "row_tokens": scene.batch.row_tokens,
+        "rank_files": len(scene.batch.rows) if scene.batch.per_rank_files else 0,
+        "vision_tokens": scene.placeholders, "embed_rows": rows, "embed_rows_from": label,
+        "held": scene.actual_held(), "requested_cp": scene.requested_cp, "data_layout": scene.data_layout,
+    }
+
+
+def _ordered(findings: list[DiagnosisFinding]) -> list[DiagnosisFinding]:
+    """Confirmed causes first (in CAUSE_CODES order), then possible ones, then info."""
+    rank_of = {code: i for i, code in enumerate(CAUSE_CODES)}
+    key = {"confirmed": 0, "possible": 1, "info": 2}
+    return sorted(findings, key=lambda f: (key[f.status], f.code == "CONSISTENT", rank_of.get(f.code, 99)))
+
+
+def _extra_findings(scene: Scene) -> list[DiagnosisFinding]:
+    """Run :data:`EXTRA_CHECKS`; one that cannot run on this input says so instead of failing."""
+    out = []
+    for check in EXTRA_CHECKS:
+        try:
+            found = check(scene.batch, scene.cp, layout=scene.data_layout, tokens=scene.tokens)
+        except InputError as exc:
+            name = getattr(check, "__name__", "check")
+            out.append(info("SKIPPED", f"{name} could not run on this input: {exc.what}"))
+            continue
+        out.extend(DiagnosisFinding.from_finding(finding) for finding in found)
+    return out
+
+
+STATUS_STYLE = {"confirmed": ("✗", "bold red"), "possible": ("?", "bold yellow"), "info": ("ℹ", "cyan")}
+
+
+def render_report(report: DiagnoseReport, console: Console) -> None:
+    """Print the diagnosis: context, causes (confirmed, then possible), what is consistent, verdict."""
+    console.print(_header(report))
+    for finding in report.findings:
+        console.print(_finding_text(finding))
+    console.print(_verdict(report))
+
+
+def _header(report: DiagnoseReport) -> Panel:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    summary = report.summary
+    grid.add_row("batch", report.source)
+    grid.add_row("tokens", f"{summary.get('tokens', 0):,} in {summary.get('segments', 0):,} segment(s)")
+    vision = summary.get("vision_tokens")
+    rows, label = summary.get("embed_rows"), summary.get("embed_rows_from")
+    grid.add_row("vision", f"{'?' if vision is None else f'{vision:,}'} placeholder tokens; "
+                           f"{'?' if rows is None else f'{rows:,}'} embedding rows ({label})")
+    cp_text = f"{report.cp} ({report.layout} layout)"
+    if summary.get("requested_cp") not in (None, report.cp):
+        cp_text += f"; --cp {summary['requested_cp']} was given"
+    grid.add_row("cp", cp_text)
+    grid.add_row("input", report.form)
+    observed = report.observed
+    if observed.get("line"):
+        grid.add_row("error", clip(observed["line"], 100) + (f"  [rank {observed['rank']}]" if "rank" in observed
+                                                                else ""))
+    elif "embeds" in observed:
+        grid.add_row("error", f"none given; the encoder produced {observed['embeds']} rows (--embeds)")
+    else:
+        grid.add_row("error", "none given: auditing the batch (pass --error or --error-file to explain a failure)")
+    return Panel(grid, title="cpinspect diagnose", title_align="left", expand=False)
+
+
+def _finding_text(finding: DiagnosisFinding) -> RenderableType:
+    if finding.code == "CONSISTENT":
+        return Text(f"✓ {finding.message}", style="green")
+    mark, style = STATUS_STYLE[finding.status]
+    where = ", ".join(f"{k} {v}" for k, v in (("rank", finding.rank), ("segment", finding.segment),
+                                              ("chunk", finding.chunk)) if v is not None)
+    line = Text(f"{mark} {finding.code}", style=style)
+    if finding.status != "info":
+        line.append(f" {finding.status}", style=style)
+    line.append(f" ({where})" if where else "")
+    line.append(f": {finding.message}")
+    if finding.hint:
+        line.append(f"\n  fix: {finding.hint}", style="yellow")
+    return line
+
+
+def _verdict(report: DiagnoseReport) -> RenderableType:
+    causes = report.causes
+    if causes:
+        codes = ", ".join(dict.fromkeys(f.code for f in causes))
+        return Group(Text(f"✗ cause confirmed: {codes}", style="bold red"))
+    possible = [f.code for f in report.findings if f.status == "possible"]
+    if possible:
+        return Text(f"? nothing confirmed; possible: {', '.join(dict.fromkeys(possible))}", style="bold yellow")
+    return Text("✓ nothing wrong found in the batch", style="bold green")

@@ -1,0 +1,92 @@
+"""The diagnosis' findings and report: plain values, no torch, so views and JSON need nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from cpinspect.core.findings import Finding
+
+STATUSES = ("confirmed", "possible", "info")
+CAUSE_CODES = (
+    "APPLY_KWARG", "BATCH_NOT_FLAT", "CP_SIZE_MISMATCH", "LOGICAL_CU_AS_PHYSICAL", "LAYOUT_MISMATCH",
+    "PRESHARDED_ROWS_NOT_SELECTED", "SEGMENT_NOT_DIVISIBLE", "TOKEN_ID_MISMATCH", "TRUNCATED_VISION_SPAN",
+    "GRID_TOKEN_MISMATCH", "EMBED_COUNT_MISMATCH",
+)
+INFO_CODES = ("CONSISTENT", "UNEXPLAINED", "ERROR_NOT_RECOGNISED", "SKIPPED")
+
+
+@dataclass(frozen=True)
+class DiagnosisFinding:
+    """One conclusion. ``status``: confirmed (the numbers match exactly or the batch shows it),
+    possible (one number matches), info (context, or a check that passed: ``CONSISTENT``)."""
+
+    code: str
+    status: str
+    severity: str
+    message: str
+    rank: int | None = None
+    segment: int | None = None
+    chunk: int | None = None
+    hint: str = ""
+
+    @property
+    def is_cause(self) -> bool:
+        return self.status == "confirmed" and self.severity in ("error", "warning")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_finding(cls, finding: Finding) -> DiagnosisFinding:
+        """Adopt a core :class:`~cpinspect.core.findings.Finding` (problems are confirmed, the rest info)."""
+        status = "confirmed" if finding.is_problem else "info"
+        return cls(finding.code, status, finding.severity, finding.message, finding.rank, finding.segment,
+                   finding.chunk, finding.hint)
+
+
+@dataclass
+class DiagnoseReport:
+    """What :func:`diagnose_batch` concluded, with the context the view shows."""
+
+    findings: list[DiagnosisFinding]
+    observed: dict[str, Any]
+    cp: int
+    layout: str
+    form: str
+    source: str = "<dict>"
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if any(f.is_cause for f in self.findings) else 0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def causes(self) -> list[DiagnosisFinding]:
+        return [f for f in self.findings if f.is_cause]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "cp": self.cp, "layout": self.layout, "input": self.form,
+                "observed": self.observed, "findings": [f.to_dict() for f in self.findings]}
+
+
+def cause(code: str, message: str, hint: str, *, status: str = "confirmed", rank: int | None = None,
+          segment: int | None = None, chunk: int | None = None) -> DiagnosisFinding:
+    """A cause: ``confirmed`` ones are errors (exit 1), ``possible`` ones warnings (no exit change)."""
+    return DiagnosisFinding(code, status, "error" if status == "confirmed" else "warning", message, rank, segment,
+                            chunk, hint)
+
+
+def info(code: str, message: str, hint: str = "") -> DiagnosisFinding:
+    return DiagnosisFinding(code, "info", "info", message, hint=hint)
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """One line of at most ``limit`` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -1,0 +1,242 @@
+"""``simulate --positions``: each rank's expected mRoPE positions, compactly, and the batch's own checked.
+
+The maths lives in :mod:`cpinspect.core.mrope`; this module only describes and draws it per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from cpinspect.core.batch import PackedBatch
+from cpinspect.core.findings import Finding
+from cpinspect.core.layout import Layout
+from cpinspect.core.mrope import (
+    DEFAULT_TOKENS_PER_SECOND,
+    PAD_POSITION,
+    PositionCheck,
+    compare_position_ids,
+    mrope_positions,
+)
+from cpinspect.core.vision_items import VisionItems, find_vision_items
+
+
+@dataclass(frozen=True)
+class PieceSpan:
+    """One locally held piece and the positions at its first and last token (for the view)."""
+
+    segment: int
+    chunk: int
+    local_first: int
+    local_last: int
+    first: tuple[int, int, int]
+    last: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ItemSpan:
+    """The part of one vision item a rank holds: how many tokens and the t/h/w ranges."""
+
+    label: str
+    segment: int
+    held: int
+    length: int
+    low: tuple[int, int, int]
+    high: tuple[int, int, int]
+
+
+@dataclass
+class RankPositions:
+    """One rank's ``[3, local_T]`` positions and their compact description."""
+
+    rank: int
+    positions: torch.Tensor
+    pieces: list[PieceSpan]
+    items: list[ItemSpan]
+    batch_status: str | None = None
+
+
+class PositionsExtension:
+    """``simulate --positions``: expected per-rank mRoPE positions and the check of the batch's own.
+
+    The positions are those of the simulated full row (padded when ``--pad`` was given), sliced
+    with the layout's global indices; the batch's ``position_ids``, if any, are compared as given.
+    """
+
+    def __init__(self, batch: PackedBatch, *, convention: str = "bridge",
+                 tokens_per_second: int = DEFAULT_TOKENS_PER_SECOND) -> None:
+        self.batch = batch
+        self.convention = convention
+        self.tokens_per_second = tokens_per_second
+        self.ranks: list[RankPositions] = []
+        self.items: VisionItems | None = None
+        self.check = PositionCheck(present=False)
+        self.model = ""
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.check.findings
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.is_problem for f in self.findings)
+
+    def run(self, result: Any) -> None:
+        """Compute every rank's positions from ``result`` (a :class:`~cpinspect.simulation.run.Result`)."""
+        tokens, layout = result.tokens, result.layout
+        self.model = tokens.model
+        logical = _logical_lengths(self.batch, bool(result.padded_tokens))
+        items = find_vision_items(result.full_ids, layout.cu_seqlens, tokens,
+                                  image_grid_thw=self.batch.image_grid_thw, video_grid_thw=self.batch.video_grid_thw,
+                                  split_video_frames=tokens.model == "qwen3-vl", logical_lengths=logical)
+        full = mrope_positions(layout.total_tokens, layout.cu_seqlens, items, tokens, logical_lengths=logical,
+                               second_per_grid_ts=self.batch.second_per_grid_ts,
+                               tokens_per_second=self.tokens_per_second, convention=self.convention)
+        self.items = items
+        token_item = items.token_item(layout.total_tokens)
+        self.ranks = [_describe_rank(r.rank, r.global_indices, full, token_item, items, layout) for r in result.ranks]
+        self.check = compare_position_ids(self.batch, result.cp, layout=layout.kind, tokens=tokens)
+        for rank, status in zip(self.ranks, _rank_statuses(self.check, result.cp)):
+            rank.batch_status = status
+
+    def add_json(self, document: dict[str, Any]) -> None:
+        """``ranks[r].positions`` as ``[3][local_T]``, a ``positions`` summary, and the findings."""
+        by_rank = {r.rank: r for r in self.ranks}
+        for entry in document["ranks"]:
+            rank = by_rank[entry["rank"]]
+            entry["positions"] = rank.positions.tolist()
+            entry["position_ids_status"] = rank.batch_status
+        items = self.items
+        document["positions"] = {
+            "model": self.model,
+            "convention": self.convention,
+            "pad_position": PAD_POSITION[self.convention],
+            "batch_position_ids": self.check.statuses if self.check.present else None,
+            "items": [] if items is None else [
+                {"item": items.label(i), "segment": s, "start": a, "length": n, "grid": g}
+                for i, (s, a, n, g) in enumerate(zip(items.segment.tolist(), items.start.tolist(),
+                                                     items.length.tolist(), items.grid.tolist()))
+            ],
+        }
+        document.setdefault("findings", []).extend(f.to_dict() for f in self.findings)
+
+    def render(self, console: Console, *, rank: int | None = None, full: bool = False) -> None:
+        console.print(render_positions(self, rank=rank, full=full))
+
+
+def _logical_lengths(batch: PackedBatch, padded: bool) -> torch.Tensor | None:
+    """Real lengths per segment: the logical boundaries, or the original ones when --pad grew them."""
+    cu = batch.logical_cu_seqlens if batch.logical_cu_seqlens is not None else batch.cu_seqlens if padded else None
+    return None if cu is None else (cu[1:] - cu[:-1]).to(torch.long)
+
+
+def _rank_statuses(check: PositionCheck, cp: int) -> list[str | None]:
+    if not check.present:
+        return [None] * cp
+    if len(check.statuses) == 1:  # one full-row tensor: the same verdict for every rank's slice
+        return [check.statuses[0]] * cp
+    return list(check.statuses)
+
+
+def _describe_rank(rank: int, global_index: torch.Tensor, full: torch.Tensor, token_item: torch.Tensor,
+                   items: VisionItems, layout: Layout) -> RankPositions:
+    positions = full[:, global_index]
+    piece_len = layout.local_piece_len(rank)
+    ends = torch.cumsum(piece_len, 0)
+    kept = piece_len > 0
+    firsts, lasts = (ends - piece_len)[kept], (ends - 1)[kept]
+    pieces_ids = layout.rank_pieces[rank][kept]
+    pieces = [PieceSpan(s, c, a, b, tuple(p), tuple(q)) for s, c, a, b, p, q in zip(
+        layout.piece_segment[pieces_ids].tolist(), layout.piece_chunk[pieces_ids].tolist(), firsts.tolist(),
+        lasts.tolist(), positions[:, firsts].T.tolist(), positions[:, lasts].T.tolist())]
+    return RankPositions(rank, positions, pieces, _held_items(positions, token_item[global_index], items))
+
+
+def _held_items(positions: torch.Tensor, local_item: torch.Tensor, items: VisionItems) -> list[ItemSpan]:
+    """Per item this rank holds tokens of: count and min/max position on each axis (vectorised)."""
+    if not items.count:
+        return []
+    vision = local_item >= 0
+    item, pos = local_item[vision], positions[:, vision]
+    held = torch.zeros(items.count, dtype=torch.long).index_add_(0, item, torch.ones_like(item))
+    index = item.expand(3, -1)
+    low = torch.full((3, items.count), torch.iinfo(torch.long).max).scatter_reduce(1, index, pos, "amin")
+    high = torch.full((3, items.count), -1, dtype=torch.long).scatter_reduce(1, index, pos, "amax")
+    present = torch.nonzero(held).view(-1)
+    return [ItemSpan(items.label(i), s, n, length, tuple(lo), tuple(hi)) for i, s, n, length, lo, hi in zip(
+        present.tolist(), items.segment[present].tolist(), held[present].tolist(), items.length[present].tolist(),
+        low[:, present].T.tolist(), high[:, present].T.tolist())]
+
+
+def _triple(values: tuple[int, ...]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "(" + ",".join(map(str, values)) + ")"
+
+
+def _span(low: int, high: int) -> str:
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def render_findings(findings: list[Finding]) -> RenderableType:
+    """✗/ℹ lines for findings, in the style of the simulate verdict."""
+    from cpinspect.views.simulate import finding_line
+
+    return Group(*(finding_line(finding) for finding in findings))
+
+
+def _limited(entries: list[Any], full: bool, limit: int = 8) -> tuple[list[Any], int]:
+    return (entries, 0) if full or len(entries) <= limit else (entries[:limit], len(entries) - limit)
+
+
+def render_positions(ext: PositionsExtension, *, rank: int | None = None, full: bool = False) -> RenderableType:
+    """Per rank: positions at each held piece's ends and, per vision item, the t/h/w ranges held."""
+    convention = "Megatron-Bridge / transformers<5" if ext.convention == "bridge" else "transformers>=5"
+    title = Text(f"mRoPE positions ({ext.model}, restarted per physical segment, {convention} convention, pads "
+                 f"= {PAD_POSITION[ext.convention]})", style="bold")
+    parts: list[RenderableType] = [title]
+    for entry in ext.ranks if rank is None else [ext.ranks[rank]]:
+        parts.append(_rank_view(entry, full))
+    if ext.check.present and ext.ok:
+        parts.append(Text("✓ the batch's position_ids match the expected per-segment positions on every rank",
+                          style="bold green"))
+    elif not ext.check.present:
+        parts.append(Text("(the batch carries no position_ids to check)", style="dim"))
+    parts.append(render_findings(ext.findings))
+    return Group(*parts)
+
+
+def _rank_view(entry: RankPositions, full: bool) -> RenderableType:
+    from cpinspect.views.simulate import rank_style
+
+    head = Text(f" rank {entry.rank} ", style=rank_style(entry.rank))
+    head.append(f"  {entry.positions.shape[1]:,} tokens")
+    if entry.batch_status is not None:
+        good = entry.batch_status.startswith("ok")
+        head.append(f"  batch position_ids: {'✓' if good else '✗'} {entry.batch_status}",
+                    style="green" if good else "bold red")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    by_segment: dict[int, list[PieceSpan]] = {}
+    for piece in entry.pieces:
+        by_segment.setdefault(piece.segment, []).append(piece)
+    segments, more = _limited(list(by_segment.items()), full)
+    for segment, pieces in segments:
+        grid.add_row(f"  seg {segment} positions", "   ".join(
+            f"ch {p.chunk} [{p.local_first}-{p.local_last}] {_triple(p.first)} → {_triple(p.last)}" for p in pieces))
+    if more:
+        grid.add_row("  ...", f"{more} more segment(s); --full shows all")
+    items, more = _limited(entry.items, full)
+    for item in items:
+        grid.add_row(f"  {item.label} (seg {item.segment})",
+                     f"{item.held} of {item.length} tokens   t {_span(item.low[0], item.high[0])}   "
+                     f"h {_span(item.low[1], item.high[1])}   w {_span(item.low[2], item.high[2])}")
+    if more:
+        grid.add_row("  ...", f"{more} more vision item(s); --full shows all")
+    if not entry.items:
+        grid.add_row("  vision items", "none on this rank")
+    return Group(head, grid)

@@ -1,0 +1,418 @@
+"""Simulate N CP ranks on one packed batch and check every rank against the oracle.
+
+Data flows one way: batch -> layout -> per-rank local rows -> per-rank program through the
+simulated group -> oracle check -> findings. :class:`Result` holds every stage as tensors, and
+:meth:`Result.to_dict` is the ``--json`` document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from cpinspect.core.batch import PackedBatch
+from cpinspect.core.errors import InputError
+from cpinspect.core.findings import Finding
+from cpinspect.core.layout import Layout, make_layout, pad_row, padded_cu_seqlens
+from cpinspect.core.oracle import expected_rows, global_positions
+from cpinspect.core.selection import RankSelection, select_rank_rows
+from cpinspect.core.tokens import TokenConfig, token_config
+from cpinspect.groups.simulated import DEFAULT_TIMEOUT_S, RankState, SpmdError, execute_spmd
+
+RANK_INDEX_LISTS = ("global_indices", "vision_positions", "selected_rows", "expected_rows")
+
+
+@dataclass
+class RankResult:
+    """One simulated rank: what it holds, what it selected, and what the oracle expects."""
+
+    rank: int
+    global_indices: torch.Tensor
+    input_ids: torch.Tensor
+    selection: RankSelection | None
+    expected_rows: torch.Tensor
+
+    @property
+    def local_mask(self) -> torch.Tensor:
+        return self.selection.local_mask if self.selection else torch.zeros(0, dtype=torch.bool)
+
+    @property
+    def vision_positions(self) -> torch.Tensor:
+        """Local positions of this rank's vision tokens."""
+        return torch.nonzero(self.local_mask).view(-1)
+
+    @property
+    def selected_rows(self) -> torch.Tensor:
+        return self.selection.rows if self.selection else torch.zeros(0, dtype=torch.long)
+
+    @property
+    def ok(self) -> bool:
+        return self.selection is not None and torch.equal(self.selected_rows, self.expected_rows)
+
+
+@dataclass
+class Result:
+    """Everything one simulation found; ``ok`` is False when any error or warning was found."""
+
+    cp: int
+    layout: Layout
+    input_form: str
+    full_ids: torch.Tensor
+    full_mask: torch.Tensor
+    tokens: TokenConfig
+    ranks: list[RankResult]
+    findings: list[Finding]
+    vision_embed_count: int
+    images: int
+    videos: int
+    padded_tokens: int = 0
+    spmd_error: SpmdError | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.is_problem for f in self.findings)
+
+    @property
+    def vision_tokens(self) -> int:
+        return int(self.full_mask.sum())
+
+    @property
+    def gathered_counts(self) -> torch.Tensor:
+        """``[S, 2cp]`` (zigzag) or ``[1, pieces]``: vision tokens per piece in natural order."""
+        selection = next((r.selection for r in self.ranks if r.selection is not None), None)
+        if selection is None:
+            return torch.zeros(0, self.layout.chunks_per_segment, dtype=torch.long)
+        return selection.full_counts.view(-1, self.layout.chunks_per_segment)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document as plain Python values."""
+        document = self.document()
+        for entry in document["ranks"]:
+            for key in RANK_INDEX_LISTS:
+                entry[key] = entry[key].tolist()
+        return document
+
+    def document(self) -> dict[str, Any]:
+        """:meth:`to_dict` with each rank's long index lists (:data:`RANK_INDEX_LISTS`) left as 1-D tensors.
+
+        On a million-token batch these lists hold millions of numbers; the CLI streams them to
+        JSON a slice at a time instead of building Python lists of all of them at once.
+        """
+        return {
+            "cp": self.cp,
+            "layout": self.layout.kind,
+            "input": self.input_form,
+            "tokens": self.layout.total_tokens,
+            "segments": self.layout.num_segments,
+            "vision_tokens": self.vision_tokens,
+            "vision_embed_count": self.vision_embed_count,
+            "images": self.images,
+            "videos": self.videos,
+            "gathered_counts": self.gathered_counts.tolist(),
+            "ranks": [
+                {
+                    "rank": r.rank,
+                    "global_indices": r.global_indices,
+                    "vision_positions": r.vision_positions,
+                    "local_counts": (
+                        r.selection.local_counts.view(-1, 2).tolist()
+                        if r.selection is not None and self.layout.kind != "contiguous"
+                        else r.selection.local_counts.tolist() if r.selection is not None else None
+                    ),
+                    "selected_rows": r.selected_rows,
+                    "expected_rows": r.expected_rows,
+                    "ok": r.ok,
+                }
+                for r in self.ranks
+            ],
+            "ok": self.ok,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+def vision_mask_of(ids: torch.Tensor, tokens: TokenConfig) -> torch.Tensor:
+    """Placeholder positions: image_pad or video_pad ids of the model family."""
+    return (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
+
+
+def simulate(
+    batch: PackedBatch,
+    cp: int,
+    layout: str = "zigzag",
+    *,
+    tokens: TokenConfig | None = None,
+    pad: bool = False,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    backend: str = "threads",
+) -> Result:
+    """Shard ``batch`` over ``cp`` simulated ranks, run each rank's selection, check it.
+
+    ``backend`` is ``"threads"`` (the simulated group, one thread per rank) or ``"gloo"`` (one
+    real process per rank over torch.distributed's gloo backend). Raises
+    :class:`~cpinspect.core.errors.InputError` for input the layout cannot shard; reports
+    inconsistencies as findings on the returned :class:`Result`.
+    """
+    tokens = tokens or token_config()
+    if cp < 1:
+        raise InputError(f"cp is {cp}, but it must be at least 1", where="--cp", fix="pass --cp 1 or more")
+    form = _input_form(batch, cp)
+    cu = batch.cu_seqlens
+    full_ids, full_mask = _full_row(batch, form, tokens)
+    padded = 0
+    notes: list[str] = []
+    if pad:
+        full_ids, full_mask, cu, padded = _pad(batch, full_ids, full_mask, cu, cp, layout, form, tokens)
+        if padded:
+            notes.append(f"padded {padded} token(s) so every segment length divides 2*cp = {2 * cp}")
+    plan = make_layout(cu, cp, layout)
+    if form == "full":
+        all_indices = plan.all_global_indices()
+        local_ids = list(full_ids[all_indices])
+        local_masks = list(full_mask[all_indices])
+    else:
+        local_ids = list(batch.rows)
+        local_masks = [m.clone() for m in batch.vision_mask] if batch.vision_mask else [
+            vision_mask_of(row, tokens) for row in local_ids
+        ]
+        all_indices = plan.all_global_indices()
+        full_ids = torch.empty(plan.total_tokens, dtype=torch.long)
+        full_ids[all_indices] = torch.stack(local_ids)
+        full_mask = torch.zeros(plan.total_tokens, dtype=torch.bool)
+        full_mask[all_indices] = torch.stack(local_masks)
+    local_piece_len = [plan.local_piece_len(r) for r in range(cp)]
+    states, failure = _executor(backend)(cp, rank_program, local_masks, local_piece_len, plan.rank_pieces, {},
+                                         timeout=timeout)
+    ranks = []
+    for rank, (state, expected) in enumerate(zip(states, _oracle_rows(full_mask, layout, cu, cp))):
+        selection = state.value if state.status == "returned" else None
+        ranks.append(RankResult(rank, all_indices[rank], local_ids[rank], selection, expected))
+    embed_count, images, videos = _vision_items(batch, full_mask, full_ids, cu, tokens)
+    result = Result(
+        cp=cp, layout=plan, input_form=form, full_ids=full_ids, full_mask=full_mask, tokens=tokens,
+        ranks=ranks, findings=[], vision_embed_count=embed_count, images=images, videos=videos,
+        padded_tokens=padded, spmd_error=failure, notes=notes,
+    )
+    result.findings = check(result)
+    return result
+
+
+def _oracle_rows(full_mask: torch.Tensor, layout: str, cu: torch.Tensor, cp: int) -> list[torch.Tensor]:
+    """The oracle's rows for every rank, ranking all ranks' vision tokens in one call.
+
+    One call over all ranks' global positions costs one pass over the row; a call per rank
+    would rank the whole row ``cp`` times.
+    """
+    positions = torch.stack([global_positions(layout, cu, cp, rank) for rank in range(cp)])
+    held = full_mask[positions].sum(1).tolist()
+    return list(torch.split(expected_rows(full_mask, positions.reshape(-1)), held))
+
+
+def rank_program(group: Any, local_masks: list[torch.Tensor], local_piece_len: list[torch.Tensor],
+                 rank_pieces: torch.Tensor, shared: dict[str, torch.Tensor] | None = None) -> RankSelection:
+    """What one CP rank runs: module-level so a process backend can pickle it.
+
+    ``shared`` (one dict per simulation) lets ranks whose gathered tables equal the first
+    finisher's keep that one copy: every rank gathers ``[cp, pieces]`` counts, so cp private
+    copies would grow with cp squared. ``dict.setdefault`` is atomic, so threads need no lock.
+    """
+    rank = group.rank()
+    selection = select_rank_rows(local_masks[rank], local_piece_len[rank], rank_pieces, group)
+    return share_tables(selection, shared) if shared is not None else selection
+
+
+def share_tables(selection: Any, shared: dict[str, torch.Tensor]) -> Any:
+    """Point ``selection``'s count tables at the first equal ones in ``shared`` (set there if absent)."""
+    for name in ("gathered", "full_counts", "offsets"):
+        mine = getattr(selection, name)
+        first = shared.setdefault(name, mine)
+        if first is not mine and first.shape == mine.shape and torch.equal(first, mine):
+            setattr(selection, name, first)
+    return selection
+
+
+Executor = Callable[..., tuple[list[RankState], Optional[SpmdError]]]
+
+
+def _executor(backend: str) -> Executor:
+    """``execute(cp, fn, *args, timeout=...) -> (rank states, failure)`` for a backend name."""
+    if backend == "threads":
+        return execute_spmd
+    if backend == "gloo":
+        from cpinspect.groups.gloo import execute_gloo
+
+        return execute_gloo
+    raise InputError(f"unknown backend {backend!r}", where="--backend", fix="use threads or gloo")
+
+
+def _input_form(batch: PackedBatch, cp: int) -> str:
+    form = batch.form_for(cp)
+    total = int(batch.cu_seqlens[-1])
+    files = len(batch.rows)
+    if form == "neither" and batch.per_rank_files and total == files * batch.row_tokens:
+        raise InputError(
+            f"the batch has {files} rank files, pre-sharded for cp={files} (cu_seqlens ends at {total} = {files} x "
+            f"{batch.row_tokens} local tokens), but --cp {cp} was given (CP_SIZE_MISMATCH)",
+            where=batch.source,
+            fix=f"pass --cp {files}; the local rows were cut for {files} ranks",
+        )
+    if form == "neither":
+        per_rank = f"{len(batch.rows)} per-rank rows of" if batch.per_rank_files else "a row of"
+        raise InputError(
+            f"cu_seqlens ends at {total}, but the batch has {per_rank} {batch.row_tokens} tokens: that is neither a "
+            f"full row (cu_seqlens[-1] == {batch.row_tokens}) nor a row pre-sharded for cp={cp} "
+            f"(cu_seqlens[-1] == {cp} * {batch.row_tokens} = {cp * batch.row_tokens})",
+            where=f"{batch.source}, cu_seqlens[-1]",
+            fix=_cp_hint(total, batch.row_tokens)
+            + "; or the cu_seqlens are logical (unpadded) boundaries where the physical ones are needed",
+        )
+    if form == "presharded" and len(batch.rows) != cp:
+        if len(batch.rows) == 1:
+            raise InputError(
+                f"this is one rank's pre-sharded row ({batch.row_tokens} of {total} tokens); simulating needs all "
+                f"{cp} ranks' files",
+                where=batch.source,
+                fix="pass the directory holding rank0.pt ... rank{cp-1}.pt (or list every rank file); "
+                "'cpinspect info' works on a single rank's file",
+            )
+        raise InputError(
+            f"{len(batch.rows)} rank files were given but cp is {cp}",
+            where=batch.source,
+            fix=f"pass --cp {len(batch.rows)}, or add the missing rank files",
+        )
+    return form
+
+
+def _cp_hint(total: int, row: int) -> str:
+    if row and total % row == 0 and total // row > 1:
+        return f"if this is one rank's local row, the data was sharded for cp={total // row}: pass --cp {total // row}"
+    return "check that input_ids and cu_seqlens come from the same batch"
+
+
+def _full_row(batch: PackedBatch, form: str, tokens: TokenConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full row and its vision mask (an explicit mask in the batch wins over token ids)."""
+    if form != "full":
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
+    ids = batch.rows[0]
+    mask = batch.vision_mask[0].clone() if batch.vision_mask else vision_mask_of(ids, tokens)
+    return ids, mask
+
+
+def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Tensor, cp: int, layout: str,
+         form: str, tokens: TokenConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    if form != "full":
+        raise InputError(
+            "--pad applies to a full row; this batch is already pre-sharded, so its segments were padded (or not) "
+            "before the split",
+            where=batch.source,
+            fix="drop --pad; if segment lengths are not divisible by 2*cp, the framework's padding is the bug",
+        )
+    multiple = cp if layout == "contiguous" else (2 * cp if cp > 1 else 1)
+    new_cu = padded_cu_seqlens(cu, multiple) if layout == "zigzag" else _pad_total(cu, multiple)
+    added = int(new_cu[-1] - cu[-1])
+    if not added:
+        return ids, mask, cu, 0
+    if layout != "zigzag":
+        fill = ids.new_full((added,), tokens.pad_token_id)
+        return torch.cat([ids, fill]), torch.cat([mask, mask.new_zeros(added)]), new_cu, added
+    return pad_row(ids, cu, new_cu, tokens.pad_token_id), pad_row(mask, cu, new_cu, False), new_cu, added
+
+
+def _pad_total(cu: torch.Tensor, multiple: int) -> torch.Tensor:
+    total = int(cu[-1])
+    padded = -(-total // multiple) * multiple
+    return torch.cat([cu[:-1], torch.tensor([padded])]) if padded != total else cu
+
+
+def _vision_items(batch: PackedBatch, full_mask: torch.Tensor, full_ids: torch.Tensor, cu: torch.Tensor,
+                  tokens: TokenConfig) -> tuple[int, int, int]:
+    """Vision embedding rows expected, and the number of images and videos."""
+    grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None]
+    if batch.vision_embed_count is not None:
+        count = batch.vision_embed_count
+    elif grids:
+        count = int(sum(int((g.prod(dim=1) // tokens.merge_area).sum()) for g in grids))
+    else:
+        count = int(full_mask.sum())
+    images = batch.image_grid_thw.shape[0] if batch.image_grid_thw is not None else _runs(
+        full_ids == tokens.image_token_id, cu)
+    videos = batch.video_grid_thw.shape[0] if batch.video_grid_thw is not None else _runs(
+        full_ids == tokens.video_token_id, cu)
+    return count, images, videos
+
+
+def _runs(mask: torch.Tensor, cu: torch.Tensor) -> int:
+    """Maximal runs of True that do not cross a segment boundary."""
+    if mask.numel() == 0:
+        return 0
+    starts = mask.clone()
+    starts[1:] &= ~mask[:-1]
+    boundaries = cu[1:-1][cu[1:-1] < mask.numel()]
+    starts[boundaries] = mask[boundaries]
+    return int(starts.sum())
+
+
+def check(result: Result) -> list[Finding]:
+    """Compare every rank with the oracle and the encoder's row count; return the findings."""
+    findings: list[Finding] = []
+    if result.padded_tokens:
+        findings.append(Finding("SEGMENTS_PADDED", "info", result.notes[0],
+                                "frameworks pad each segment to a multiple of 2*cp before CP; your data should too"))
+    if result.spmd_error is not None:
+        findings.append(Finding("COLLECTIVE_DIVERGENCE", "error", str(result.spmd_error),
+                                "every rank must reach the same collectives in the same order"))
+        return findings
+    total_gathered = int(result.gathered_counts.sum())
+    if total_gathered != result.vision_embed_count:
+        findings.append(Finding(
+            "EMBED_COUNT_MISMATCH", "error",
+            f"Packed CP ranks contain {total_gathered} vision tokens, but the vision encoder produced "
+            f"{result.vision_embed_count} embeddings.",
+            "placeholder tokens and image/video grids disagree: check truncation of vision spans and the grids "
+            "passed to the encoder",
+        ))
+    for rank in result.ranks:
+        holds = int(rank.local_mask.sum())
+        if rank.selected_rows.numel() != holds:
+            findings.append(Finding(
+                "SCATTER_SHAPE_MISMATCH", "error",
+                f"rank {rank.rank} selected {rank.selected_rows.numel()} rows but holds {holds} vision tokens",
+                "the scatter combined[mask] = rows needs exactly one row per local vision token", rank=rank.rank,
+            ))
+        if not rank.ok:
+            findings.append(_rows_mismatch(result, rank))
+    selected = torch.cat([r.selected_rows for r in result.ranks]) if result.ranks else torch.zeros(0)
+    expected_all = torch.arange(result.vision_tokens)
+    if selected.numel() != expected_all.numel() or not torch.equal(torch.sort(selected).values, expected_all):
+        findings.append(Finding(
+            "ROWS_NOT_A_PARTITION", "error",
+            f"the ranks' rows together are not 0..{result.vision_tokens - 1} exactly once "
+            f"({selected.numel()} rows selected for {result.vision_tokens} vision tokens)",
+            "each vision embedding row must land on exactly one rank",
+        ))
+    return findings
+
+
+def _rows_mismatch(result: Result, rank: RankResult) -> Finding:
+    got, want = rank.selected_rows, rank.expected_rows
+    n = min(got.numel(), want.numel())
+    differ = torch.nonzero(got[:n] != want[:n]).view(-1)
+    first = int(differ[0]) if differ.numel() else n
+    position = int(rank.vision_positions[first]) if first < rank.vision_positions.numel() else None
+    segment = chunk = None
+    if position is not None:
+        piece = int(torch.searchsorted(torch.cumsum(result.layout.local_piece_len(rank.rank), 0),
+                                       torch.tensor(position), right=True))
+        global_piece = int(result.layout.rank_pieces[rank.rank, piece])
+        segment = int(result.layout.piece_segment[global_piece])
+        chunk = int(result.layout.piece_chunk[global_piece])
+    return Finding(
+        "ROWS_MISMATCH", "error",
+        f"rank {rank.rank} selected rows differ from the oracle at vision token {first} "
+        f"(local position {position}): got {got[first:first + 1].tolist()}, expected {want[first:first + 1].tolist()}",
+        "offsets must follow natural order: segment-major, then chunk 0..2cp-1",
+        rank=rank.rank, segment=segment, chunk=chunk,
+    )

@@ -1,0 +1,546 @@
+"""Vision data parallelism under CP (Megatron-Bridge ``vision_dp_when_cp``), simulated end to end.
+
+Instead of every CP rank encoding every image, the vision items are split over the CP ranks by
+count (``n // cp`` each, the first ``n % cp`` ranks one more; Qwen3-VL splits videos into one item
+per temporal patch first), each rank encodes its items, and the merged-token embeddings are
+all-gathered back. Because each rank's items are a contiguous run of the natural order, the
+concatenation of the gathered parts is the natural order again, which is what the per-rank row
+selection assumes. Backward all-reduces the gradient of the gathered rows over the group and each
+rank keeps its own rows; a rank whose zero-row placeholder does not require grad skips that
+collective and the others hang (Megatron-Bridge #4784).
+
+Each simulated embedding row carries its natural row index, so where a row ends up is checked,
+not assumed. A batch may describe its own run with extra keys: ``vision_dp_ranks`` ``[N]`` (the
+rank that encoded each item), ``vision_requires_grad`` (``[cp]`` or a scalar per rank file) and
+``deepstack_rows`` (``[cp, K]`` or ``[K]`` per rank file: rows of each deepstack feature a rank
+passed to its decoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from cpinspect.core.batch import PackedBatch
+from cpinspect.core.errors import InputError
+from cpinspect.core.findings import Finding
+from cpinspect.core.ranges import format_ranges
+from cpinspect.core.vision_items import VIDEO, VisionItems, find_vision_items
+from cpinspect.groups.simulated import DEFAULT_TIMEOUT_S, RankState, SpmdError, execute_spmd
+from cpinspect.simulation.positions import render_findings
+
+VISION_DP_RANKS_KEY = "vision_dp_ranks"
+REQUIRES_GRAD_KEY = "vision_requires_grad"
+DEEPSTACK_ROWS_KEY = "deepstack_rows"
+DEEPSTACK_LAYERS = 3  # Qwen3-VL deepstack_visual_indexes [8, 16, 24]
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def split_by_count(num_items: int, cp: int) -> torch.Tensor:
+    """``[cp]`` items per rank: ``n // cp`` each, the first ``n % cp`` ranks take one more."""
+    return num_items // cp + (torch.arange(cp) < num_items % cp).to(torch.long)
+
+
+@dataclass(frozen=True)
+class VisionDPPlan:
+    """Which rank encodes which vision item, and the sizes that follow (all tensors int64).
+
+    ``item_rank``, ``item_rows`` (merged tokens = embedding rows) and ``item_first_row`` (first
+    natural embedding row) are ``[N]`` in natural item order.
+    """
+
+    cp: int
+    items: VisionItems
+    item_rank: torch.Tensor
+    item_rows: torch.Tensor
+    item_first_row: torch.Tensor
+    assigned_by: str
+
+    def _per_rank(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(self.cp, dtype=torch.long).index_add_(0, self.item_rank, values)
+
+    @property
+    def items_per_rank(self) -> torch.Tensor:
+        return self._per_rank(torch.ones_like(self.item_rank))
+
+    @property
+    def patches_per_rank(self) -> torch.Tensor:
+        """``[cp]`` encoder input patches (``t*h*w``) per rank."""
+        return self._per_rank(self.items.patches)
+
+    @property
+    def rows_per_rank(self) -> torch.Tensor:
+        """``[cp]`` merged-token rows each rank contributes to the all-gather."""
+        return self._per_rank(self.item_rows)
+
+    def rank_items(self, cp_rank: int) -> torch.Tensor:
+        """Natural indices of the items ``cp_rank`` encodes, in its encoding order."""
+        return torch.nonzero(self.item_rank == cp_rank).view(-1)
+
+    def rank_rows(self, cp_rank: int) -> torch.Tensor:
+        """Natural embedding rows ``cp_rank`` produces, in the order it produces them."""
+        mine = self.rank_items(cp_rank)
+        return _expand(self.item_first_row[mine], self.item_rows[mine])
+
+
+def _expand(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    total = int(lengths.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths,
+                                   output_size=total) + torch.arange(total)
+
+
+def plan_vision_dp(items: VisionItems, cp: int, merge_area: int, item_rank: torch.Tensor | None = None) -> VisionDPPlan:
+    """The Megatron-Bridge count split, or the batch's own ``item_rank`` assignment when given."""
+    rows = items.patches // merge_area
+    first_row = torch.cumsum(rows, 0) - rows
+    if item_rank is None:
+        item_rank = torch.repeat_interleave(torch.arange(cp), split_by_count(items.count, cp),
+                                            output_size=items.count)
+        return VisionDPPlan(cp, items, item_rank, rows, first_row, "by count (Megatron-Bridge)")
+    return VisionDPPlan(cp, items, item_rank.to(torch.long), rows, first_row, f"the batch's {VISION_DP_RANKS_KEY}")
+
+
+# --------------------------------------------------------------------------- the collectives
+
+
+def all_gather_vision_embeddings(local: torch.Tensor, rows_per_rank: torch.Tensor,
+                                 group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's embedding rows in rank order, through one all-gather on ``group``.
+
+    Ranks contribute different row counts (known everywhere from the grids), so each sends its
+    rows padded to the largest count and every rank trims what it receives. A rank with no item
+    still sends its (all-padding) buffer: skipping would leave the others waiting.
+    """
+    width = max(int(rows_per_rank.max()), 0)
+    padded = local.new_zeros((width, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    received = [torch.empty_like(padded) for _ in range(group.size())]
+    dist.all_gather(received, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(received, rows_per_rank.tolist())])
+
+
+def reduce_vision_grad(grad_output: torch.Tensor, rows_per_rank: torch.Tensor,
+                       group: dist.ProcessGroup) -> torch.Tensor:
+    """Backward of the gather: all-reduce (SUM) the gathered rows' gradient, keep this rank's rows.
+
+    Every rank uses rows encoded elsewhere, so without the all-reduce an encoder rank would only
+    see the gradient of the rows it scattered itself (the partial gradient of Megatron-Bridge #4784).
+    """
+    total = grad_output.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    start = int(rows_per_rank[: group.rank()].sum())
+    return total[start: start + int(rows_per_rank[group.rank()])]
+
+
+@dataclass
+class RankDP:
+    """What one rank's vision-DP step produced: gathered rows (natural row ids), the selection, grads."""
+
+    gathered: torch.Tensor
+    selected: torch.Tensor
+    deepstack_selected: list[torch.Tensor]
+    grad: torch.Tensor | None
+
+
+def vision_dp_rank_program(group: dist.ProcessGroup, local_rows: list[torch.Tensor], rows_per_rank: torch.Tensor,
+                           selected_rows: list[torch.Tensor], deepstack_layers: int,
+                           requires_grad: list[bool]) -> RankDP:
+    """One CP rank: 'encode' its items, gather embeddings (and deepstack), select, run backward.
+
+    An embedding row is its natural row index, so the gathered tensor shows the order directly.
+    The backward collectives run only when this rank's encoder output requires grad, as autograd
+    would; module-level so a process backend could pickle it.
+    """
+    rank = group.rank()
+    local = local_rows[rank].view(-1, 1)
+    gathered = all_gather_vision_embeddings(local, rows_per_rank, group)
+    deepstack = [all_gather_vision_embeddings(local, rows_per_rank, group) for _ in range(deepstack_layers)]
+    rows = selected_rows[rank]
+    selected = gathered.index_select(0, rows).view(-1)
+    deepstack_selected = [feature.index_select(0, rows).view(-1) for feature in deepstack]
+    grad = None
+    if requires_grad[rank]:
+        used = torch.zeros(gathered.shape[0], 1).index_fill_(0, rows, 1.0)
+        for _ in range(deepstack_layers):
+            reduce_vision_grad(used, rows_per_rank, group)
+        grad = reduce_vision_grad(used, rows_per_rank, group).view(-1)
+    return RankDP(gathered.view(-1), selected, deepstack_selected, grad)
+
+
+# --------------------------------------------------------------------------- what upstream's reorganize_inputs sees
+
+
+@dataclass(frozen=True)
+class RunCount:
+    """Maximal image/video placeholder runs in the row one rank hands to ``reorganize_inputs``."""
+
+    image_runs: int
+    video_runs: int
+    expected: int
+    lengths_match: bool
+
+    @property
+    def runs(self) -> int:
+        return self.image_runs + self.video_runs
+
+    @property
+    def passes(self) -> bool:
+        return self.runs == self.expected and self.lengths_match
+
+
+def _runs(ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and length of every maximal run of ``token_id`` (vectorised)."""
+    mask = ids == token_id
+    previous = torch.cat([torch.zeros(1, dtype=torch.bool), mask[:-1]])
+    following = torch.cat([mask[1:], torch.zeros(1, dtype=torch.bool)])
+    starts = torch.nonzero(mask & ~previous).view(-1)
+    ends = torch.nonzero(mask & ~following).view(-1)
+    return starts, ends - starts + 1
+
+
+def run_count(ids: torch.Tensor, frames: VisionItems, image_id: int, video_id: int) -> RunCount:
+    """The run-count assertion of ``reorganize_inputs`` (reference §2.7) on one row.
+
+    Upstream asserts ``runs == sum(t over image grids) + sum(t over video grids)``, then that each
+    item's runs hold ``t*h*w / merge**2`` tokens; ``frames`` are the per-temporal-patch items.
+    """
+    image_start, image_len = _runs(ids, image_id)
+    video_start, video_len = _runs(ids, video_id)
+    start = torch.cat([image_start, video_start])
+    kind = torch.cat([torch.zeros_like(image_start), torch.ones_like(video_start)])[torch.argsort(start)]
+    length = torch.cat([image_len, video_len])[torch.argsort(start)]
+    expected = frames.count
+    lengths_match = kind.numel() == expected and bool(
+        torch.equal(kind, frames.kind) and torch.equal(length, frames.length))
+    return RunCount(image_start.numel(), video_start.numel(), expected, lengths_match)
+
+
+# --------------------------------------------------------------------------- simulate --vision-dp
+
+
+@dataclass
+class RankView:
+    """One rank's part of the vision-DP view."""
+
+    rank: int
+    items: list[str]
+    patches: int
+    rows: int
+    natural_rows: torch.Tensor
+    collectives: list[str]
+    state: str
+    grad_ok: bool | None = None
+    run_count: RunCount | None = None
+
+
+@dataclass
+class VisionDPExtension:
+    """``simulate --vision-dp``: split, encode, all-gather, select and backward, on every simulated rank."""
+
+    batch: PackedBatch
+    timeout: float = DEFAULT_TIMEOUT_S
+    plan: VisionDPPlan | None = None
+    ranks: list[RankView] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    natural_order: bool = True
+    selection_fed: bool = True
+    deepstack_layers: int = 0
+    mixed: bool = False
+    model: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.is_problem for f in self.findings)
+
+    def run(self, result: Any) -> None:
+        """Simulate the vision-DP step for ``result`` (a :class:`~cpinspect.simulation.run.Result`)."""
+        tokens, cp = result.tokens, result.cp
+        self.model = tokens.model
+        items = _items(self.batch, result, split=tokens.model == "qwen3-vl")
+        self.plan = plan_vision_dp(items, cp, tokens.merge_area, _assignment(self.batch, items.count, cp))
+        self.deepstack_layers = DEEPSTACK_LAYERS if tokens.model == "qwen3-vl" else 0
+        requires_grad = _requires_grad(self.batch, cp)
+        selected = [r.selected_rows for r in result.ranks]
+        local_rows = [self.plan.rank_rows(r) for r in range(cp)]
+        states, failure = execute_spmd(cp, vision_dp_rank_program, local_rows, self.plan.rows_per_rank, selected,
+                                       self.deepstack_layers, requires_grad, timeout=self.timeout)
+        self.ranks = [self._rank_view(state, result) for state in states]
+        self.findings = self._check(states, failure, requires_grad, result)
+
+    def _rank_view(self, state: RankState, result: Any) -> RankView:
+        plan, rank = self.plan, state.rank
+        assert plan is not None
+        mine = plan.rank_items(rank)
+        value: RankDP | None = state.value if state.status == "returned" else None
+        grad_ok = None if value is None or value.grad is None else bool((value.grad == 1).all())
+        return RankView(rank, [plan.items.label(i) for i in mine.tolist()], int(plan.patches_per_rank[rank]),
+                        int(plan.rows_per_rank[rank]), plan.rank_rows(rank),
+                        _collective_summary(state),
+                        state.describe(), grad_ok)
+
+    def _check(self, states: list[RankState], failure: SpmdError | None, requires_grad: list[bool],
+               result: Any) -> list[Finding]:
+        findings = _deepstack_findings(self.batch, result)
+        findings += self._reorganize(result)
+        if failure is not None:
+            return [_collective_finding(failure, self.plan, requires_grad), *findings]
+        values: list[RankDP] = [s.value for s in states]
+        if values:
+            natural = torch.arange(int(self.plan.item_rows.sum())) if self.plan is not None else None
+            self.natural_order = natural is None or torch.equal(values[0].gathered, natural)
+            self.selection_fed = all(torch.equal(v.selected, r.expected_rows) and all(
+                torch.equal(d, v.selected) for d in v.deepstack_selected) for v, r in zip(values, result.ranks))
+            if not self.natural_order:
+                findings.insert(0, _order_finding(self.plan, values, result))
+        return findings
+
+    def _reorganize(self, result: Any) -> list[Finding]:
+        """Per rank, what the reorganize_inputs run-count assertion sees (Qwen3-VL, images and videos)."""
+        plan = self.plan
+        assert plan is not None
+        kinds = plan.items.kind
+        self.mixed = self.model == "qwen3-vl" and bool((kinds == VIDEO).any()) and bool((kinds != VIDEO).any())
+        if not self.mixed:
+            return []
+        tokens = result.tokens
+        for view, rank in zip(self.ranks, result.ranks):
+            row = result.full_ids if result.input_form == "full" else rank.input_ids
+            view.run_count = run_count(row, plan.items, tokens.image_token_id, tokens.video_token_id)
+        failing = [v for v in self.ranks if v.run_count is not None and not v.run_count.passes]
+        if not failing:
+            return []
+        seen = "; ".join(f"rank {v.rank}: {v.run_count.runs} runs ({v.run_count.image_runs} image, "
+                         f"{v.run_count.video_runs} video)" for v in failing if v.run_count is not None)
+        return [Finding(
+            "REORGANIZE_RUNS_MISMATCH", "info",
+            f"with images and videos in one pre-sharded row, Megatron-Bridge's reorganize_inputs would count "
+            f"placeholder runs in the local row and assert they equal sum(t) = {plan.items.count}: {seen}",
+            "the assertion expects the full row; gather the ids first or take the image-only/video-only branch",
+            rank=failing[0].rank)]
+
+    def add_json(self, document: dict[str, Any]) -> None:
+        """``vision_dp`` summary, ``ranks[r].vision_dp``, and the findings."""
+        plan = self.plan
+        if plan is None:
+            return
+        by_rank = {v.rank: v for v in self.ranks}
+        for entry in document["ranks"]:
+            view = by_rank[entry["rank"]]
+            entry["vision_dp"] = {
+                "items": view.items, "patches": view.patches, "rows": view.rows,
+                "natural_rows": view.natural_rows.tolist(), "collectives": view.collectives,
+                "grad_ok": view.grad_ok,
+                "run_count": None if view.run_count is None else {
+                    "image_runs": view.run_count.image_runs, "video_runs": view.run_count.video_runs,
+                    "expected": view.run_count.expected, "passes": view.run_count.passes},
+            }
+        document["vision_dp"] = {
+            "assigned_by": plan.assigned_by,
+            "items": [plan.items.label(i) for i in range(plan.items.count)],
+            "item_rank": plan.item_rank.tolist(),
+            "items_per_rank": plan.items_per_rank.tolist(),
+            "patches_per_rank": plan.patches_per_rank.tolist(),
+            "rows_per_rank": plan.rows_per_rank.tolist(),
+            "deepstack_layers": self.deepstack_layers,
+            "natural_order": self.natural_order,
+            "selection_fed": self.selection_fed,
+        }
+        document.setdefault("findings", []).extend(f.to_dict() for f in self.findings)
+
+    def render(self, console: Console, *, rank: int | None = None, full: bool = False) -> None:
+        console.print(render_vision_dp(self, rank=rank, full=full))
+
+
+def _collective_summary(state: RankState) -> list[str]:
+    """``all_gather x4 [80, 1]``: the collectives one rank entered, grouped by op and shape."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for call in state.calls:
+        groups.setdefault((call.op, str(list(call.shapes[0])) if call.shapes else ""), []).append(call.seq)
+    return [f"{op} x{len(seqs)} {shape}".rstrip() for (op, shape), seqs in groups.items()]
+
+
+def _items(batch: PackedBatch, result: Any, *, split: bool) -> VisionItems:
+    logical = batch.logical_cu_seqlens if batch.logical_cu_seqlens is not None else (
+        batch.cu_seqlens if result.padded_tokens else None)
+    return find_vision_items(result.full_ids, result.layout.cu_seqlens, result.tokens,
+                             image_grid_thw=batch.image_grid_thw, video_grid_thw=batch.video_grid_thw,
+                             split_video_frames=split,
+                             logical_lengths=None if logical is None else (logical[1:] - logical[:-1]).to(torch.long))
+
+
+def _extra(batch: PackedBatch, key: str) -> list[torch.Tensor] | None:
+    """The values of an extra key, one per row (rank file), or None when no row has it."""
+    values = [extra.get(key) for extra in batch.extra]
+    if not any(v is not None for v in values):
+        return None
+    if any(v is None for v in values):
+        missing = [r for r, v in enumerate(values) if v is None]
+        raise InputError(f"{key} is in some rank files but not in rank(s) {missing}", where=batch.source,
+                         fix=f"save {key} in every rank's file, or in none")
+    return [v for v in values if v is not None]
+
+
+def _assignment(batch: PackedBatch, num_items: int, cp: int) -> torch.Tensor | None:
+    values = _extra(batch, VISION_DP_RANKS_KEY)
+    if values is None:
+        return None
+    ranks = values[0].reshape(-1)
+    if ranks.is_floating_point() or ranks.numel() != num_items or (
+            ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) >= cp)):
+        raise InputError(
+            f"{VISION_DP_RANKS_KEY} is {ranks.tolist()}, but it must hold one CP rank in 0..{cp - 1} for each of the "
+            f"{num_items} vision item(s) in natural order",
+            where=f"{batch.source}, key {VISION_DP_RANKS_KEY}",
+            fix="store the rank that encoded each image (each video frame for Qwen3-VL), or drop the key to "
+            "simulate Megatron-Bridge's count split")
+    return ranks.to(torch.long)
+
+
+def _per_rank_values(batch: PackedBatch, key: str, cp: int) -> torch.Tensor | None:
+    """``[cp, ...]`` from ``[cp, ...]`` in a full batch or one value per rank file."""
+    values = _extra(batch, key)
+    if values is None:
+        return None
+    stacked = values[0] if len(values) == 1 else torch.stack([v.reshape(-1) for v in values])
+    if stacked.dim() == 0 or stacked.shape[0] != cp:
+        raise InputError(
+            f"{key} has shape {list(stacked.shape)}, but it needs one entry per CP rank ({cp})",
+            where=f"{batch.source}, key {key}",
+            fix="store [cp, ...] in a full batch, or one value in each rank file")
+    return stacked
+
+
+def _requires_grad(batch: PackedBatch, cp: int) -> list[bool]:
+    values = _per_rank_values(batch, REQUIRES_GRAD_KEY, cp)
+    return [True] * cp if values is None else [bool(v) for v in values.reshape(cp, -1).all(dim=1).tolist()]
+
+
+def _collective_finding(failure: SpmdError, plan: VisionDPPlan | None, requires_grad: list[bool]) -> Finding:
+    skipped = [r for r, g in enumerate(requires_grad) if not g]
+    empty = [] if plan is None else torch.nonzero(plan.items_per_rank == 0).view(-1).tolist()
+    if skipped and set(skipped) <= set(empty):
+        return Finding(
+            "VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE", "error",
+            f"rank(s) {', '.join(map(str, skipped))} encode no vision item, and their zero-row placeholder does not "
+            f"require grad, so they skip the backward all-reduce the other ranks wait in; a real job hangs until "
+            f"the NCCL timeout. Simulated: {failure}",
+            "make the empty rank's placeholder take part: ensure_requires_grad_for_cp_collective (Megatron-Bridge "
+            "#4784) so every CP rank runs the same collectives", rank=skipped[0])
+    return Finding("COLLECTIVE_DIVERGENCE", "error", f"vision DP: {failure}",
+                   "every CP rank must run the same vision-DP collectives, in the same order")
+
+
+def _order_finding(plan: VisionDPPlan | None, values: list[RankDP], result: Any) -> Finding:
+    assert plan is not None
+    gathered = values[0].gathered
+    position = int(torch.nonzero(gathered != torch.arange(gathered.numel())).view(-1)[0])
+    item_of_row = torch.repeat_interleave(torch.arange(plan.items.count), plan.item_rows)
+    owners = "; ".join(f"rank {r}: " + ", ".join(plan.items.label(i) for i in plan.rank_items(r).tolist())
+                       for r in range(plan.cp))
+    wrong = [r.rank for v, r in zip(values, result.ranks) if not torch.equal(v.selected, r.expected_rows)]
+    return Finding(
+        "VISION_DP_ORDER", "error",
+        f"the gathered vision embeddings are not in natural order: gathered row {position} is natural row "
+        f"{int(gathered[position])} ({plan.items.label(int(item_of_row[gathered[position]]))}), because the items "
+        f"were assigned to ranks non-contiguously ({owners}); rank(s) {', '.join(map(str, wrong)) or 'none'} would "
+        "scatter other tokens' embeddings",
+        "give each rank a contiguous run of items in natural order (the count split: the first n % cp ranks take "
+        "one more), or permute the gathered rows back to natural order before the selection",
+        rank=wrong[0] if wrong else None)
+
+
+def _deepstack_findings(batch: PackedBatch, result: Any) -> list[Finding]:
+    counts = _per_rank_values(batch, DEEPSTACK_ROWS_KEY, result.cp)
+    if counts is None:
+        return []
+    counts = counts.reshape(result.cp, -1).to(torch.long)
+    total = int(result.vision_embed_count)
+    problems = []
+    for rank, row in zip(result.ranks, counts.tolist()):
+        holds = int(rank.local_mask.sum())
+        if any(n != holds for n in row):
+            how = "the full deepstack tensors" if all(n == total for n in row) else "deepstack rows"
+            problems.append((rank.rank, f"rank {rank.rank} passes {how} with {row} rows but holds {holds} vision "
+                                        f"token(s) and selected {rank.selected_rows.numel()} embedding rows"))
+    if not problems:
+        return []
+    return [Finding(
+        "DEEPSTACK_NOT_SELECTED", "error",
+        "; ".join(text for _, text in problems) + ": the deepstack features were not selected with the rank's rows",
+        "index_select every deepstack feature with the same rows as vision_embeds (deepstack_feature_lists[k]"
+        ".index_select(0, rows)) and use the rank-local visual_pos_masks", rank=problems[0][0])]
+
+
+# --------------------------------------------------------------------------- the view
+
+
+def render_vision_dp(ext: VisionDPExtension, *, rank: int | None = None, full: bool = False) -> RenderableType:
+    """Per rank: items, patches, merged rows, gathered rows, collectives; then the checks."""
+    plan = ext.plan
+    if plan is None:
+        return Text("vision DP: not simulated")
+    unit = "images and video frames" if ext.model == "qwen3-vl" else "images and videos"
+    parts: list[RenderableType] = [Text(
+        f"vision DP: {plan.items.count} item(s) ({unit}) split over {plan.cp} CP rank(s) {plan.assigned_by}; "
+        f"{ext.deepstack_layers} deepstack feature(s) gathered alongside", style="bold")]
+    parts.append(_rank_table(ext, rank, full))
+    sizes = plan.rows_per_rank.tolist()
+    parts.append(Text(f"all-gather sizes (rows per rank): {sizes}; each rank sends {max(sizes, default=0)} rows "
+                      f"(padded) and keeps {sum(sizes)}"))
+    if not any(f.code in ("VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE", "COLLECTIVE_DIVERGENCE") for f in ext.findings):
+        parts.append(_check_line(ext.natural_order, "gathered rows come back in natural order 0..V-1",
+                                 "gathered rows are NOT in natural order"))
+        parts.append(_check_line(ext.selection_fed, "each rank's selected rows of the gathered embeddings (and "
+                                 "deepstack) are exactly its own vision tokens' embeddings",
+                                 "some rank selects other tokens' embeddings from the gathered rows"))
+    if ext.mixed:
+        parts.append(_run_table(ext, rank))
+    parts.append(render_findings(ext.findings))
+    return Group(*parts)
+
+
+def _check_line(good: bool, ok_text: str, bad_text: str) -> Text:
+    return Text(f"✓ {ok_text}", style="green") if good else Text(f"✗ {bad_text}", style="bold red")
+
+
+def _rank_table(ext: VisionDPExtension, rank: int | None, full: bool) -> Table:
+    from cpinspect.views.simulate import rank_style
+
+    table = Table()
+    for name in ("rank", "items encoded", "patches → rows", "natural rows", "collectives", "grad"):
+        table.add_column(name, overflow="fold")
+    for view in ext.ranks if rank is None else [ext.ranks[rank]]:
+        items = view.items if full or len(view.items) <= 6 else [*view.items[:5], f"... {len(view.items) - 5} more"]
+        grad = "-" if view.grad_ok is None else ("✓ 1 per row" if view.grad_ok else "✗ not 1 per row")
+        table.add_row(Text(f" {view.rank} ", style=rank_style(view.rank)), ", ".join(items) or "(none: sends 0 rows)",
+                      f"{view.patches} → {view.rows}", format_ranges(view.natural_rows, limit=None if full else 6),
+                      "\n".join(view.collectives) or "-", grad)
+    return table
+
+
+def _run_table(ext: VisionDPExtension, rank: int | None) -> RenderableType:
+    table = Table()
+    for name in ("rank", "image runs", "video runs", "runs", "sum(t)", "reorganize_inputs assertion"):
+        table.add_column(name)
+    for view in ext.ranks if rank is None else [ext.ranks[rank]]:
+        count = view.run_count
+        if count is None:
+            continue
+        verdict = "passes" if count.passes else (
+            f"AssertionError ({count.runs} != {count.expected})" if count.runs != count.expected else
+            "run lengths differ from the items: the per-item size check fails")
+        table.add_row(str(view.rank), str(count.image_runs), str(count.video_runs), str(count.runs),
+                      str(count.expected), verdict)
+    title = Text("what Megatron-Bridge reorganize_inputs sees per rank (images and videos in one row, reference §2.7)",
+                 style="bold")
+    return Group(title, table)

@@ -1,0 +1,2 @@
+"""Every rich rendering, one module per view; rendering never computes findings.
+"""

@@ -1,0 +1,416 @@
+"""The layout picture: every segment's chunks in global order, then every rank's local row.
+
+Nobody else draws this: DTensor and JAX visualisers show contiguous blocks of one tensor, and a
+zigzag split is not a placement they can express. Here each segment of ``cu_seqlens`` is drawn
+as its ``2*cp`` chunks, each cell coloured by the rank that holds it and labelled with its chunk
+number and global token range; beneath, each rank's local row shows those chunks in the order
+they sit in memory, with the local offsets ``cu[i]/cp`` marked. Cells are proportional to their
+token counts and shrink to the terminal width; labels always carry the exact numbers, and rank
+digits/letters keep the picture readable without colour. With a vision mask every cell also
+shows where its vision tokens are (``█`` all vision, ``▓ ▒ ░`` some, ``·`` none).
+
+``python -m cpinspect.views.layout`` draws the worked example (``cu_seqlens = [0, 8, 24]``, cp 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.console import Group, RenderableType
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from cpinspect.core.balance import Balance
+from cpinspect.core.layout import Layout
+from cpinspect.views.simulate import RANK_COLORS, contrast_text, density_glyph, rank_label
+
+MAX_SEGMENTS = 12
+MAX_LISTED = 12
+RULE_TEXT = {
+    "zigzag": "each segment is cut into 2·cp = {n} equal chunks; rank r holds chunks r and {last}-r of every segment",
+    "sequence-zigzag": "the whole row is cut into 2·cp = {n} equal chunks, ignoring segment boundaries; "
+                       "rank r holds chunks r and {last}-r",
+    "contiguous": "the whole row is cut into cp = {n} equal pieces, ignoring segment boundaries; rank r holds piece r",
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One piece of a layout clipped to one segment: global tokens ``[start, end)`` held by ``rank``."""
+
+    segment: int
+    chunk: int
+    rank: int
+    start: int
+    end: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Box:
+    """A cell as drawn: its label lines, its token range (for width and vision), its rank (colour)."""
+
+    labels: tuple[str, ...]
+    note: str
+    rank: int
+    start: int
+    end: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+def token_span(start: int, end: int) -> str:
+    """Inclusive text of global tokens ``[start, end)``: ``"0-3"``, ``"5"`` or ``"-"`` when empty."""
+    if end <= start:
+        return "-"
+    return f"{start}" if end - start == 1 else f"{start}-{end - 1}"
+
+
+def segment_cells(layout: Layout) -> list[list[Cell]]:
+    """Per physical segment, the layout's pieces clipped to it, in global order.
+
+    Segments and pieces both tile the row, so the cuts at every segment and piece boundary give
+    exactly the non-empty intersections; each is found by a binary search, not a per-token loop.
+    """
+    cu = layout.cu_seqlens
+    starts = layout.piece_start
+    bounds = torch.unique(torch.cat([cu, starts, starts + layout.piece_len]))
+    low, high = bounds[:-1], bounds[1:]
+    segment = torch.searchsorted(cu, low, right=True) - 1
+    piece = torch.searchsorted(starts, low, right=True) - 1
+    owner = layout.owner_of_piece()[piece]
+    cells: list[list[Cell]] = [[] for _ in range(layout.num_segments)]
+    rows = zip(segment.tolist(), layout.piece_chunk[piece].tolist(), owner.tolist(), low.tolist(), high.tolist())
+    for seg, chunk, rank, start, end in rows:
+        cells[seg].append(Cell(seg, chunk, rank, start, end))
+    return cells
+
+
+def local_boxes(layout: Layout, cp_rank: int, before: int | None = None) -> list[Box]:
+    """The non-empty pieces of ``cp_rank`` in local-memory order, labelled for the local row
+    (only those starting before global token ``before``, when given)."""
+    pieces = layout.rank_pieces[cp_rank]
+    if before is not None:
+        pieces = pieces[layout.piece_start[pieces] < before]
+    starts = layout.piece_start[pieces].tolist()
+    ends = (layout.piece_start[pieces] + layout.piece_len[pieces]).tolist()
+    segments = layout.piece_segment[pieces].tolist()
+    chunks = layout.piece_chunk[pieces].tolist()
+    boxes = []
+    for start, end, seg, chunk in zip(starts, ends, segments, chunks):
+        if end > start:
+            name = f"s{seg} c{chunk}" if layout.kind == "zigzag" else f"c{chunk}"
+            boxes.append(Box((name, token_span(start, end)), str(chunk), cp_rank, start, end))
+    return boxes
+
+
+def cell_style(rank: int) -> str:
+    """Background of the rank's colour, with black or white text, whichever contrasts more (WCAG)."""
+    color = RANK_COLORS[rank % len(RANK_COLORS)]
+    return f"{contrast_text(color)} on {color}"
+
+
+def fit_widths(tokens: Sequence[int], minimum: Sequence[int], available: int,
+               scale: float | None = None) -> list[int] | None:
+    """Content widths proportional to ``tokens`` (at most ``scale`` columns per token), each at
+    least its ``minimum``, together at most ``available``; ``None`` when the minimums alone do not fit.
+
+    Cells too small for their label are pinned at their minimum and the rest share what is left
+    (water filling), so one tiny piece does not squeeze a long one out of proportion.
+    """
+    if sum(minimum) > available:
+        return None
+    pinned = [False] * len(tokens)
+    while True:
+        free_tokens = sum(t for t, p in zip(tokens, pinned) if not p)
+        room = available - sum(m for m, p in zip(minimum, pinned) if p)
+        per_token = room / free_tokens if free_tokens else 0.0
+        if scale is not None:
+            per_token = min(per_token, scale)
+        newly = [i for i, (t, m, p) in enumerate(zip(tokens, minimum, pinned)) if not p and t * per_token < m]
+        if not newly:
+            break
+        for i in newly:
+            pinned[i] = True
+    return [m if p else max(m, int(t * per_token)) for t, m, p in zip(tokens, minimum, pinned)]
+
+
+def wrap_groups(widths: Sequence[int], available: int) -> list[range]:
+    """Consecutive boxes per output line, each line at most ``available`` columns (separators included)."""
+    groups: list[range] = []
+    start, used = 0, 1
+    for i, width in enumerate(widths):
+        if i > start and used + width + 1 > available:
+            groups.append(range(start, i))
+            start, used = i, 1
+        used += width + 1
+    groups.append(range(start, len(widths)))
+    return groups
+
+
+def vision_prefix(mask: torch.Tensor) -> torch.Tensor:
+    """``[T + 1]`` vision tokens before each position: one cumulative sum serves every cell's strip."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(mask.to(torch.long), 0)])
+
+
+def vision_strip(vision: torch.Tensor, start: int, end: int, width: int) -> str:
+    """``width`` characters over tokens ``[start, end)`` (glyphs: :data:`cpinspect.views.simulate.STRIP_LEGEND`).
+
+    ``vision`` is :func:`vision_prefix` of the full row's mask.
+    """
+    n = end - start
+    if n <= 0 or width <= 0:
+        return " " * max(width, 0)
+    edges = torch.div(torch.arange(width + 1) * n, width, rounding_mode="floor") + start
+    upper = torch.maximum(edges[1:], edges[:-1] + 1)
+    counts = (vision[upper] - vision[edges[:-1]]).tolist()
+    size = (upper - edges[:-1]).tolist()
+    return "".join(density_glyph(v, s) for v, s in zip(counts, size))
+
+
+def _content(box: Box, width: int, compact: bool) -> list[str]:
+    """The label lines of one box, each exactly ``width`` characters."""
+    if compact:
+        fill = (rank_label(box.rank) * width)[:width]
+        return [fill, box.note.center(width) if len(box.note) <= width else fill]
+    return [label.center(width) if len(label) <= width else label[:width] for label in box.labels]
+
+
+def draw_boxes(boxes: Sequence[Box], widths: Sequence[int], gutter: Sequence[str], *, compact: bool,
+               vision: torch.Tensor | None) -> list[Text]:
+    """The text lines of one row of boxes (already cut to fit), a gutter string per line."""
+    contents = [_content(box, width, compact) for box, width in zip(boxes, widths)]
+    if vision is not None:
+        for box, width, lines in zip(boxes, widths, contents):
+            lines.append(vision_strip(vision, box.start, box.end, width))
+    height = max((len(c) for c in contents), default=0)
+    out = []
+    for line in range(height):
+        text = Text(gutter[line] if line < len(gutter) else " " * len(gutter[0]))
+        for box, lines in zip(boxes, contents):
+            text.append("│", style="dim")
+            text.append(lines[line], style=cell_style(box.rank))
+        text.append("│" if boxes else "(empty)", style="dim")
+        out.append(text)
+    return out
+
+
+def _full_minimum(boxes: Sequence[Box]) -> list[int]:
+    return [max(len(label) for label in box.labels) + 2 for box in boxes]
+
+
+def draw_segment(cells: Sequence[Cell], gutter: int, width: int, scale: float,
+                 vision: torch.Tensor | None) -> list[RenderableType]:
+    """One segment's cells: full labels if they fit, else rank letters and a legend, else wrapped."""
+    boxes = [Box((f"c{c.chunk} r{rank_label(c.rank)}", token_span(c.start, c.end)), str(c.chunk), c.rank,
+                 c.start, c.end) for c in cells]
+    available = width - gutter - len(boxes) - 1
+    tokens = [b.tokens for b in boxes]
+    pad = [" " * gutter]
+    widths = fit_widths(tokens, _full_minimum(boxes), available, scale)
+    if widths is not None:
+        return list(draw_boxes(boxes, widths, pad, compact=False, vision=vision))
+    widths = fit_widths(tokens, [1] * len(boxes), available, scale)
+    if widths is not None:
+        legend = Padding(Text("chunks: " + " · ".join(f"c{b.note} {b.labels[1]}" for b in boxes), style="dim"),
+                         (0, 0, 0, gutter))
+        return [*draw_boxes(boxes, widths, pad, compact=True, vision=vision), legend]
+    widths = _full_minimum(boxes)
+    lines: list[RenderableType] = []
+    for group in wrap_groups(widths, width - gutter):
+        lines.extend(draw_boxes([boxes[i] for i in group], [widths[i] for i in group], pad, compact=False,
+                                vision=vision))
+    return lines
+
+
+def segment_heading(layout: Layout, cells: Sequence[Cell], segment: int, vision: torch.Tensor | None) -> Text:
+    start, end = int(layout.cu_seqlens[segment]), int(layout.cu_seqlens[segment + 1])
+    length = end - start
+    heading = Text(f"segment {segment}", style="bold")
+    heading.append(f" · tokens {token_span(start, end)} · {length:,} tokens")
+    if layout.kind == "zigzag" and layout.cp > 1:
+        heading.append(f" = {2 * layout.cp} chunks of {length // (2 * layout.cp):,}")
+    elif layout.kind != "zigzag":
+        heading.append(f" · holds parts of {len(cells)} {'piece' if len(cells) == 1 else 'pieces'} of the row")
+    if vision is not None:
+        heading.append(f" · {int(vision[end] - vision[start]):,} vision tokens")
+    return heading
+
+
+def global_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
+                full: bool = False) -> list[RenderableType]:
+    """Every segment's cells in global order, one block per segment, proportional across segments."""
+    cells = segment_cells(layout)
+    gutter = _gutter(layout)
+    lengths = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).tolist()
+    longest = max(lengths, default=0)
+    most_cells = max((len(c) for c in cells), default=0)
+    scale = (width - gutter - most_cells - 1) / longest if longest else 1.0
+    shown = range(len(cells)) if full else range(min(len(cells), MAX_SEGMENTS))
+    vision = vision_prefix(mask) if mask is not None else None
+    out: list[RenderableType] = []
+    for segment in shown:
+        out.append(segment_heading(layout, cells[segment], segment, vision))
+        out.extend(draw_segment(cells[segment], gutter, width, scale, vision))
+    if len(shown) < len(cells):
+        out.append(Text(f"… {len(cells) - len(shown)} more segments not drawn (--full draws all; --json lists all)",
+                        style="dim"))
+    return out
+
+
+def _gutter(layout: Layout) -> int:
+    return len(f"rank {layout.cp - 1}") + 1
+
+
+def _local_marks(layout: Layout, boxes: Sequence[Box]) -> list[tuple[int, int]]:
+    """``(box index, local offset)`` pairs to mark under the local rows: segment starts for zigzag
+    (``cu[i]/cp``), piece starts otherwise, and the end of the row."""
+    marks, offset = [], 0
+    starts = set(layout.cu_seqlens.tolist()) if layout.kind == "zigzag" else None
+    for i, box in enumerate(boxes):
+        if starts is None or box.start in starts:
+            marks.append((i, offset))
+        offset += box.tokens
+    marks.append((len(boxes), offset))
+    return marks
+
+
+def _ruler(widths: Sequence[int], group: range, marks: Sequence[tuple[int, int]], gutter: int, width: int) -> Text:
+    """``▲offset`` under each marked box boundary of this line; a label that would run past the
+    line ends at its mark instead (``offset▲``), and one that would collide is left out."""
+    positions = [gutter]
+    for i in group:
+        positions.append(positions[-1] + widths[i] + 1)
+    line = [" "] * max(width, positions[-1] + 1)
+    free_from = 0
+    for index, offset in marks:
+        if not group.start <= index <= group.stop:
+            continue
+        x = positions[index - group.start]
+        label, left = f"▲{offset}", x
+        if x + len(label) > width:
+            label, left = f"{offset}▲", x - len(str(offset))
+        if left < free_from:
+            continue
+        line[left:left + len(label)] = list(label)
+        free_from = left + len(label) + 1
+    return Text("".join(line).rstrip(), style="bold")
+
+
+def local_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
+               full: bool = False) -> list[RenderableType]:
+    """Each rank's local row as it sits in memory, cells sized alike for every rank, offsets marked.
+
+    Unless ``full``, only the segments the global view draws are drawn here too.
+    """
+    cut = layout.num_segments > MAX_SEGMENTS and not full and layout.kind == "zigzag"
+    limit = int(layout.cu_seqlens[MAX_SEGMENTS]) if cut else None
+    rows = [local_boxes(layout, r, limit) for r in range(layout.cp)]
+    gutter = _gutter(layout)
+    count = len(rows[0])
+    minimum = [max(len(label) for row in rows for label in row[i].labels) + 2 for i in range(count)]
+    tokens = [b.tokens for b in rows[0]]
+    widths = fit_widths(tokens, minimum, width - gutter - count - 1) or minimum
+    marks = _local_marks(layout, rows[0])
+    vision = vision_prefix(mask) if mask is not None else None
+    out: list[RenderableType] = []
+    for group in wrap_groups(widths, width - gutter):
+        for rank, row in enumerate(rows):
+            label = f"rank {rank}".ljust(gutter)
+            out.extend(draw_boxes([row[i] for i in group], [widths[i] for i in group], [label], compact=False,
+                                  vision=vision))
+        out.append(_ruler(widths, group, marks, gutter, width))
+    if cut:
+        out.append(Text(f"… the local rows continue with {layout.num_segments - MAX_SEGMENTS} more segments "
+                        "(--full draws them)", style="dim"))
+    out.append(_offsets_line(layout))
+    return out
+
+
+def _offsets_line(layout: Layout) -> Text:
+    if layout.kind != "zigzag":
+        return Text(f"each rank holds {layout.local_tokens:,} tokens; ▲ marks where each piece starts in local "
+                    "memory (segment boundaries play no part in this layout)", style="dim")
+    offsets = (layout.cu_seqlens // layout.cp).tolist()
+    listed = ", ".join(f"s{i} at {o:,}" for i, o in enumerate(offsets[:-1][:MAX_LISTED]))
+    more = f", … ({len(offsets) - 1 - MAX_LISTED} more)" if len(offsets) - 1 > MAX_LISTED else ""
+    return Text(f"local offsets cu[i]/cp: {listed}{more}; each rank holds {layout.local_tokens:,} tokens",
+                style="dim")
+
+
+def rank_key(cp: int) -> Text:
+    """A colour key: one swatch per rank, with the rank's digit/letter inside."""
+    key = Text("ranks ", style="bold")
+    for rank in range(cp):
+        key.append(f" {rank_label(rank)} ", style=cell_style(rank))
+        key.append(" ")
+    return key
+
+
+def layout_header(layout: Layout) -> Text:
+    parts = 2 * layout.cp if layout.kind != "contiguous" else layout.cp
+    title = Text(f"{layout.kind} layout", style="bold")
+    title.append(f" · cp {layout.cp} · {layout.num_segments:,} segment(s), {layout.total_tokens:,} tokens · "
+                 f"{layout.local_tokens:,} tokens per rank\n")
+    title.append(RULE_TEXT[layout.kind].format(n=parts, last=parts - 1), style="italic")
+    return title
+
+
+def layout_diagram(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
+                   full: bool = False) -> Group:
+    """The whole picture of one layout: header, colour key, segments, then the local rows."""
+    return Group(
+        layout_header(layout),
+        rank_key(layout.cp),
+        Text(""),
+        *global_view(layout, width, mask=mask, full=full),
+        Text(""),
+        Text(f"local rows: what each rank holds, in memory order ({layout.local_tokens:,} tokens each)", style="bold"),
+        *local_view(layout, width, mask=mask, full=full),
+    )
+
+
+def balance_table(balances: dict[str, Balance], impossible: dict[str, str], chosen: str) -> RenderableType:
+    """Per-rank causal attention work of every layout: count, share, and max/mean."""
+    table = Table()
+    table.add_column("rank", justify="right")
+    for kind in balances:
+        table.add_column(f"{kind} *" if kind == chosen else kind, justify="right")
+    cp = next(iter(balances.values())).work.numel() if balances else 0
+    for rank in range(cp):
+        table.add_row(str(rank), *(f"{int(b.work[rank]):,}  {b.percent[rank]:5.1f}%" for b in balances.values()))
+    table.add_row("total", *(f"{b.total:,}" for b in balances.values()), end_section=True)
+    table.add_row("max/mean", *(f"{b.imbalance:.2f}" for b in balances.values()))
+    notes = ["* the layout drawn above. max/mean is the busiest rank's work over the average; a step waits for the "
+             "busiest rank, " + _worst_note(balances)]
+    notes += [f"{kind} cannot cut this row: {reason}" for kind, reason in impossible.items()]
+    return Group(Text("causal attention work per rank (unmasked query-key pairs inside each segment)", style="bold"),
+                 table, *(Text(note, style="dim") for note in notes))
+
+
+def _worst_note(balances: dict[str, Balance]) -> str:
+    worst = max(balances.values(), key=lambda b: b.imbalance, default=None)
+    if worst is None or worst.imbalance == 1.0:
+        return "and here every layout is perfectly balanced (1.00)."
+    return (f"so {worst.layout}'s {worst.imbalance:.2f} means its attention takes {worst.imbalance:.2f}x as long as "
+            "a perfectly balanced split would.")
+
+
+if __name__ == "__main__":  # pragma: no cover - a demo for eyeballing the view
+    from rich.console import Console
+
+    from cpinspect.core.balance import compare_layouts
+    from cpinspect.core.layout import make_layout
+
+    console = Console()
+    worked = torch.tensor([0, 8, 24])
+    console.print(layout_diagram(make_layout(worked, 2), console.width))
+    console.print(balance_table(*compare_layouts(worked, 2), "zigzag"))

@@ -1,0 +1,189 @@
+"""The vision overlay of the layout picture: which encoder rows of each image land on which rank.
+
+A learner sees here why a rank's rows are not contiguous: each image's rows are cut at the chunk
+boundaries, and a rank's two chunks per segment sit far apart in the natural order of rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.console import Group, RenderableType
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from cpinspect.core.layout import Layout
+from cpinspect.views.layout import MAX_LISTED, cell_style, token_span, vision_prefix
+from cpinspect.views.simulate import rank_label
+
+
+@dataclass(frozen=True)
+class VisionItem:
+    """One image, video or run of vision tokens: where its tokens are and which encoder rows it owns."""
+
+    name: str
+    first_token: int
+    last_token: int
+    first_row: int
+    end_row: int
+
+
+def _item_ordinals(kind_mask: torch.Tensor, grid: torch.Tensor | None, merge_area: int,
+                   runs: torch.Tensor) -> torch.Tensor:
+    """Item number of each vision token of one kind: by the grids when they account for every
+    token (grid row k owns the next t*h*w/merge tokens), otherwise by maximal runs."""
+    count = int(kind_mask.sum())
+    if grid is not None and grid.numel() and int((grid.prod(dim=1) // merge_area).sum()) == count:
+        ends = torch.cumsum(grid.prod(dim=1) // merge_area, 0)
+        return torch.searchsorted(ends, torch.arange(count), right=True)
+    held = runs[kind_mask]
+    return torch.unique(held, return_inverse=True)[1] if held.numel() else held
+
+
+def vision_items(full_ids: torch.Tensor, full_mask: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                 image_token_id: int, video_token_id: int, image_grid: torch.Tensor | None = None,
+                 video_grid: torch.Tensor | None = None, merge_area: int = 4) -> list[VisionItem]:
+    """Images, videos and other vision runs of the full row, in natural (row) order."""
+    positions = torch.nonzero(full_mask).view(-1)
+    if positions.numel() == 0:
+        return []
+    ids = full_ids[positions]
+    kind = torch.where(ids == image_token_id, 0, torch.where(ids == video_token_id, 1, 2))
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[1:] = (positions[1:] != positions[:-1] + 1) | (kind[1:] != kind[:-1])
+    starts |= torch.isin(positions, cu_seqlens)
+    runs = torch.cumsum(starts.to(torch.long), 0) - 1
+    item = torch.zeros_like(positions)
+    for code, grid in ((0, image_grid), (1, video_grid), (2, None)):
+        mask = kind == code
+        if bool(mask.any()):
+            item[mask] = _item_ordinals(mask, grid, merge_area, runs)
+    key = kind * (positions.numel() + 1) + item
+    unique, inverse = torch.unique(key, return_inverse=True)
+    rows = torch.arange(positions.numel())
+    first = torch.full((unique.numel(),), positions.numel(), dtype=torch.long).scatter_reduce(0, inverse, rows, "amin")
+    last = torch.zeros(unique.numel(), dtype=torch.long).scatter_reduce(0, inverse, rows, "amax")
+    order = torch.argsort(first)
+    names = ("image", "video", "vision run")
+    stride = positions.numel() + 1
+    columns = (unique[order], positions[first[order]], positions[last[order]], first[order], last[order] + 1)
+    return [
+        VisionItem(f"{names[key // stride]} {key % stride}", first_token, last_token, first_row, end_row)
+        for key, first_token, last_token, first_row, end_row in zip(*(c.tolist() for c in columns))
+    ]
+
+
+@dataclass(frozen=True)
+class PieceRows:
+    """Per piece, in natural order, as plain lists for display: its first encoder row, how many rows
+    it holds (its vision tokens), the rank that holds it and its name (``s0 c3``)."""
+
+    first: list[int]
+    count: list[int]
+    owner: list[int]
+    name: list[str]
+
+
+def piece_rows(layout: Layout, full_mask: torch.Tensor) -> PieceRows:
+    """Rows of every piece: vision tokens before it and in it, by one cumulative sum."""
+    csum = vision_prefix(full_mask)
+    first = csum[layout.piece_start]
+    count = csum[layout.piece_start + layout.piece_len] - first
+    chunks = layout.piece_chunk.tolist()
+    if layout.kind == "zigzag":
+        names = [f"s{seg} c{chunk}" for seg, chunk in zip(layout.piece_segment.tolist(), chunks)]
+    else:
+        names = [f"c{chunk}" for chunk in chunks]
+    return PieceRows(first.tolist(), count.tolist(), layout.owner_of_piece().tolist(), names)
+
+
+def piece_name(layout: Layout, piece: int) -> str:
+    chunk = int(layout.piece_chunk[piece])
+    return f"s{int(layout.piece_segment[piece])} c{chunk}" if layout.kind == "zigzag" else f"c{chunk}"
+
+
+def items_table(rows: PieceRows, items: Sequence[VisionItem], full: bool) -> Table:
+    """Which rows of each image/video land on which rank, chunk by chunk."""
+    table = Table(title="vision items: the encoder returns one row per vision token, in natural order",
+                  title_justify="left", title_style="bold")
+    for name in ("item", "global tokens", "rows", "held by (rows, chunk)"):
+        table.add_column(name, overflow="fold")
+    shown = items if full else items[:MAX_LISTED]
+    for item in shown:
+        held: dict[int, list[str]] = {}
+        piece = bisect.bisect_right(rows.first, item.first_row) - 1
+        while piece < len(rows.first) and rows.first[piece] < item.end_row:
+            low = max(rows.first[piece], item.first_row)
+            high = min(rows.first[piece] + rows.count[piece], item.end_row)
+            if high > low:
+                held.setdefault(rows.owner[piece], []).append(f"{token_span(low, high)} ({rows.name[piece]})")
+            piece += 1
+        cell = Text()
+        for rank, parts in sorted(held.items()):
+            if cell:
+                cell.append("\n")
+            cell.append(f" {rank_label(rank)} ", style=cell_style(rank))
+            cell.append(f" rank {rank}: {', '.join(parts)}")
+        table.add_row(item.name, f"{item.first_token}-{item.last_token}",
+                      token_span(item.first_row, item.end_row), cell)
+    if len(shown) < len(items):
+        table.add_row(f"… {len(items) - len(shown)} more", "", "", "--full lists them")
+    return table
+
+
+def rank_rows_view(layout: Layout, rows: PieceRows, full: bool) -> list[RenderableType]:
+    """Each rank's rows, chunk by chunk, and what sits in every gap between them (other ranks' chunks)."""
+    out: list[RenderableType] = [Text("what each rank scatters: rows of the encoder output, in local token order",
+                                      style="bold")]
+    for rank, pieces in enumerate(layout.rank_pieces.tolist()):
+        mine = [p for p in pieces if rows.count[p]]
+        line = Text()
+        line.append(f" {rank_label(rank)} ", style=cell_style(rank))
+        if not mine:
+            line.append(f" rank {rank}: no vision tokens, no rows (it still joins the count all-gather)")
+            out.append(line)
+            continue
+        shown = mine if full else mine[:MAX_LISTED + 1]
+        parts = [f"{token_span(rows.first[p], rows.first[p] + rows.count[p])} ({rows.name[p]})" for p in shown]
+        line.append(f" rank {rank}: " + _listed(parts, full, len(mine)))
+        out.append(line)
+        gaps = _gaps(shown, rows)
+        if gaps:
+            out.append(Padding(Text("not contiguous: " + _listed(gaps, full, len(gaps)), style="dim"), (0, 0, 0, 4)))
+    return out
+
+
+def _gaps(mine: Sequence[int], rows: PieceRows) -> list[str]:
+    """``"rows 9-56 are in s0 c1, s0 c2 (rank 1)"`` for every hole between a rank's row ranges.
+
+    A rank's pieces come in natural order, so the rows of a hole belong to the pieces between them.
+    """
+    gaps = []
+    for before, after in zip(mine, mine[1:]):
+        gap_start, gap_end = rows.first[before] + rows.count[before], rows.first[after]
+        if gap_end <= gap_start:
+            continue
+        by_rank: dict[int, list[str]] = {}
+        for piece in range(before + 1, after):
+            if rows.count[piece]:
+                by_rank.setdefault(rows.owner[piece], []).append(rows.name[piece])
+        holders = "; ".join(f"{', '.join(names)} (rank {r})" for r, names in sorted(by_rank.items()))
+        gaps.append(f"rows {token_span(gap_start, gap_end)} are in {holders}")
+    return gaps
+
+
+def _listed(parts: Sequence[str], full: bool, total: int) -> str:
+    if full or total <= MAX_LISTED:
+        return " · ".join(parts)
+    return " · ".join(parts[:MAX_LISTED]) + f" · … {total - MAX_LISTED} more (--full)"
+
+
+def vision_view(layout: Layout, full_mask: torch.Tensor, items: Sequence[VisionItem],
+                full: bool = False) -> Group:
+    """The vision overlay's text half: items by rank, then each rank's rows with their gaps."""
+    rows = piece_rows(layout, full_mask)
+    return Group(items_table(rows, items, full), *rank_rows_view(layout, rows, full))
