@@ -68,6 +68,7 @@ __all__ = [
     "CpInspectError",
     "verify",
     "VerificationError",
+    "capture",
     "__version__",
 ]
 

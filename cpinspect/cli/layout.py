@@ -133,7 +133,8 @@ def build_views(layout: Layout, balances: dict[str, Balance], impossible: dict[s
                 ) -> list[RenderableType]:
     """Everything ``cpinspect layout`` prints, in order (``vision``: the simulation and its batch)."""
     from cpinspect.core.layout import LAYOUTS, make_layout
-    from cpinspect.views.layout import balance_table, layout_diagram
+    from cpinspect.views.balance import balance_table
+    from cpinspect.views.layout import layout_diagram
     from cpinspect.views.layout_vision import vision_view
 
     views: list[RenderableType] = [Text(f"source: {source}\ncu_seqlens {_cu_text(layout.cu_seqlens)} (physical)",

@@ -25,6 +25,18 @@ LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous")
 
 
 @dataclass(frozen=True)
+class Place:
+    """Where one token sits: its owner rank and local index, global position, piece, segment, chunk."""
+
+    rank: int
+    local: int
+    position: int
+    piece: int
+    segment: int
+    chunk: int
+
+
+@dataclass(frozen=True)
 class Layout:
     """Pieces of one packed row over ``cp`` ranks (all tensors int64, on the CPU).
 
@@ -75,6 +87,25 @@ class Layout:
         """``[cp, local_tokens]``: row ``r`` is :meth:`global_indices` of rank ``r``."""
         flat = self.rank_pieces.reshape(-1)
         return _expand_pieces(self.piece_start[flat], self.piece_len[flat]).view(self.cp, -1)
+
+    def locate(self, cp_rank: int, local: int) -> Place:
+        """The place of rank ``cp_rank``'s local token ``local`` (for messages: one token)."""
+        ends = torch.cumsum(self.local_piece_len(cp_rank), 0)
+        slot = int(torch.searchsorted(ends, torch.tensor(local), right=True))
+        piece = int(self.rank_pieces[cp_rank, slot])
+        offset = local - (int(ends[slot - 1]) if slot else 0)
+        return Place(cp_rank, local, int(self.piece_start[piece]) + offset, piece, int(self.piece_segment[piece]),
+                     int(self.piece_chunk[piece]))
+
+    def locate_position(self, position: int) -> Place:
+        """The place of global token ``position``: which rank holds it, where, in which chunk."""
+        piece = int(torch.searchsorted(self.piece_start, torch.tensor(position), right=True)) - 1
+        while self.piece_len[piece] == 0:  # empty pieces share their start with the next one
+            piece += 1
+        rank, slot = (int(v) for v in torch.nonzero(self.rank_pieces == piece)[0])
+        before = int(self.piece_len[self.rank_pieces[rank, :slot]].sum())
+        local = before + position - int(self.piece_start[piece])
+        return Place(rank, local, position, piece, int(self.piece_segment[piece]), int(self.piece_chunk[piece]))
 
     def owner_of_piece(self) -> torch.Tensor:
         """``[P]`` rank that holds each piece."""
@@ -242,6 +273,21 @@ def zigzag_rank_pieces(num_segments: int, cp: int, device: torch.device | str | 
     head = base[None, :] + ranks[:, None]
     tail = base[None, :] + (2 * cp - 1 - ranks)[:, None]
     return torch.stack([head, tail], dim=-1).reshape(cp, 2 * num_segments)
+
+
+def pad_multiple(cp: int, kind: str) -> int:
+    """What each padded unit must divide by: ``2*cp`` for zigzag layouts (1 at cp 1), ``cp`` for contiguous."""
+    return cp if kind == "contiguous" else (2 * cp if cp > 1 else 1)
+
+
+def padded_boundaries(cu_seqlens: torch.Tensor, cp: int, kind: str) -> torch.Tensor:
+    """The boundaries ``--pad`` gives: every segment padded for zigzag, only the row's end otherwise."""
+    multiple = pad_multiple(cp, kind)
+    if kind == "zigzag":
+        return padded_cu_seqlens(cu_seqlens, multiple)
+    total = int(cu_seqlens[-1])
+    padded = -(-total // multiple) * multiple
+    return torch.cat([cu_seqlens[:-1], cu_seqlens.new_tensor([padded])]) if padded != total else cu_seqlens
 
 
 def padded_cu_seqlens(cu_seqlens: torch.Tensor, multiple: int) -> torch.Tensor:

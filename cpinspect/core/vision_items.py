@@ -68,6 +68,16 @@ class VisionItems:
         return owner
 
 
+def placeholder_mask(ids: torch.Tensor, tokens: TokenConfig) -> torch.Tensor:
+    """Vision placeholders of an id row: the image or video pad token (the one mask rule)."""
+    return (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
+
+
+def embedding_rows(grids: list[torch.Tensor | None], merge_area: int) -> int:
+    """Rows the vision encoder yields for these grids: sum of ``t*h*w / merge**2`` (the one row rule)."""
+    return int(sum(int((g.prod(dim=1) // merge_area).sum()) for g in grids if g is not None))
+
+
 def exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(values, 0) - values
 

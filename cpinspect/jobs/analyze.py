@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from cpinspect.core.compare import NATURAL_ORDER_HINT, SCATTER_HINT, compare_rows
 from cpinspect.core.errors import InputError
 from cpinspect.core.layout import Layout, make_layout
 from cpinspect.core.oracle import expected_rows
@@ -188,31 +189,23 @@ def captured_row_findings(ranked: list[CapturedRank], layout: str = "zigzag") ->
 def _compare_rows(captured: CapturedRank, rank: int, got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor,
                   plan: Layout) -> DiagnosisFinding | None:
     who = f"captured at step {captured.step}: rank {rank} (global rank {captured.global_rank})"
-    if got.numel() != want.numel():
+    diff = compare_rows(got, want)
+    if diff is None:
+        return None
+    if diff.length_differs:
         return DiagnosisFinding(
             "SCATTER_SHAPE_MISMATCH", "confirmed", "error",
             f"{who} selected {got.numel()} rows but holds {want.numel()} vision tokens",
-            rank=rank, hint="the scatter combined[mask] = rows needs exactly one row per local vision token")
-    differ = torch.nonzero(got != want).view(-1)
-    if differ.numel() == 0:
-        return None
-    first = int(differ[0])
+            rank=rank, hint=SCATTER_HINT)
+    first = diff.first
     position = int(torch.nonzero(mask).view(-1)[first])
-    segment, chunk = _piece_at(plan, rank, position)
+    place = plan.locate(rank, position)
     return DiagnosisFinding(
         "ROWS_MISMATCH", "confirmed", "error",
-        f"{who} selected rows that differ from the oracle at {differ.numel()} of its "
-        f"{want.numel()} vision tokens; first at vision token {first} (local position {position}, segment {segment} "
-        f"chunk {chunk}): got row {int(got[first])}, expected {int(want[first])}",
-        rank=rank, segment=segment, chunk=chunk,
-        hint="offsets must follow natural order: segment-major, then chunk 0..2cp-1")
-
-
-def _piece_at(plan: Layout, rank: int, position: int) -> tuple[int, int]:
-    ends = torch.cumsum(plan.local_piece_len(rank), 0)
-    local_piece = int(torch.searchsorted(ends, torch.tensor(position), right=True))
-    piece = int(plan.rank_pieces[rank, local_piece])
-    return int(plan.piece_segment[piece]), int(plan.piece_chunk[piece])
+        f"{who} selected rows that differ from the oracle at {diff.differing} of its "
+        f"{want.numel()} vision tokens; first at vision token {first} (local position {position}, segment "
+        f"{place.segment} chunk {place.chunk}): got row {int(got[first])}, expected {int(want[first])}",
+        rank=rank, segment=place.segment, chunk=place.chunk, hint=NATURAL_ORDER_HINT)
 
 
 def _gaps(groups: dict[GroupKey, dict[int, CapturedRank]], analyses: list[StepAnalysis]) -> list[DiagnosisFinding]:

@@ -16,11 +16,13 @@ import torch
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
-from cpinspect.core.layout import Layout, make_layout, pad_row, padded_cu_seqlens
+from cpinspect.core.layout import Layout, make_layout, pad_row, padded_boundaries
 from cpinspect.core.oracle import expected_rows, global_positions
 from cpinspect.core.selection import RankSelection, select_rank_rows
 from cpinspect.core.tokens import TokenConfig, token_config
+from cpinspect.core.vision_items import embedding_rows, placeholder_mask
 from cpinspect.groups.simulated import DEFAULT_TIMEOUT_S, RankState, SpmdError, execute_spmd
+from cpinspect.simulation.checks import check
 
 RANK_INDEX_LISTS = ("global_indices", "vision_positions", "selected_rows", "expected_rows")
 
@@ -134,9 +136,7 @@ class Result:
         }
 
 
-def vision_mask_of(ids: torch.Tensor, tokens: TokenConfig) -> torch.Tensor:
-    """Placeholder positions: image_pad or video_pad ids of the model family."""
-    return (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
+vision_mask_of = placeholder_mask  # the name diagnose still imports; the rule lives in core.vision_items
 
 
 def simulate(
@@ -310,8 +310,7 @@ def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Te
             where=batch.source,
             fix="drop --pad; if segment lengths are not divisible by 2*cp, the framework's padding is the bug",
         )
-    multiple = cp if layout == "contiguous" else (2 * cp if cp > 1 else 1)
-    new_cu = padded_cu_seqlens(cu, multiple) if layout == "zigzag" else _pad_total(cu, multiple)
+    new_cu = padded_boundaries(cu, cp, layout)
     added = int(new_cu[-1] - cu[-1])
     if not added:
         return ids, mask, cu, 0
@@ -321,12 +320,6 @@ def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Te
     return pad_row(ids, cu, new_cu, tokens.pad_token_id), pad_row(mask, cu, new_cu, False), new_cu, added
 
 
-def _pad_total(cu: torch.Tensor, multiple: int) -> torch.Tensor:
-    total = int(cu[-1])
-    padded = -(-total // multiple) * multiple
-    return torch.cat([cu[:-1], torch.tensor([padded])]) if padded != total else cu
-
-
 def _vision_items(batch: PackedBatch, full_mask: torch.Tensor, full_ids: torch.Tensor, cu: torch.Tensor,
                   tokens: TokenConfig) -> tuple[int, int, int]:
     """Vision embedding rows expected, and the number of images and videos."""
@@ -334,7 +327,7 @@ def _vision_items(batch: PackedBatch, full_mask: torch.Tensor, full_ids: torch.T
     if batch.vision_embed_count is not None:
         count = batch.vision_embed_count
     elif grids:
-        count = int(sum(int((g.prod(dim=1) // tokens.merge_area).sum()) for g in grids))
+        count = embedding_rows(grids, tokens.merge_area)
     else:
         count = int(full_mask.sum())
     images = batch.image_grid_thw.shape[0] if batch.image_grid_thw is not None else _runs(
@@ -353,66 +346,3 @@ def _runs(mask: torch.Tensor, cu: torch.Tensor) -> int:
     boundaries = cu[1:-1][cu[1:-1] < mask.numel()]
     starts[boundaries] = mask[boundaries]
     return int(starts.sum())
-
-
-def check(result: Result) -> list[Finding]:
-    """Compare every rank with the oracle and the encoder's row count; return the findings."""
-    findings: list[Finding] = []
-    if result.padded_tokens:
-        findings.append(Finding("SEGMENTS_PADDED", "info", result.notes[0],
-                                "frameworks pad each segment to a multiple of 2*cp before CP; your data should too"))
-    if result.spmd_error is not None:
-        findings.append(Finding("COLLECTIVE_DIVERGENCE", "error", str(result.spmd_error),
-                                "every rank must reach the same collectives in the same order"))
-        return findings
-    total_gathered = int(result.gathered_counts.sum())
-    if total_gathered != result.vision_embed_count:
-        findings.append(Finding(
-            "EMBED_COUNT_MISMATCH", "error",
-            f"Packed CP ranks contain {total_gathered} vision tokens, but the vision encoder produced "
-            f"{result.vision_embed_count} embeddings.",
-            "placeholder tokens and image/video grids disagree: check truncation of vision spans and the grids "
-            "passed to the encoder",
-        ))
-    for rank in result.ranks:
-        holds = int(rank.local_mask.sum())
-        if rank.selected_rows.numel() != holds:
-            findings.append(Finding(
-                "SCATTER_SHAPE_MISMATCH", "error",
-                f"rank {rank.rank} selected {rank.selected_rows.numel()} rows but holds {holds} vision tokens",
-                "the scatter combined[mask] = rows needs exactly one row per local vision token", rank=rank.rank,
-            ))
-        if not rank.ok:
-            findings.append(_rows_mismatch(result, rank))
-    selected = torch.cat([r.selected_rows for r in result.ranks]) if result.ranks else torch.zeros(0)
-    expected_all = torch.arange(result.vision_tokens)
-    if selected.numel() != expected_all.numel() or not torch.equal(torch.sort(selected).values, expected_all):
-        findings.append(Finding(
-            "ROWS_NOT_A_PARTITION", "error",
-            f"the ranks' rows together are not 0..{result.vision_tokens - 1} exactly once "
-            f"({selected.numel()} rows selected for {result.vision_tokens} vision tokens)",
-            "each vision embedding row must land on exactly one rank",
-        ))
-    return findings
-
-
-def _rows_mismatch(result: Result, rank: RankResult) -> Finding:
-    got, want = rank.selected_rows, rank.expected_rows
-    n = min(got.numel(), want.numel())
-    differ = torch.nonzero(got[:n] != want[:n]).view(-1)
-    first = int(differ[0]) if differ.numel() else n
-    position = int(rank.vision_positions[first]) if first < rank.vision_positions.numel() else None
-    segment = chunk = None
-    if position is not None:
-        piece = int(torch.searchsorted(torch.cumsum(result.layout.local_piece_len(rank.rank), 0),
-                                       torch.tensor(position), right=True))
-        global_piece = int(result.layout.rank_pieces[rank.rank, piece])
-        segment = int(result.layout.piece_segment[global_piece])
-        chunk = int(result.layout.piece_chunk[global_piece])
-    return Finding(
-        "ROWS_MISMATCH", "error",
-        f"rank {rank.rank} selected rows differ from the oracle at vision token {first} "
-        f"(local position {position}): got {got[first:first + 1].tolist()}, expected {want[first:first + 1].tolist()}",
-        "offsets must follow natural order: segment-major, then chunk 0..2cp-1",
-        rank=rank.rank, segment=segment, chunk=chunk,
-    )
