@@ -42,7 +42,7 @@ from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
 from cpinspect.core.layout import LAYOUTS
 from cpinspect.core.loading import load_batch
-from cpinspect.core.mrope import check_position_ids
+from cpinspect.core.position_check import check_position_ids
 from cpinspect.core.tokens import TokenConfig, token_config
 from cpinspect.diagnose.audits import audit, consistent
 from cpinspect.diagnose.errortext import ObservedError, parse_error_text

@@ -17,10 +17,9 @@ from cpinspect.core.layout import Layout
 from cpinspect.core.mrope import (
     DEFAULT_TOKENS_PER_SECOND,
     PAD_POSITION,
-    PositionCheck,
-    compare_position_ids,
     mrope_positions,
 )
+from cpinspect.core.position_check import PositionCheck, compare_position_ids
 from cpinspect.core.vision_items import VisionItems, find_vision_items
 from cpinspect.simulation.run import Result
 

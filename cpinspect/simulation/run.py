@@ -287,8 +287,7 @@ def _input_form(batch: PackedBatch, cp: int) -> str:
 
 
 def _cp_hint(total: int, row: int) -> str:
-    cut = row_cut_for(total, row)
-    if cut is not None:
+    if (cut := row_cut_for(total, row)) is not None:
         return f"if this is one rank's local row, the data was sharded for cp={cut}: pass --cp {cut}"
     return "check that input_ids and cu_seqlens come from the same batch"
 
