@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cpinspect.core.batch import PackedBatch, check_grid_merge
+from cpinspect.core.batch import PackedBatch, check_grid_merge, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.layout import LAYOUTS, Layout, check_cp_fits, make_layout, padded_cu_seqlens
 from cpinspect.core.loading import stacked_shape
@@ -221,7 +221,7 @@ def resolve_form(batch: PackedBatch, cp: int) -> tuple[str, int, PackedBatch, li
     cut_for = batch.cut_for()
     if cut_for is not None and batch.form_for(cut_for) == "presharded":
         return form, cut_for, batch, _cp_size_finding(cut_for, cp, total, n, files)
-    if files > 1 and n and total % n == 0 and total // n > files:
+    if files > 1 and (rows_cut := row_cut_for(total, n)) is not None and rows_cut > files:
         raise InputError(
             f"{files} rank files were given, but the rows were cut for cp={total // n} (cu_seqlens ends at {total} = "
             f"{total // n} x {n} local tokens)", where=batch.source,
