@@ -196,8 +196,9 @@ def test_unknown_step_exit_2(clean_capture):
 
 
 def test_analyze_help_does_not_import_torch():
-    code = ("import sys\nfrom cpinspect.cli.app import app\ntry:\n    app(['analyze', '--help'])\nexcept SystemExit as e:\n"
-            "    assert e.code == 0, e.code\nassert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")
+    code = ("import sys\nfrom cpinspect.cli.app import app\ntry:\n    app(['analyze', '--help'])\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().endswith("ok"), out.stderr
 

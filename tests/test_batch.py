@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from cpinspect.core import synth
 from cpinspect.core.errors import InputError
-from cpinspect.core.loading import load_batch
+from cpinspect.core.loading import load_batch, stacked_shape
 
 
 def test_aliases_and_flat_or_batched_ids():
@@ -118,3 +118,49 @@ def test_per_rank_files_must_agree():
     c = {"input_ids": torch.zeros(5, dtype=torch.long), "cu_seqlens": torch.tensor([0, 8])}
     with pytest.raises(InputError, match="different lengths"):
         load_batch([a, c])
+
+
+def test_stacked_ids_are_refused_by_default_and_concatenated_on_request():
+    rows = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    raw = {"input_ids": torch.tensor(rows), "cu_seqlens": torch.tensor([0, 4, 8, 12]), "labels": torch.zeros(3, 4)}
+    with pytest.raises(InputError, match="BATCH_NOT_FLAT"):
+        load_batch(raw)
+    batch = load_batch(raw, stacked="concatenate")
+    assert batch.rows[0].tolist() == [token for row in rows for token in row]
+    assert [(f.key, f.shape, f.dtype) for f in batch.found[0]] == [
+        ("input_ids", (3, 4), "int64"), ("cu_seqlens", (4,), "int64"), ("labels", (3, 4), "float32")]
+    assert stacked_shape(batch) == (3, 4) and stacked_shape(load_batch({**raw, "input_ids": torch.arange(12)})) is None
+    assert raw["input_ids"].tolist() == rows  # the caller's tensor is untouched
+
+
+def test_found_records_every_key_of_every_rank_file(tmp_path):
+    for rank in range(2):
+        torch.save({"input_ids": torch.arange(4).view(1, 4), "cu_seqlens": torch.tensor([0, 8]),
+                    f"only_rank{rank}": torch.ones(rank + 1)}, tmp_path / f"rank{rank}.pt")
+    batch = load_batch(tmp_path)
+    assert [[(f.key, f.shape) for f in found] for found in batch.found] == [
+        [("input_ids", (1, 4)), ("cu_seqlens", (2,)), ("only_rank0", (1,))],
+        [("input_ids", (1, 4)), ("cu_seqlens", (2,)), ("only_rank1", (2,))]]
+
+
+# (rows per file, tokens per row, cu_seqlens[-1]) -> form for cp 2 and 4, and the cp the rows were cut for,
+# written out from the rule: full when one row holds cu_seqlens[-1] tokens; pre-sharded for cp when
+# cu_seqlens[-1] == cp x row; cut for the number of rank files, or cu_seqlens[-1] / row (> 1) for one row.
+FORMS = [
+    (1, 16, 16, "full", "full", None),
+    (1, 8, 16, "presharded", "neither", 2),
+    (1, 4, 16, "neither", "presharded", 4),
+    (1, 6, 16, "neither", "neither", None),
+    (2, 8, 16, "presharded", "neither", 2),
+    (2, 8, 32, "neither", "presharded", 2),
+    (4, 4, 16, "neither", "presharded", 4),
+]
+
+
+@pytest.mark.parametrize(("files", "row", "total", "for2", "for4", "cut"), FORMS)
+def test_one_input_form_rule(files, row, total, for2, for4, cut):
+    parts = [{"input_ids": torch.zeros(row, dtype=torch.long), "cu_seqlens": torch.tensor([0, total])}
+             for _ in range(files)]
+    batch = load_batch(parts if files > 1 else parts[0])
+    assert (batch.form_for(2), batch.form_for(4), batch.cut_for()) == (for2, for4, cut)
+    assert batch.is_full == (for2 == "full")

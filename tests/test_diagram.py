@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 
 from cpinspect.cli.app import app
 from cpinspect.core.layout import LAYOUTS, make_layout
+from cpinspect.core.layout_report import segment_cells
 from cpinspect.core.synth import demo_batch_dict
 from cpinspect.views.layout import (
     fit_widths,
     layout_diagram,
     local_boxes,
-    segment_cells,
     vision_prefix,
     vision_strip,
 )

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from cpinspect.cli.app import app
 from cpinspect.core.ranges import format_ranges
 from cpinspect.core.synth import demo_batch, demo_batch_dict
-from cpinspect.simulation.explain import naive_scatter_message, render_explain
+from cpinspect.simulation.explain import naive_scatter_message
 from cpinspect.simulation.run import simulate
+from cpinspect.views.explain import render_explain
 from tests.literal import expected_rows, local_counts, zigzag_indices
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

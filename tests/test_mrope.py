@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from cpinspect.cli.app import app
 from cpinspect.core.errors import InputError
 from cpinspect.core.loading import load_batch
-from cpinspect.core.mrope import check_position_ids, compare_position_ids, row_positions
+from cpinspect.core.mrope import row_positions
 from cpinspect.core.oracle import global_positions
+from cpinspect.core.position_check import check_position_ids, compare_position_ids
 from cpinspect.core.synth import build_batch, demo_batch_dict, shard_batch
 from cpinspect.core.tokens import token_config
 

@@ -16,8 +16,8 @@ from cpinspect.core.tokens import token_config
 from cpinspect.core.vision_items import find_vision_items
 from cpinspect.groups.simulated import execute_spmd, run_spmd
 from cpinspect.simulation.run import simulate
-from cpinspect.simulation.vision_dp import (
-    VisionDPExtension,
+from cpinspect.simulation.vision_dp import VisionDPExtension
+from cpinspect.simulation.vision_dp_split import (
     all_gather_vision_embeddings,
     plan_vision_dp,
     reduce_vision_grad,

@@ -74,14 +74,15 @@ def diagnose(
     with progress_steps(not json_out) as step:
         step("loading batch")
         import_torch()
-        from cpinspect.diagnose.api import diagnose_batch, load_diagnosis_batch
+        from cpinspect.core.loading import load_batch
+        from cpinspect.diagnose import diagnose_batch
 
-        loaded = load_diagnosis_batch(batch[0] if len(batch) == 1 else list(batch), keys=parse_keys(key))
+        loaded = load_batch(batch[0] if len(batch) == 1 else list(batch), keys=parse_keys(key), stacked="concatenate")
         step("simulating hypotheses")
         report = diagnose_batch(loaded, cp if cp is not None else _infer_cp(loaded), layout=layout, tokens=tokens,
                                 error_text=observed, embeds=embeds, rank=rank, timeout=timeout)
     if error_file is not None and observed is None:
-        from cpinspect.diagnose.api import DiagnosisFinding
+        from cpinspect.diagnose.report import DiagnosisFinding
 
         report.findings.insert(0, DiagnosisFinding(
             "ERROR_NOT_RECOGNISED", "info", "info",
@@ -90,7 +91,7 @@ def diagnose(
     if json_out:
         sys.stdout.write(json.dumps(report.to_dict()) + "\n")
     else:
-        from cpinspect.diagnose.api import render_report
+        from cpinspect.views.diagnose import render_report
 
         render_report(report, make_console(no_color))
     raise typer.Exit(report.exit_code)
@@ -98,11 +99,9 @@ def diagnose(
 
 def _infer_cp(batch: Any) -> int:
     """The cp the rows were cut for, when the batch says it (rank files, a pre-sharded row)."""
-    total, n = int(batch.cu_seqlens[-1]), batch.row_tokens
-    if batch.per_rank_files:
-        return len(batch.rows)
-    if n and total % n == 0 and total > n:
-        return total // n
+    cut = batch.cut_for()
+    if cut is not None:
+        return int(cut)
     raise InputError(
-        f"--cp is needed: the batch is a full row of {n} tokens, so it does not say which cp the run used",
-        where="--cp", fix="pass the run's context-parallel size, e.g. --cp 2")
+        f"--cp is needed: the batch is a full row of {batch.row_tokens} tokens, so it does not say which cp the run "
+        "used", where="--cp", fix="pass the run's context-parallel size, e.g. --cp 2")

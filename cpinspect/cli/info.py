@@ -31,7 +31,8 @@ def info(
 
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
     loaded, source = load_cli_batch(batch, key)
-    from cpinspect.core.summary import describe_batch, render_info
+    from cpinspect.core.summary import describe_batch
+    from cpinspect.views.info import render_info
 
     summary = describe_batch(loaded, tokens, cp=cp)
     if json_out:

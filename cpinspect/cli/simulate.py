@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -24,6 +25,9 @@ from cpinspect.cli.options import (
     VideoIdOpt,
 )
 from cpinspect.core.errors import InputError
+
+if TYPE_CHECKING:
+    from cpinspect.simulation.extension import Extension
 
 
 @guarded
@@ -64,15 +68,14 @@ def simulate(
         result = run_simulation(loaded, cp, layout, tokens=tokens, pad=pad, timeout=timeout, backend=backend)
     if rank is not None and rank >= cp:
         raise InputError(f"--rank {rank} is out of range for cp={cp}", where="--rank", fix=f"pick 0..{cp - 1}")
-    extras = [ext for ext in (_positions_extension(positions, loaded), _vision_dp_extension(vision_dp, loaded))
-              if ext is not None]
+    extras = _extensions(positions, vision_dp, loaded)
     ok = result.ok
-    for ext in extras:
+    for ext, _ in extras:
         ext.run(result)
         ok = ok and ext.ok
     if json_out:
         document = result.document()
-        for ext in extras:
+        for ext, _ in extras:
             ext.add_json(document)
         document["ok"] = ok
         if rank is not None:
@@ -84,28 +87,26 @@ def simulate(
 
         console = make_console(no_color)
         render_result(result, console, source=source, rank=rank, full=full)
-        for ext in extras:
-            ext.render(console, rank=rank, full=full)
+        for ext, render in extras:
+            render(ext, console, rank=rank, full=full)
         if explain:
-            from cpinspect.simulation.explain import render_explain
+            from cpinspect.views.explain import render_explain
 
             render_explain(result, console, rank=rank or 0)
     raise typer.Exit(EXIT_OK if ok else EXIT_INCONSISTENT)
 
 
-def _positions_extension(enabled: bool, batch: Any) -> Any:
-    """The --positions view (cpinspect.core.mrope), or None when not asked for."""
-    if not enabled:
-        return None
-    from cpinspect.simulation.positions import PositionsExtension
+def _extensions(positions: bool, vision_dp: bool, batch: Any) -> list[tuple[Extension, Callable[..., None]]]:
+    """The extensions asked for (:class:`cpinspect.simulation.extension.Extension`), each with its view."""
+    extras: list[tuple[Extension, Callable[..., None]]] = []
+    if positions:
+        from cpinspect.simulation.positions import PositionsExtension
+        from cpinspect.views import positions as positions_view
 
-    return PositionsExtension(batch)
+        extras.append((PositionsExtension(batch), positions_view.render))
+    if vision_dp:
+        from cpinspect.simulation.vision_dp import VisionDPExtension
+        from cpinspect.views import vision_dp as vision_dp_view
 
-
-def _vision_dp_extension(enabled: bool, batch: Any) -> Any:
-    """The --vision-dp view (cpinspect.simulation.vision_dp), or None when not asked for."""
-    if not enabled:
-        return None
-    from cpinspect.simulation.vision_dp import VisionDPExtension
-
-    return VisionDPExtension(batch)
+        extras.append((VisionDPExtension(batch), vision_dp_view.render))
+    return extras

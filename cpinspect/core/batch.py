@@ -8,7 +8,6 @@ cp * local_T``, global physical boundaries), e.g. after miles/slime ``slice_with
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -30,7 +29,6 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "second_per_grid_ts": ("second_per_grid_ts",),
 }
 FIELDS = ("input_ids", "cu_seqlens", "logical_cu_seqlens", *list(FIELD_ALIASES)[1:])
-RANK_FILE = re.compile(r"^rank(\d+)\.(pt|safetensors)$")
 
 BatchSource = Union[str, os.PathLike, Mapping[str, Any], Sequence[Union[str, os.PathLike, Mapping[str, Any]]]]
 
@@ -81,14 +79,41 @@ class PackedBatch:
     def num_segments(self) -> int:
         return self.cu_seqlens.numel() - 1
 
+    @property
+    def total_tokens(self) -> int:
+        """``cu_seqlens[-1]``: the tokens of the whole packed row."""
+        return int(self.cu_seqlens[-1])
+
+    @property
+    def is_full(self) -> bool:
+        """One row holding the whole packed row (``cu_seqlens[-1] == T``)."""
+        return not self.per_rank_files and self.total_tokens == self.row_tokens
+
     def form_for(self, cp: int) -> str:
-        """``"full"``, ``"presharded"`` or ``"neither"`` for ``cp``, by the upstream length rule."""
-        total = int(self.cu_seqlens[-1])
-        if not self.per_rank_files and total == self.row_tokens:
+        """``"full"``, ``"presharded"`` or ``"neither"`` for ``cp``, by the upstream length rule.
+
+        This is the one input-form rule of cpinspect: a model decides the same way (pre-sharded
+        when ``cu_seqlens[-1] == cp * local_T``).
+        """
+        if self.is_full:
             return "full"
-        if total == cp * self.row_tokens:
+        if self.total_tokens == cp * self.row_tokens:
             return "presharded"
         return "neither"
+
+    def cut_for(self) -> int | None:
+        """The cp the rows were cut for, when the batch says it: the number of rank files, or for one
+        row :func:`row_cut_for`; None for a full row (or a length that fits no cp)."""
+        if self.per_rank_files:
+            return len(self.rows)
+        return row_cut_for(self.total_tokens, self.row_tokens)
+
+
+def row_cut_for(total: int, row_tokens: int) -> int | None:
+    """``total / row_tokens`` when one local row of ``row_tokens`` is a whole share (> 1) of ``total``."""
+    if row_tokens and total % row_tokens == 0 and total > row_tokens:
+        return total // row_tokens
+    return None
 
 
 def check_grid_merge(grid: torch.Tensor | None, key: str, merge: int, *, where: str | None = None) -> None:

@@ -1,16 +1,12 @@
-"""Loading a batch from files or dicts: read each file, pick the fields, validate them.
+"""Loading a batch: pick the fields of what :mod:`cpinspect.core.files` read, validate them.
 
-Only ``torch.load(..., weights_only=True)`` and safetensors are used: nothing is unpickled.
+The one loader of cpinspect (simulate, info, layout, diagnose, analyze, ``check --batch``).
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import zipfile
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -20,20 +16,26 @@ from cpinspect.core.batch import (
     LOGICAL_CU_KEYS,
     PADDED_CU_KEYS,
     PHYSICAL_CU_KEYS,
-    RANK_FILE,
     BatchSource,
     FieldInfo,
     PackedBatch,
 )
 from cpinspect.core.errors import InputError
+from cpinspect.core.files import Part, read_source, source_name
 from cpinspect.core.layout import check_cu_seqlens
 
+Stacked = Literal["refuse", "concatenate"]
 
-def load_batch(source: BatchSource, *, keys: Mapping[str, str] | None = None) -> PackedBatch:
+
+def load_batch(source: BatchSource, *, keys: Mapping[str, str] | None = None,
+               stacked: Stacked = "refuse") -> PackedBatch:
     """Load a batch from a path (file or ``rank{r}`` directory), a dict, or a list of either.
 
     ``keys`` maps cpinspect field names (``input_ids``, ``cu_seqlens``, ...) to the names the
     source uses, for stacks with their own spelling (``--key input_ids=tokens_local``).
+    ``stacked`` says what a stacked ``[B, T]`` id tensor (``B > 1``) becomes: an exit-2 error
+    (``"refuse"``, BATCH_NOT_FLAT) or one row, concatenated in a copy (``"concatenate"``, for
+    ``diagnose``, which reports it). ``found`` always records what the source held, as it was.
     """
     keys = dict(keys or {})
     for name in keys:
@@ -43,115 +45,41 @@ def load_batch(source: BatchSource, *, keys: Mapping[str, str] | None = None) ->
                 where=f"--key {name}={keys[name]}",
                 fix=f"map one of: {', '.join(FIELDS)}",
             )
-    if isinstance(source, Mapping):
-        return _from_parts([("<dict>", dict(source))], keys, "<dict>")
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            files = _rank_files(path)
-            return _from_parts([(str(f), _read_file(f)) for f in files], keys, str(path))
-        return _from_parts([(str(path), _read_file(path))], keys, str(path))
-    parts = list(source)
-    if not parts:
-        raise InputError("an empty list of batch files was given", fix="pass one file per rank, in rank order")
-    loaded = [(str(p), _read_file(Path(p))) if not isinstance(p, Mapping) else ("<dict>", dict(p)) for p in parts]
-    return _from_parts(loaded, keys, ", ".join(name for name, _ in loaded))
+    parts = read_source(source)
+    found = [_found(raw) for _, raw in parts]
+    if stacked == "concatenate":
+        parts = [(name, _flatten_ids(raw, keys)) for name, raw in parts]
+    batch = _from_parts(parts, keys, source_name(source))
+    batch.found = found
+    return batch
 
 
-def _rank_files(directory: Path) -> list[Path]:
-    by_rank: dict[int, Path] = {}
-    for entry in sorted(directory.iterdir()):
-        match = RANK_FILE.match(entry.name)
-        if not match:
-            continue
-        rank = int(match.group(1))
-        if rank in by_rank:
-            raise InputError(
-                f"rank {rank} appears twice: {by_rank[rank].name} and {entry.name}",
-                where=str(directory),
-                fix="keep exactly one rank{r}.pt or rank{r}.safetensors file per rank",
-            )
-        by_rank[rank] = entry
-    if not by_rank:
-        raise InputError(
-            "the directory holds no rank files",
-            where=str(directory),
-            fix="a pre-sharded batch directory needs files named rank0.pt, rank1.pt, ... (or .safetensors)",
-        )
-    missing = [r for r in range(max(by_rank) + 1) if r not in by_rank]
-    if missing:
-        raise InputError(
-            f"rank file(s) for rank {', '.join(map(str, missing))} are missing (found ranks "
-            f"{', '.join(map(str, sorted(by_rank)))})",
-            where=str(directory),
-            fix="save every CP rank's local batch as rank{r}.pt; a simulation needs all of them",
-        )
-    return [by_rank[r] for r in range(len(by_rank))]
+def stacked_shape(batch: PackedBatch) -> tuple[int, int] | None:
+    """``(B, S)`` when the source held ids as ``[B, S]`` with ``B > 1`` (loaded with ``stacked="concatenate"``)."""
+    key = batch.keys.get("input_ids", "input_ids")
+    for found in batch.found[:1]:
+        for info in found:
+            if info.key == key and len(info.shape) == 2 and info.shape[0] > 1:
+                return int(info.shape[0]), int(info.shape[1])
+    return None
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise InputError(f"the file {path} does not exist", where=str(path), fix="check the path")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory", where=str(path), fix="pass it as a pre-sharded batch directory")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return _read_safetensors(path)
-    if suffix in (".pt", ".pth"):
-        return _read_torch(path)
-    raise InputError(
-        f"unknown file extension {path.suffix or '(none)'!r}",
-        where=str(path),
-        fix="save the batch as .pt (a dict of tensors) or .safetensors",
-    )
+def _flatten_ids(raw: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
+    names = (keys["input_ids"],) if "input_ids" in keys else FIELD_ALIASES["input_ids"]
+    key = next((k for k in names if k in raw), None)
+    ids = raw.get(key) if key is not None else None
+    if key is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] <= 1 \
+            or ids.is_floating_point():
+        return raw
+    return {**raw, key: ids.reshape(1, -1)}
 
 
-def _read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return dict(load_file(str(path)))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise InputError(
-            f"the safetensors file could not be read ({_first_line(exc)})",
-            where=str(path),
-            fix="the file is truncated or corrupt: save it again with safetensors.torch.save_file",
-        ) from None
+def _found(raw: Mapping[str, Any]) -> list[FieldInfo]:
+    return [FieldInfo(str(k), tuple(v.shape) if isinstance(v, torch.Tensor) else (), _dtype_name(v))
+            for k, v in raw.items()]
 
 
-def _read_torch(path: Path) -> dict[str, Any]:
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise InputError(
-            "refused to load the file: it holds Python objects other than tensors, containers and "
-            f"numbers, and cpinspect only loads with weights_only=True ({_first_line(exc)[:160]})",
-            where=str(path),
-            fix="save a plain dict of tensors (torch.save({'input_ids': ids, 'cu_seqlens': cu}, path)) "
-            "or use .safetensors; nothing from the file was executed",
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise InputError(
-            f"the .pt file could not be read ({_first_line(exc)[:160]})",
-            where=str(path),
-            fix="the file is truncated or corrupt: save it again with torch.save",
-        ) from None
-    if not isinstance(data, Mapping):
-        raise InputError(
-            f"the file holds a {type(data).__name__}, not a dict of named tensors",
-            where=str(path),
-            fix="save a dict such as {'input_ids': ids, 'cu_seqlens': cu}",
-        )
-    return dict(data)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _from_parts(parts: list[tuple[str, dict[str, Any]]], keys: Mapping[str, str], source: str) -> PackedBatch:
+def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> PackedBatch:
     fields = [_pick_fields(name, raw, keys) for name, raw in parts]
     first_name, first = parts[0][0], fields[0]
     rows = [_as_row(f["input_ids"], name, keys.get("input_ids", f.get("_input_ids_key", "input_ids")))
@@ -176,7 +104,6 @@ def _from_parts(parts: list[tuple[str, dict[str, Any]]], keys: Mapping[str, str]
         )
     batch = PackedBatch(rows=rows, cu_seqlens=cu, source=source)
     batch.keys = dict(first["_keys"])
-    batch.found = [f["_found"] for f in fields]
     batch.extra = [{str(k): v.detach().to("cpu").clone() for k, v in raw.items()
                     if isinstance(v, torch.Tensor) and k not in f["_keys"].values()}
                    for (_, raw), f in zip(parts, fields)]
@@ -255,9 +182,6 @@ def _pick_fields(name: str, raw: dict[str, Any], keys: Mapping[str, str]) -> dic
     out["_keys"] = chosen
     out["_cu_key"] = chosen["cu_seqlens"]
     out["_input_ids_key"] = chosen["input_ids"]
-    out["_found"] = [
-        FieldInfo(str(k), tuple(v.shape) if isinstance(v, torch.Tensor) else (), _dtype_name(v)) for k, v in raw.items()
-    ]
     return out
 
 

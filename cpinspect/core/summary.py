@@ -1,12 +1,10 @@
-"""``cpinspect info``: what a batch holds, as a plain dict, and its rich view."""
+"""``cpinspect info``: what a batch holds, as a plain dict (the view is :mod:`cpinspect.views.info`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.tokens import TokenConfig
@@ -24,7 +22,7 @@ def describe_batch(batch: PackedBatch, tokens: TokenConfig, *, cp: int | None = 
         forms["cp"] = cp
         forms["form"] = batch.form_for(cp)
         forms["divisible_by_2cp"] = all(length % (2 * cp) == 0 for length in lengths) if cp > 1 else True
-    if not batch.per_rank_files and total == batch.row_tokens:
+    if batch.is_full:
         looks = "full row"
     elif batch.row_tokens and total % batch.row_tokens == 0:
         looks = f"pre-sharded local row for cp={total // batch.row_tokens}"
@@ -51,38 +49,3 @@ def describe_batch(batch: PackedBatch, tokens: TokenConfig, *, cp: int | None = 
         "looks_like": looks,
         **forms,
     }
-
-
-def render_info(summary: dict[str, Any], console: Console, *, source: str) -> None:
-    files = summary["files"]
-    for index, found in enumerate(files):
-        title = f"keys in {source}" if len(files) == 1 else f"keys of rank {index}"
-        table = Table(title=title, title_justify="left")
-        table.add_column("key")
-        table.add_column("shape")
-        table.add_column("dtype")
-        table.add_column("used as")
-        used = {v: k for k, v in summary["fields"].items()}
-        for entry in found:
-            table.add_row(entry["key"], str(entry["shape"]), entry["dtype"], used.get(entry["key"], ""))
-        console.print(table)
-        if index == 0 and len(files) > 2:
-            console.print(f"(ranks 1..{len(files) - 1} hold the same keys)")
-            break
-    lengths = summary["segment_lengths"]
-    shown = lengths if len(lengths) <= 12 else [*lengths[:8], "...", *lengths[-3:]]
-    console.print(f"segments: {summary['segments']} (physical lengths {shown})")
-    if summary["logical_segment_lengths"] is not None:
-        console.print(f"logical lengths: {summary['logical_segment_lengths'][:12]}"
-                      f"{' ...' if summary['segments'] > 12 else ''}")
-    console.print(f"row: {summary['row_tokens']:,} tokens per row; cu_seqlens ends at {summary['cu_seqlens_end']:,}"
-                  + (f"; {summary['rank_files']} rank files" if summary["rank_files"] else ""))
-    console.print(f"vision tokens: {summary['image_tokens']:,} image_pad, {summary['video_tokens']:,} video_pad"
-                  + (f"; grids: {summary['images']} image(s), {summary['videos']} video(s)"
-                     if summary["images"] is not None or summary["videos"] is not None else ""))
-    if summary["vision_embed_count"] is not None:
-        console.print(f"vision_embed_count: {summary['vision_embed_count']:,}")
-    console.print(f"looks like: {summary['looks_like']}")
-    if "cp" in summary:
-        console.print(f"for cp={summary['cp']}: {summary['form']}; every segment divisible by 2*cp: "
-                      f"{'yes' if summary['divisible_by_2cp'] else 'no (use --pad)'}")

@@ -2,7 +2,8 @@
 
 Public API (stable: ``cpinspect analyze`` reuses it)::
 
-    from cpinspect.diagnose.api import diagnose_batch, DiagnoseReport, render_report
+    from cpinspect.diagnose import diagnose_batch, DiagnoseReport
+    from cpinspect.views.diagnose import render_report
     report = diagnose_batch(batch, cp, layout="zigzag", tokens=None, error_text=None, embeds=None,
                             rank=None, timeout=10.0)
     report.findings   # list[DiagnosisFinding]: code, status (confirmed|possible|info), severity,
@@ -13,7 +14,8 @@ Public API (stable: ``cpinspect analyze`` reuses it)::
     render_report(report, console)
 
 ``batch`` is a :class:`~cpinspect.core.batch.PackedBatch` (a full row, every rank's pre-sharded row,
-or one rank's row) or anything :func:`load_diagnosis_batch` accepts (a path, a dict, a list).
+or one rank's row) or anything :func:`~cpinspect.core.loading.load_batch` accepts (a path, a dict, a
+list; a stacked ``[B, T]`` id tensor is concatenated and reported as BATCH_NOT_FLAT).
 ``error_text`` is the message or a pasted log (the last recognised line wins), or an
 :class:`~cpinspect.diagnose.errortext.ObservedError` already read from a log file. ``embeds`` is the
 number of rows the vision encoder produced, if known. ``rank`` is the rank that raised (else the
@@ -35,16 +37,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console, Group, RenderableType
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
-
 from cpinspect.core.batch import BatchSource, PackedBatch
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
 from cpinspect.core.layout import LAYOUTS
-from cpinspect.core.mrope import check_position_ids
+from cpinspect.core.loading import load_batch
+from cpinspect.core.position_check import check_position_ids
 from cpinspect.core.tokens import TokenConfig, token_config
 from cpinspect.diagnose.audits import audit, consistent
 from cpinspect.diagnose.errortext import ObservedError, parse_error_text
@@ -58,11 +56,10 @@ from cpinspect.diagnose.report import (
     clip,
     info,
 )
-from cpinspect.diagnose.scene import Scene, build_scene, load_diagnosis_batch
+from cpinspect.diagnose.scene import Scene, build_scene
 
 __all__ = [
     "CAUSE_CODES", "EXTRA_CHECKS", "INFO_CODES", "STATUSES", "DiagnoseReport", "DiagnosisFinding", "diagnose_batch",
-    "load_diagnosis_batch", "render_report",
 ]
 
 # --------------------------------------------------------------------------- extra checks
@@ -91,7 +88,7 @@ def diagnose_batch(
     """
     tokens = tokens or token_config()
     _check_options(cp, layout, embeds, rank)
-    loaded = load_diagnosis_batch(batch)
+    loaded = batch if isinstance(batch, PackedBatch) else load_batch(batch, stacked="concatenate")
     observed = error_text if isinstance(error_text, ObservedError) or error_text is None else parse_error_text(
         error_text)
     findings: list[DiagnosisFinding] = []
@@ -161,68 +158,3 @@ def _extra_findings(scene: Scene) -> list[DiagnosisFinding]:
             continue
         out.extend(DiagnosisFinding.from_finding(finding) for finding in found)
     return out
-
-
-STATUS_STYLE = {"confirmed": ("✗", "bold red"), "possible": ("?", "bold yellow"), "info": ("ℹ", "cyan")}
-
-
-def render_report(report: DiagnoseReport, console: Console) -> None:
-    """Print the diagnosis: context, causes (confirmed, then possible), what is consistent, verdict."""
-    console.print(_header(report))
-    for finding in report.findings:
-        console.print(_finding_text(finding))
-    console.print(_verdict(report))
-
-
-def _header(report: DiagnoseReport) -> Panel:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    summary = report.summary
-    grid.add_row("batch", report.source)
-    grid.add_row("tokens", f"{summary.get('tokens', 0):,} in {summary.get('segments', 0):,} segment(s)")
-    vision = summary.get("vision_tokens")
-    rows, label = summary.get("embed_rows"), summary.get("embed_rows_from")
-    grid.add_row("vision", f"{'?' if vision is None else f'{vision:,}'} placeholder tokens; "
-                           f"{'?' if rows is None else f'{rows:,}'} embedding rows ({label})")
-    cp_text = f"{report.cp} ({report.layout} layout)"
-    if summary.get("requested_cp") not in (None, report.cp):
-        cp_text += f"; --cp {summary['requested_cp']} was given"
-    grid.add_row("cp", cp_text)
-    grid.add_row("input", report.form)
-    observed = report.observed
-    if observed.get("line"):
-        grid.add_row("error", clip(observed["line"], 100) + (f"  [rank {observed['rank']}]" if "rank" in observed
-                                                                else ""))
-    elif "embeds" in observed:
-        grid.add_row("error", f"none given; the encoder produced {observed['embeds']} rows (--embeds)")
-    else:
-        grid.add_row("error", "none given: auditing the batch (pass --error or --error-file to explain a failure)")
-    return Panel(grid, title="cpinspect diagnose", title_align="left", expand=False)
-
-
-def _finding_text(finding: DiagnosisFinding) -> RenderableType:
-    if finding.code == "CONSISTENT":
-        return Text(f"✓ {finding.message}", style="green")
-    mark, style = STATUS_STYLE[finding.status]
-    where = ", ".join(f"{k} {v}" for k, v in (("rank", finding.rank), ("segment", finding.segment),
-                                              ("chunk", finding.chunk)) if v is not None)
-    line = Text(f"{mark} {finding.code}", style=style)
-    if finding.status != "info":
-        line.append(f" {finding.status}", style=style)
-    line.append(f" ({where})" if where else "")
-    line.append(f": {finding.message}")
-    if finding.hint:
-        line.append(f"\n  fix: {finding.hint}", style="yellow")
-    return line
-
-
-def _verdict(report: DiagnoseReport) -> RenderableType:
-    causes = report.causes
-    if causes:
-        codes = ", ".join(dict.fromkeys(f.code for f in causes))
-        return Group(Text(f"✗ cause confirmed: {codes}", style="bold red"))
-    possible = [f.code for f in report.findings if f.status == "possible"]
-    if possible:
-        return Text(f"? nothing confirmed; possible: {', '.join(dict.fromkeys(possible))}", style="bold yellow")
-    return Text("✓ nothing wrong found in the batch", style="bold green")

@@ -9,17 +9,14 @@ Anything that fits no form, or cannot be a Qwen-VL batch at all, is an exit-2 in
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from cpinspect.core.batch import FIELD_ALIASES, BatchSource, FieldInfo, PackedBatch, check_grid_merge
+from cpinspect.core.batch import PackedBatch, check_grid_merge, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.layout import LAYOUTS, Layout, check_cp_fits, make_layout, padded_cu_seqlens
+from cpinspect.core.loading import stacked_shape
 from cpinspect.core.tokens import TokenConfig
 from cpinspect.diagnose.report import DiagnosisFinding, cause
 from cpinspect.diagnose.spans import (
@@ -43,74 +40,6 @@ LAYOUT_WORDS = {
     "sequence-zigzag": "per-sequence zigzag (the whole row cut as one sequence, BSHD-style)",
     "contiguous": "contiguous (the row cut into cp equal pieces)",
 }
-
-
-def load_diagnosis_batch(source: PackedBatch | BatchSource, *, keys: Mapping[str, str] | None = None) -> PackedBatch:
-    """Load like :func:`~cpinspect.core.batch.load_batch`, but keep a stacked ``[B, T]`` id tensor.
-
-    A batch dimension > 1 is an exit-2 error for ``simulate``; here it is the finding
-    BATCH_NOT_FLAT, so the rows are concatenated (in a copy) and ``found`` keeps the file's shape.
-    """
-    from cpinspect.core.batch import FIELDS
-    from cpinspect.core.loading import _from_parts
-
-    if isinstance(source, PackedBatch):
-        return source
-    keys = dict(keys or {})
-    unknown = [name for name in keys if name not in FIELDS]
-    if unknown:
-        raise InputError(f"--key names an unknown field {unknown[0]!r}", where=f"--key {unknown[0]}={keys[unknown[0]]}",
-                         fix=f"map one of: {', '.join(FIELDS)}")
-    parts = _raw_parts(source)
-    batch = _from_parts([(name, _flatten_ids(raw, keys)) for name, raw in parts], keys, _source_name(source))
-    batch.found = [[FieldInfo(str(k), tuple(v.shape) if isinstance(v, torch.Tensor) else (),
-                              str(v.dtype).removeprefix("torch.") if isinstance(v, torch.Tensor) else type(v).__name__)
-                    for k, v in raw.items()] for _, raw in parts]
-    return batch
-
-
-def _raw_parts(source: BatchSource) -> list[tuple[str, dict[str, Any]]]:
-    from cpinspect.core.loading import _rank_files, _read_file
-
-    if isinstance(source, Mapping):
-        return [("<dict>", dict(source))]
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        files = _rank_files(path) if path.is_dir() else [path]
-        return [(str(f), _read_file(f)) for f in files]
-    items = list(source)
-    if not items:
-        raise InputError("an empty list of batch files was given", fix="pass one file per rank, in rank order")
-    return [(f"<rank {r} dict>", dict(p)) if isinstance(p, Mapping) else (str(p), _read_file(Path(p)))
-            for r, p in enumerate(items)]
-
-
-def _source_name(source: BatchSource) -> str:
-    if isinstance(source, Mapping):
-        return "<dict>"
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    return ", ".join(f"<rank {r} dict>" if isinstance(p, Mapping) else str(p) for r, p in enumerate(source))
-
-
-def _flatten_ids(raw: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
-    names = (keys["input_ids"],) if "input_ids" in keys else FIELD_ALIASES["input_ids"]
-    key = next((k for k in names if k in raw), None)
-    ids = raw.get(key) if key is not None else None
-    if key is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] <= 1 \
-            or ids.is_floating_point():
-        return raw
-    return {**raw, key: ids.reshape(1, -1)}
-
-
-def stacked_shape(batch: PackedBatch) -> tuple[int, int] | None:
-    """``(B, S)`` when the file held ids as ``[B, S]`` with ``B > 1`` (rows now concatenated)."""
-    key = batch.keys.get("input_ids", "input_ids")
-    for found in batch.found[:1]:
-        for info in found:
-            if info.key == key and len(info.shape) == 2 and info.shape[0] > 1:
-                return int(info.shape[0]), int(info.shape[1])
-    return None
 
 
 @dataclass
@@ -211,8 +140,8 @@ class Scene:
         plan = try_layout(self.cu, self.cp, self.layout)
         if plan is None or position >= plan.total_tokens:
             return None, int(torch.searchsorted(self.cu[1:], torch.tensor(position), right=True)), None
-        piece = int(torch.searchsorted(plan.piece_start, torch.tensor(position), right=True)) - 1
-        return (int(plan.owner_of_piece()[piece]), int(plan.piece_segment[piece]), int(plan.piece_chunk[piece]))
+        place = plan.locate_position(position)
+        return place.rank, place.segment, place.chunk
 
     @property
     def sim_cu(self) -> torch.Tensor:
@@ -285,14 +214,14 @@ def resolve_form(batch: PackedBatch, cp: int) -> tuple[str, int, PackedBatch, li
     segments to multiples of 2·cp makes them fit) give LOGICAL_CU_AS_PHYSICAL; anything else that
     fits no form is an exit-2 error with both numbers.
     """
-    total, n, files = int(batch.cu_seqlens[-1]), batch.row_tokens, len(batch.rows)
-    if files == 1 and total == n:
+    total, n, files = batch.total_tokens, batch.row_tokens, len(batch.rows)
+    if batch.is_full:
         return "full", cp, batch, []
     form = "presharded" if files > 1 else "one rank"
-    cut_for = files if files > 1 else (total // n if n and total % n == 0 and total > n else None)
-    if cut_for is not None and total == cut_for * n:
+    cut_for = batch.cut_for()
+    if cut_for is not None and batch.form_for(cut_for) == "presharded":
         return form, cut_for, batch, _cp_size_finding(cut_for, cp, total, n, files)
-    if files > 1 and n and total % n == 0 and total // n > files:
+    if files > 1 and (rows_cut := row_cut_for(total, n)) is not None and rows_cut > files:
         raise InputError(
             f"{files} rank files were given, but the rows were cut for cp={total // n} (cu_seqlens ends at {total} = "
             f"{total // n} x {n} local tokens)", where=batch.source,

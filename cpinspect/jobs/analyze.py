@@ -22,10 +22,11 @@ import torch
 from cpinspect.core.compare import NATURAL_ORDER_HINT, SCATTER_HINT, compare_rows
 from cpinspect.core.errors import InputError
 from cpinspect.core.layout import Layout, make_layout
+from cpinspect.core.loading import load_batch
 from cpinspect.core.oracle import expected_rows
 from cpinspect.core.ranges import format_ranges
 from cpinspect.core.tokens import TokenConfig
-from cpinspect.diagnose.api import DiagnoseReport, DiagnosisFinding, diagnose_batch, load_diagnosis_batch
+from cpinspect.diagnose.api import DiagnoseReport, DiagnosisFinding, diagnose_batch
 from cpinspect.jobs.capture import CapturedRank, read, scan
 
 GroupKey = tuple[int, tuple[int, ...]]
@@ -145,7 +146,7 @@ def _analyze_step(key: GroupKey, files: dict[int, CapturedRank], layout: str, to
         return analysis
     ranked = [files[r] for r in range(analysis.cp)]
     try:
-        batch = load_diagnosis_batch([_batch_dict(c) for c in ranked])
+        batch = load_batch([_batch_dict(c) for c in ranked], stacked="concatenate")
         batch.source = f"{directory} step {step}, global ranks {list(group_ranks)}"
         analysis.report = diagnose_batch(batch, analysis.cp, layout=layout, tokens=tokens, timeout=timeout)
     except InputError as exc:  # name the step and its files, as diagnose would name the rank files

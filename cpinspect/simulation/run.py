@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from cpinspect.core.batch import PackedBatch
+from cpinspect.core.batch import PackedBatch, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
 from cpinspect.core.layout import Layout, make_layout, pad_row, padded_boundaries
@@ -252,7 +252,7 @@ def _input_form(batch: PackedBatch, cp: int) -> str:
     form = batch.form_for(cp)
     total = int(batch.cu_seqlens[-1])
     files = len(batch.rows)
-    if form == "neither" and batch.per_rank_files and total == files * batch.row_tokens:
+    if form == "neither" and batch.per_rank_files and batch.form_for(files) == "presharded":
         raise InputError(
             f"the batch has {files} rank files, pre-sharded for cp={files} (cu_seqlens ends at {total} = {files} x "
             f"{batch.row_tokens} local tokens), but --cp {cp} was given (CP_SIZE_MISMATCH)",
@@ -287,8 +287,8 @@ def _input_form(batch: PackedBatch, cp: int) -> str:
 
 
 def _cp_hint(total: int, row: int) -> str:
-    if row and total % row == 0 and total // row > 1:
-        return f"if this is one rank's local row, the data was sharded for cp={total // row}: pass --cp {total // row}"
+    if (cut := row_cut_for(total, row)) is not None:
+        return f"if this is one rank's local row, the data was sharded for cp={cut}: pass --cp {cut}"
     return "check that input_ids and cu_seqlens come from the same batch"
 
 

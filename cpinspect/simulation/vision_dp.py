@@ -22,207 +22,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from rich.console import Console, Group, RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
-from cpinspect.core.ranges import format_ranges
 from cpinspect.core.vision_items import VIDEO, VisionItems, find_vision_items
 from cpinspect.groups.simulated import DEFAULT_TIMEOUT_S, RankState, SpmdError, execute_spmd
-from cpinspect.simulation.positions import render_findings
+from cpinspect.simulation.run import Result
+from cpinspect.simulation.vision_dp_split import (
+    VISION_DP_RANKS_KEY,
+    RankDP,
+    RunCount,
+    VisionDPPlan,
+    plan_vision_dp,
+    run_count,
+    vision_dp_rank_program,
+)
 
-VISION_DP_RANKS_KEY = "vision_dp_ranks"
 REQUIRES_GRAD_KEY = "vision_requires_grad"
 DEEPSTACK_ROWS_KEY = "deepstack_rows"
 DEEPSTACK_LAYERS = 3  # Qwen3-VL deepstack_visual_indexes [8, 16, 24]
-
-
-# --------------------------------------------------------------------------- the split
-
-
-def split_by_count(num_items: int, cp: int) -> torch.Tensor:
-    """``[cp]`` items per rank: ``n // cp`` each, the first ``n % cp`` ranks take one more."""
-    return num_items // cp + (torch.arange(cp) < num_items % cp).to(torch.long)
-
-
-@dataclass(frozen=True)
-class VisionDPPlan:
-    """Which rank encodes which vision item, and the sizes that follow (all tensors int64).
-
-    ``item_rank``, ``item_rows`` (merged tokens = embedding rows) and ``item_first_row`` (first
-    natural embedding row) are ``[N]`` in natural item order.
-    """
-
-    cp: int
-    items: VisionItems
-    item_rank: torch.Tensor
-    item_rows: torch.Tensor
-    item_first_row: torch.Tensor
-    assigned_by: str
-
-    def _per_rank(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self.cp, dtype=torch.long).index_add_(0, self.item_rank, values)
-
-    @property
-    def items_per_rank(self) -> torch.Tensor:
-        return self._per_rank(torch.ones_like(self.item_rank))
-
-    @property
-    def patches_per_rank(self) -> torch.Tensor:
-        """``[cp]`` encoder input patches (``t*h*w``) per rank."""
-        return self._per_rank(self.items.patches)
-
-    @property
-    def rows_per_rank(self) -> torch.Tensor:
-        """``[cp]`` merged-token rows each rank contributes to the all-gather."""
-        return self._per_rank(self.item_rows)
-
-    def rank_items(self, cp_rank: int) -> torch.Tensor:
-        """Natural indices of the items ``cp_rank`` encodes, in its encoding order."""
-        return torch.nonzero(self.item_rank == cp_rank).view(-1)
-
-    def rank_rows(self, cp_rank: int) -> torch.Tensor:
-        """Natural embedding rows ``cp_rank`` produces, in the order it produces them."""
-        mine = self.rank_items(cp_rank)
-        return _expand(self.item_first_row[mine], self.item_rows[mine])
-
-
-def _expand(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    total = int(lengths.sum())
-    if total == 0:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths,
-                                   output_size=total) + torch.arange(total)
-
-
-def plan_vision_dp(items: VisionItems, cp: int, merge_area: int, item_rank: torch.Tensor | None = None) -> VisionDPPlan:
-    """The Megatron-Bridge count split, or the batch's own ``item_rank`` assignment when given."""
-    rows = items.patches // merge_area
-    first_row = torch.cumsum(rows, 0) - rows
-    if item_rank is None:
-        item_rank = torch.repeat_interleave(torch.arange(cp), split_by_count(items.count, cp),
-                                            output_size=items.count)
-        return VisionDPPlan(cp, items, item_rank, rows, first_row, "by count (Megatron-Bridge)")
-    return VisionDPPlan(cp, items, item_rank.to(torch.long), rows, first_row, f"the batch's {VISION_DP_RANKS_KEY}")
-
-
-# --------------------------------------------------------------------------- the collectives
-
-
-def all_gather_vision_embeddings(local: torch.Tensor, rows_per_rank: torch.Tensor,
-                                 group: dist.ProcessGroup) -> torch.Tensor:
-    """Concatenate every rank's embedding rows in rank order, through one all-gather on ``group``.
-
-    Ranks contribute different row counts (known everywhere from the grids), so each sends its
-    rows padded to the largest count and every rank trims what it receives. A rank with no item
-    still sends its (all-padding) buffer: skipping would leave the others waiting.
-    """
-    width = max(int(rows_per_rank.max()), 0)
-    padded = local.new_zeros((width, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    received = [torch.empty_like(padded) for _ in range(group.size())]
-    dist.all_gather(received, padded, group=group)
-    return torch.cat([part[:n] for part, n in zip(received, rows_per_rank.tolist())])
-
-
-def reduce_vision_grad(grad_output: torch.Tensor, rows_per_rank: torch.Tensor,
-                       group: dist.ProcessGroup) -> torch.Tensor:
-    """Backward of the gather: all-reduce (SUM) the gathered rows' gradient, keep this rank's rows.
-
-    Every rank uses rows encoded elsewhere, so without the all-reduce an encoder rank would only
-    see the gradient of the rows it scattered itself (the partial gradient of Megatron-Bridge #4784).
-    """
-    total = grad_output.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    start = int(rows_per_rank[: group.rank()].sum())
-    return total[start: start + int(rows_per_rank[group.rank()])]
-
-
-@dataclass
-class RankDP:
-    """What one rank's vision-DP step produced: gathered rows (natural row ids), the selection, grads."""
-
-    gathered: torch.Tensor
-    selected: torch.Tensor
-    deepstack_selected: list[torch.Tensor]
-    grad: torch.Tensor | None
-
-
-def vision_dp_rank_program(group: dist.ProcessGroup, local_rows: list[torch.Tensor], rows_per_rank: torch.Tensor,
-                           selected_rows: list[torch.Tensor], deepstack_layers: int,
-                           requires_grad: list[bool]) -> RankDP:
-    """One CP rank: 'encode' its items, gather embeddings (and deepstack), select, run backward.
-
-    An embedding row is its natural row index, so the gathered tensor shows the order directly.
-    The backward collectives run only when this rank's encoder output requires grad, as autograd
-    would; module-level so a process backend could pickle it.
-    """
-    rank = group.rank()
-    local = local_rows[rank].view(-1, 1)
-    gathered = all_gather_vision_embeddings(local, rows_per_rank, group)
-    deepstack = [all_gather_vision_embeddings(local, rows_per_rank, group) for _ in range(deepstack_layers)]
-    rows = selected_rows[rank]
-    selected = gathered.index_select(0, rows).view(-1)
-    deepstack_selected = [feature.index_select(0, rows).view(-1) for feature in deepstack]
-    grad = None
-    if requires_grad[rank]:
-        used = torch.zeros(gathered.shape[0], 1).index_fill_(0, rows, 1.0)
-        for _ in range(deepstack_layers):
-            reduce_vision_grad(used, rows_per_rank, group)
-        grad = reduce_vision_grad(used, rows_per_rank, group).view(-1)
-    return RankDP(gathered.view(-1), selected, deepstack_selected, grad)
-
-
-# --------------------------------------------------------------------------- what upstream's reorganize_inputs sees
-
-
-@dataclass(frozen=True)
-class RunCount:
-    """Maximal image/video placeholder runs in the row one rank hands to ``reorganize_inputs``."""
-
-    image_runs: int
-    video_runs: int
-    expected: int
-    lengths_match: bool
-
-    @property
-    def runs(self) -> int:
-        return self.image_runs + self.video_runs
-
-    @property
-    def passes(self) -> bool:
-        return self.runs == self.expected and self.lengths_match
-
-
-def _runs(ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start and length of every maximal run of ``token_id`` (vectorised)."""
-    mask = ids == token_id
-    previous = torch.cat([torch.zeros(1, dtype=torch.bool), mask[:-1]])
-    following = torch.cat([mask[1:], torch.zeros(1, dtype=torch.bool)])
-    starts = torch.nonzero(mask & ~previous).view(-1)
-    ends = torch.nonzero(mask & ~following).view(-1)
-    return starts, ends - starts + 1
-
-
-def run_count(ids: torch.Tensor, frames: VisionItems, image_id: int, video_id: int) -> RunCount:
-    """The run-count assertion of ``reorganize_inputs`` (reference §2.7) on one row.
-
-    Upstream asserts ``runs == sum(t over image grids) + sum(t over video grids)``, then that each
-    item's runs hold ``t*h*w / merge**2`` tokens; ``frames`` are the per-temporal-patch items.
-    """
-    image_start, image_len = _runs(ids, image_id)
-    video_start, video_len = _runs(ids, video_id)
-    start = torch.cat([image_start, video_start])
-    kind = torch.cat([torch.zeros_like(image_start), torch.ones_like(video_start)])[torch.argsort(start)]
-    length = torch.cat([image_len, video_len])[torch.argsort(start)]
-    expected = frames.count
-    lengths_match = kind.numel() == expected and bool(
-        torch.equal(kind, frames.kind) and torch.equal(length, frames.length))
-    return RunCount(image_start.numel(), video_start.numel(), expected, lengths_match)
 
 
 # --------------------------------------------------------------------------- simulate --vision-dp
@@ -262,7 +81,7 @@ class VisionDPExtension:
     def ok(self) -> bool:
         return not any(f.is_problem for f in self.findings)
 
-    def run(self, result: Any) -> None:
+    def run(self, result: Result) -> None:
         """Simulate the vision-DP step for ``result`` (a :class:`~cpinspect.simulation.run.Result`)."""
         tokens, cp = result.tokens, result.cp
         self.model = tokens.model
@@ -277,7 +96,7 @@ class VisionDPExtension:
         self.ranks = [self._rank_view(state, result) for state in states]
         self.findings = self._check(states, failure, requires_grad, result)
 
-    def _rank_view(self, state: RankState, result: Any) -> RankView:
+    def _rank_view(self, state: RankState, result: Result) -> RankView:
         plan, rank = self.plan, state.rank
         assert plan is not None
         mine = plan.rank_items(rank)
@@ -289,7 +108,7 @@ class VisionDPExtension:
                         state.describe(), grad_ok)
 
     def _check(self, states: list[RankState], failure: SpmdError | None, requires_grad: list[bool],
-               result: Any) -> list[Finding]:
+               result: Result) -> list[Finding]:
         findings = _deepstack_findings(self.batch, result)
         findings += self._reorganize(result)
         if failure is not None:
@@ -304,7 +123,7 @@ class VisionDPExtension:
                 findings.insert(0, _order_finding(self.plan, values, result))
         return findings
 
-    def _reorganize(self, result: Any) -> list[Finding]:
+    def _reorganize(self, result: Result) -> list[Finding]:
         """Per rank, what the reorganize_inputs run-count assertion sees (Qwen3-VL, images and videos)."""
         plan = self.plan
         assert plan is not None
@@ -357,9 +176,6 @@ class VisionDPExtension:
         }
         document.setdefault("findings", []).extend(f.to_dict() for f in self.findings)
 
-    def render(self, console: Console, *, rank: int | None = None, full: bool = False) -> None:
-        console.print(render_vision_dp(self, rank=rank, full=full))
-
 
 def _collective_summary(state: RankState) -> list[str]:
     """``all_gather x4 [80, 1]``: the collectives one rank entered, grouped by op and shape."""
@@ -369,7 +185,7 @@ def _collective_summary(state: RankState) -> list[str]:
     return [f"{op} x{len(seqs)} {shape}".rstrip() for (op, shape), seqs in groups.items()]
 
 
-def _items(batch: PackedBatch, result: Any, *, split: bool) -> VisionItems:
+def _items(batch: PackedBatch, result: Result, *, split: bool) -> VisionItems:
     logical = batch.logical_cu_seqlens if batch.logical_cu_seqlens is not None else (
         batch.cu_seqlens if result.padded_tokens else None)
     return find_vision_items(result.full_ids, result.layout.cu_seqlens, result.tokens,
@@ -440,7 +256,7 @@ def _collective_finding(failure: SpmdError, plan: VisionDPPlan | None, requires_
                    "every CP rank must run the same vision-DP collectives, in the same order")
 
 
-def _order_finding(plan: VisionDPPlan | None, values: list[RankDP], result: Any) -> Finding:
+def _order_finding(plan: VisionDPPlan | None, values: list[RankDP], result: Result) -> Finding:
     assert plan is not None
     gathered = values[0].gathered
     position = int(torch.nonzero(gathered != torch.arange(gathered.numel())).view(-1)[0])
@@ -459,7 +275,7 @@ def _order_finding(plan: VisionDPPlan | None, values: list[RankDP], result: Any)
         rank=wrong[0] if wrong else None)
 
 
-def _deepstack_findings(batch: PackedBatch, result: Any) -> list[Finding]:
+def _deepstack_findings(batch: PackedBatch, result: Result) -> list[Finding]:
     counts = _per_rank_values(batch, DEEPSTACK_ROWS_KEY, result.cp)
     if counts is None:
         return []
@@ -479,68 +295,3 @@ def _deepstack_findings(batch: PackedBatch, result: Any) -> list[Finding]:
         "; ".join(text for _, text in problems) + ": the deepstack features were not selected with the rank's rows",
         "index_select every deepstack feature with the same rows as vision_embeds (deepstack_feature_lists[k]"
         ".index_select(0, rows)) and use the rank-local visual_pos_masks", rank=problems[0][0])]
-
-
-# --------------------------------------------------------------------------- the view
-
-
-def render_vision_dp(ext: VisionDPExtension, *, rank: int | None = None, full: bool = False) -> RenderableType:
-    """Per rank: items, patches, merged rows, gathered rows, collectives; then the checks."""
-    plan = ext.plan
-    if plan is None:
-        return Text("vision DP: not simulated")
-    unit = "images and video frames" if ext.model == "qwen3-vl" else "images and videos"
-    parts: list[RenderableType] = [Text(
-        f"vision DP: {plan.items.count} item(s) ({unit}) split over {plan.cp} CP rank(s) {plan.assigned_by}; "
-        f"{ext.deepstack_layers} deepstack feature(s) gathered alongside", style="bold")]
-    parts.append(_rank_table(ext, rank, full))
-    sizes = plan.rows_per_rank.tolist()
-    parts.append(Text(f"all-gather sizes (rows per rank): {sizes}; each rank sends {max(sizes, default=0)} rows "
-                      f"(padded) and keeps {sum(sizes)}"))
-    if not any(f.code in ("VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE", "COLLECTIVE_DIVERGENCE") for f in ext.findings):
-        parts.append(_check_line(ext.natural_order, "gathered rows come back in natural order 0..V-1",
-                                 "gathered rows are NOT in natural order"))
-        parts.append(_check_line(ext.selection_fed, "each rank's selected rows of the gathered embeddings (and "
-                                 "deepstack) are exactly its own vision tokens' embeddings",
-                                 "some rank selects other tokens' embeddings from the gathered rows"))
-    if ext.mixed:
-        parts.append(_run_table(ext, rank))
-    parts.append(render_findings(ext.findings))
-    return Group(*parts)
-
-
-def _check_line(good: bool, ok_text: str, bad_text: str) -> Text:
-    return Text(f"✓ {ok_text}", style="green") if good else Text(f"✗ {bad_text}", style="bold red")
-
-
-def _rank_table(ext: VisionDPExtension, rank: int | None, full: bool) -> Table:
-    from cpinspect.views.simulate import rank_style
-
-    table = Table()
-    for name in ("rank", "items encoded", "patches → rows", "natural rows", "collectives", "grad"):
-        table.add_column(name, overflow="fold")
-    for view in ext.ranks if rank is None else [ext.ranks[rank]]:
-        items = view.items if full or len(view.items) <= 6 else [*view.items[:5], f"... {len(view.items) - 5} more"]
-        grad = "-" if view.grad_ok is None else ("✓ 1 per row" if view.grad_ok else "✗ not 1 per row")
-        table.add_row(Text(f" {view.rank} ", style=rank_style(view.rank)), ", ".join(items) or "(none: sends 0 rows)",
-                      f"{view.patches} → {view.rows}", format_ranges(view.natural_rows, limit=None if full else 6),
-                      "\n".join(view.collectives) or "-", grad)
-    return table
-
-
-def _run_table(ext: VisionDPExtension, rank: int | None) -> RenderableType:
-    table = Table()
-    for name in ("rank", "image runs", "video runs", "runs", "sum(t)", "reorganize_inputs assertion"):
-        table.add_column(name)
-    for view in ext.ranks if rank is None else [ext.ranks[rank]]:
-        count = view.run_count
-        if count is None:
-            continue
-        verdict = "passes" if count.passes else (
-            f"AssertionError ({count.runs} != {count.expected})" if count.runs != count.expected else
-            "run lengths differ from the items: the per-item size check fails")
-        table.add_row(str(view.rank), str(count.image_runs), str(count.video_runs), str(count.runs),
-                      str(count.expected), verdict)
-    title = Text("what Megatron-Bridge reorganize_inputs sees per rank (images and videos in one row, reference §2.7)",
-                 style="bold")
-    return Group(title, table)

@@ -23,6 +23,7 @@ from rich.padding import Padding
 from rich.text import Text
 
 from cpinspect.core.layout import Layout
+from cpinspect.core.layout_report import Cell, segment_cells
 from cpinspect.views.simulate import RANK_COLORS, contrast_text, density_glyph, rank_label
 
 MAX_SEGMENTS = 12
@@ -33,21 +34,6 @@ RULE_TEXT = {
                        "rank r holds chunks r and {last}-r",
     "contiguous": "the whole row is cut into cp = {n} equal pieces, ignoring segment boundaries; rank r holds piece r",
 }
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One piece of a layout clipped to one segment: global tokens ``[start, end)`` held by ``rank``."""
-
-    segment: int
-    chunk: int
-    rank: int
-    start: int
-    end: int
-
-    @property
-    def tokens(self) -> int:
-        return self.end - self.start
 
 
 @dataclass(frozen=True)
@@ -70,26 +56,6 @@ def token_span(start: int, end: int) -> str:
     if end <= start:
         return "-"
     return f"{start}" if end - start == 1 else f"{start}-{end - 1}"
-
-
-def segment_cells(layout: Layout) -> list[list[Cell]]:
-    """Per physical segment, the layout's pieces clipped to it, in global order.
-
-    Segments and pieces both tile the row, so the cuts at every segment and piece boundary give
-    exactly the non-empty intersections; each is found by a binary search, not a per-token loop.
-    """
-    cu = layout.cu_seqlens
-    starts = layout.piece_start
-    bounds = torch.unique(torch.cat([cu, starts, starts + layout.piece_len]))
-    low, high = bounds[:-1], bounds[1:]
-    segment = torch.searchsorted(cu, low, right=True) - 1
-    piece = torch.searchsorted(starts, low, right=True) - 1
-    owner = layout.owner_of_piece()[piece]
-    cells: list[list[Cell]] = [[] for _ in range(layout.num_segments)]
-    rows = zip(segment.tolist(), layout.piece_chunk[piece].tolist(), owner.tolist(), low.tolist(), high.tolist())
-    for seg, chunk, rank, start, end in rows:
-        cells[seg].append(Cell(seg, chunk, rank, start, end))
-    return cells
 
 
 def local_boxes(layout: Layout, cp_rank: int, before: int | None = None) -> list[Box]:

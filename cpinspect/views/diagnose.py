@@ -1,0 +1,84 @@
+"""The rich view of a :class:`~cpinspect.diagnose.report.DiagnoseReport` (``cpinspect diagnose``).
+
+``python -m cpinspect.views.diagnose`` diagnoses the built-in demo batch and draws it.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from cpinspect.diagnose.report import DiagnoseReport, DiagnosisFinding, clip
+
+STATUS_STYLE = {"confirmed": ("✗", "bold red"), "possible": ("?", "bold yellow"), "info": ("ℹ", "cyan")}
+
+
+def render_report(report: DiagnoseReport, console: Console) -> None:
+    """Print the diagnosis: context, causes (confirmed, then possible), what is consistent, verdict."""
+    console.print(_header(report))
+    for finding in report.findings:
+        console.print(_finding_text(finding))
+    console.print(_verdict(report))
+
+
+def _header(report: DiagnoseReport) -> Panel:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    summary = report.summary
+    grid.add_row("batch", report.source)
+    grid.add_row("tokens", f"{summary.get('tokens', 0):,} in {summary.get('segments', 0):,} segment(s)")
+    vision = summary.get("vision_tokens")
+    rows, label = summary.get("embed_rows"), summary.get("embed_rows_from")
+    grid.add_row("vision", f"{'?' if vision is None else f'{vision:,}'} placeholder tokens; "
+                           f"{'?' if rows is None else f'{rows:,}'} embedding rows ({label})")
+    cp_text = f"{report.cp} ({report.layout} layout)"
+    if summary.get("requested_cp") not in (None, report.cp):
+        cp_text += f"; --cp {summary['requested_cp']} was given"
+    grid.add_row("cp", cp_text)
+    grid.add_row("input", report.form)
+    observed = report.observed
+    if observed.get("line"):
+        grid.add_row("error", clip(observed["line"], 100) + (f"  [rank {observed['rank']}]" if "rank" in observed
+                                                                else ""))
+    elif "embeds" in observed:
+        grid.add_row("error", f"none given; the encoder produced {observed['embeds']} rows (--embeds)")
+    else:
+        grid.add_row("error", "none given: auditing the batch (pass --error or --error-file to explain a failure)")
+    return Panel(grid, title="cpinspect diagnose", title_align="left", expand=False)
+
+
+def _finding_text(finding: DiagnosisFinding) -> RenderableType:
+    if finding.code == "CONSISTENT":
+        return Text(f"✓ {finding.message}", style="green")
+    mark, style = STATUS_STYLE[finding.status]
+    where = ", ".join(f"{k} {v}" for k, v in (("rank", finding.rank), ("segment", finding.segment),
+                                              ("chunk", finding.chunk)) if v is not None)
+    line = Text(f"{mark} {finding.code}", style=style)
+    if finding.status != "info":
+        line.append(f" {finding.status}", style=style)
+    line.append(f" ({where})" if where else "")
+    line.append(f": {finding.message}")
+    if finding.hint:
+        line.append(f"\n  fix: {finding.hint}", style="yellow")
+    return line
+
+
+def _verdict(report: DiagnoseReport) -> RenderableType:
+    causes = report.causes
+    if causes:
+        codes = ", ".join(dict.fromkeys(f.code for f in causes))
+        return Group(Text(f"✗ cause confirmed: {codes}", style="bold red"))
+    possible = [f.code for f in report.findings if f.status == "possible"]
+    if possible:
+        return Text(f"? nothing confirmed; possible: {', '.join(dict.fromkeys(possible))}", style="bold yellow")
+    return Text("✓ nothing wrong found in the batch", style="bold green")
+
+
+if __name__ == "__main__":
+    from cpinspect.core import synth
+    from cpinspect.diagnose import diagnose_batch
+
+    render_report(diagnose_batch(synth.demo_batch_dict(), 2), Console())
