@@ -82,10 +82,10 @@ def diagnose(
         report = diagnose_batch(loaded, cp if cp is not None else _infer_cp(loaded), layout=layout, tokens=tokens,
                                 error_text=observed, embeds=embeds, rank=rank, timeout=timeout)
     if error_file is not None and observed is None:
-        from cpinspect.diagnose.report import DiagnosisFinding
+        from cpinspect.core.findings import Finding
 
-        report.findings.insert(0, DiagnosisFinding(
-            "ERROR_NOT_RECOGNISED", "info", "info",
+        report.findings.insert(0, Finding(
+            "ERROR_NOT_RECOGNISED", "info", status="info", message=
             f"no line of {error_file} matched a known error form, so the batch was audited only",
             hint="pass the line with the numbers via --error (the README lists the forms)"))
     if json_out:

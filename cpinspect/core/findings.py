@@ -1,11 +1,15 @@
-"""Findings: what a check concluded, with a stable code, a place and a fix (no torch here)."""
+"""Findings: what a check concluded, with a stable code, a place and a fix (no torch here).
+
+One type for every report. ``status`` is set where a diagnosis weighs causes: ``confirmed`` (the
+numbers match exactly, or the batch shows it), ``possible`` (one number matches), ``info``
+(context, or a check that passed: ``CONSISTENT``); plain checks leave it ``None``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
-
-SEVERITIES = ("error", "warning", "info")
 
 
 @dataclass(frozen=True)
@@ -19,10 +23,25 @@ class Finding:
     rank: int | None = None
     segment: int | None = None
     chunk: int | None = None
+    status: str | None = None
 
     @property
     def is_problem(self) -> bool:
         return self.severity in ("error", "warning")
 
+    @property
+    def is_cause(self) -> bool:
+        """A confirmed problem: what makes a diagnosis exit 1."""
+        return self.status == "confirmed" and self.is_problem
+
+    def weighed(self) -> Finding:
+        """This finding as a diagnosis states it: problems confirmed, the rest info."""
+        return dataclasses.replace(self, status="confirmed" if self.is_problem else "info")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON object: simulate's schema, or diagnose's (status second, hint last) when weighed."""
+        place = {"rank": self.rank, "segment": self.segment, "chunk": self.chunk}
+        if self.status is None:
+            return {"code": self.code, "severity": self.severity, "message": self.message, "hint": self.hint, **place}
+        return {"code": self.code, "status": self.status, "severity": self.severity, "message": self.message,
+                **place, "hint": self.hint}

@@ -6,7 +6,7 @@ Public API (stable: ``cpinspect analyze`` reuses it)::
     from cpinspect.views.diagnose import render_report
     report = diagnose_batch(batch, cp, layout="zigzag", tokens=None, error_text=None, embeds=None,
                             rank=None, timeout=10.0)
-    report.findings   # list[DiagnosisFinding]: code, status (confirmed|possible|info), severity,
+    report.findings   # list[Finding]: code, status (confirmed|possible|info), severity,
                       #   message, rank, segment, chunk, hint
     report.observed   # dict: the numbers parsed from the error text (and ``embeds``)
     report.exit_code  # 0 nothing wrong found, 1 a cause confirmed or the batch inconsistent
@@ -52,14 +52,13 @@ from cpinspect.diagnose.report import (
     INFO_CODES,
     STATUSES,
     DiagnoseReport,
-    DiagnosisFinding,
     clip,
     info,
 )
 from cpinspect.diagnose.scene import Scene, build_scene
 
 __all__ = [
-    "CAUSE_CODES", "EXTRA_CHECKS", "INFO_CODES", "STATUSES", "DiagnoseReport", "DiagnosisFinding", "diagnose_batch",
+    "CAUSE_CODES", "EXTRA_CHECKS", "INFO_CODES", "STATUSES", "DiagnoseReport", "diagnose_batch",
 ]
 
 # --------------------------------------------------------------------------- extra checks
@@ -91,7 +90,7 @@ def diagnose_batch(
     loaded = batch if isinstance(batch, PackedBatch) else load_batch(batch, stacked="concatenate")
     observed = error_text if isinstance(error_text, ObservedError) or error_text is None else parse_error_text(
         error_text)
-    findings: list[DiagnosisFinding] = []
+    findings: list[Finding] = []
     if isinstance(error_text, str) and observed is None:
         findings.append(info("ERROR_NOT_RECOGNISED", f"the error text matched none of the known forms: "
                               f"{clip(error_text)!r}", "paste the line with the numbers (see the README's list)"))
@@ -139,14 +138,14 @@ def _summary(scene: Scene) -> dict[str, Any]:
     }
 
 
-def _ordered(findings: list[DiagnosisFinding]) -> list[DiagnosisFinding]:
+def _ordered(findings: list[Finding]) -> list[Finding]:
     """Confirmed causes first (in CAUSE_CODES order), then possible ones, then info."""
     rank_of = {code: i for i, code in enumerate(CAUSE_CODES)}
     key = {"confirmed": 0, "possible": 1, "info": 2}
     return sorted(findings, key=lambda f: (key[f.status], f.code == "CONSISTENT", rank_of.get(f.code, 99)))
 
 
-def _extra_findings(scene: Scene) -> list[DiagnosisFinding]:
+def _extra_findings(scene: Scene) -> list[Finding]:
     """Run :data:`EXTRA_CHECKS`; one that cannot run on this input says so instead of failing."""
     out = []
     for check in EXTRA_CHECKS:
@@ -156,5 +155,5 @@ def _extra_findings(scene: Scene) -> list[DiagnosisFinding]:
             name = getattr(check, "__name__", "check")
             out.append(info("SKIPPED", f"{name} could not run on this input: {exc.what}"))
             continue
-        out.extend(DiagnosisFinding.from_finding(finding) for finding in found)
+        out.extend(finding.weighed() for finding in found)
     return out

@@ -1,6 +1,6 @@
 """Audits: what the batch itself shows, without any number from an error.
 
-Each returns :class:`~cpinspect.diagnose.report.DiagnosisFinding` objects with the numbers and
+Each returns :class:`~cpinspect.diagnose.report.Finding` objects with the numbers and
 the place (rank, segment, chunk under the model's layout) and a concrete fix; :func:`consistent`
 lists what was checked and found in order, so an audit without findings still says something.
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from cpinspect.core.findings import Finding
 from cpinspect.core.tokens import TokenConfig
-from cpinspect.diagnose.report import DiagnosisFinding, cause, info
+from cpinspect.diagnose.report import cause, info
 from cpinspect.diagnose.scene import Scene
 from cpinspect.diagnose.spans import SpanIssue, VisionItem
 
@@ -20,18 +21,18 @@ FOREIGN_IDS = {
 }
 
 
-def audit(scene: Scene) -> list[DiagnosisFinding]:
+def audit(scene: Scene) -> list[Finding]:
     """Every check that needs no number from an error: what the batch itself shows."""
     findings = _batch_not_flat(scene) + _segments(scene)
     if scene.full_ids is not None:
         findings += _span_findings(scene) + _embed_findings(scene)
     if scene.result is not None:
-        findings += [DiagnosisFinding.from_finding(f) for f in scene.result.findings
+        findings += [f.weighed() for f in scene.result.findings
                      if f.code not in ("EMBED_COUNT_MISMATCH", "SEGMENTS_PADDED")]
     return findings
 
 
-def _batch_not_flat(scene: Scene) -> list[DiagnosisFinding]:
+def _batch_not_flat(scene: Scene) -> list[Finding]:
     if scene.stacked is None:
         return []
     b, s = scene.stacked
@@ -44,7 +45,7 @@ def _batch_not_flat(scene: Scene) -> list[DiagnosisFinding]:
         f"concatenate the rows: input_ids.reshape(1, -1) of shape [1, {b * s}], keeping cu_seqlens as they are")]
 
 
-def _segments(scene: Scene) -> list[DiagnosisFinding]:
+def _segments(scene: Scene) -> list[Finding]:
     if scene.divisible or scene.layout != "zigzag":
         return [] if scene.divisible else [_row_not_divisible(scene)]
     cu, multiple = scene.cu, 2 * scene.cp
@@ -66,7 +67,7 @@ def _segments(scene: Scene) -> list[DiagnosisFinding]:
         "padded boundaries as cu_seqlens_padded", segment=seg)]
 
 
-def _row_not_divisible(scene: Scene) -> DiagnosisFinding:
+def _row_not_divisible(scene: Scene) -> Finding:
     total, rule = scene.total_tokens, (2 * scene.cp if scene.layout == "sequence-zigzag" else scene.cp)
     return cause(
         "SEGMENT_NOT_DIVISIBLE",
@@ -75,8 +76,8 @@ def _row_not_divisible(scene: Scene) -> DiagnosisFinding:
         f"pad the row to {-(-total // rule) * rule} tokens", segment=0)
 
 
-def _span_findings(scene: Scene) -> list[DiagnosisFinding]:
-    findings: list[DiagnosisFinding] = []
+def _span_findings(scene: Scene) -> list[Finding]:
+    findings: list[Finding] = []
     for kind in ("image", "video"):
         issues = scene.issues.get(kind, [])
         if not issues:
@@ -93,7 +94,7 @@ def _span_findings(scene: Scene) -> list[DiagnosisFinding]:
     return findings
 
 
-def _truncated_finding(scene: Scene, kind: str, issues: list[SpanIssue]) -> DiagnosisFinding:
+def _truncated_finding(scene: Scene, kind: str, issues: list[SpanIssue]) -> Finding:
     merge = scene.tokens.merge_area
     cut = next((i for i in issues if i.problem == "truncated"), None)
     dropped = [i for i in issues if i.problem == "dropped"]
@@ -121,7 +122,7 @@ def _truncated_finding(scene: Scene, kind: str, issues: list[SpanIssue]) -> Diag
                   rank=rank, segment=segment, chunk=chunk)
 
 
-def _grid_finding(scene: Scene, kind: str, issues: list[SpanIssue]) -> DiagnosisFinding:
+def _grid_finding(scene: Scene, kind: str, issues: list[SpanIssue]) -> Finding:
     merge = scene.tokens.merge_area
     first = issues[0]
     grid_count = len(scene.items.get(kind, []))
@@ -155,7 +156,7 @@ def _id_of(tokens: TokenConfig, kind: str) -> int:
     return tokens.image_token_id if kind == "image" else tokens.video_token_id
 
 
-def _token_id_finding(scene: Scene, kind: str) -> DiagnosisFinding:
+def _token_id_finding(scene: Scene, kind: str) -> Finding:
     foreign = scene.foreign[kind][0]
     items = scene.items[kind]
     lengths = [item.tokens for item in items]
@@ -174,7 +175,7 @@ def _token_id_finding(scene: Scene, kind: str) -> DiagnosisFinding:
         f"--{kind}-token-id {foreign}", rank=rank, segment=segment, chunk=chunk)
 
 
-def _embed_findings(scene: Scene) -> list[DiagnosisFinding]:
+def _embed_findings(scene: Scene) -> list[Finding]:
     explicit = scene.embeds if scene.embeds is not None else scene.batch.vision_embed_count
     if explicit is None:
         return []
@@ -185,7 +186,7 @@ def _embed_findings(scene: Scene) -> list[DiagnosisFinding]:
     return [embed_mismatch(scene, explicit, label, placeholders)]
 
 
-def embed_mismatch(scene: Scene, rows: int, label: str, placeholders: int | None) -> DiagnosisFinding:
+def embed_mismatch(scene: Scene, rows: int, label: str, placeholders: int | None) -> Finding:
     grids = scene.grid_rows()
     agree = (f"; its grids agree with the placeholders (Σ t·h·w/{scene.tokens.merge_area} = {grids})"
              if grids == placeholders else "")
@@ -222,7 +223,7 @@ def _item_with_tokens(scene: Scene, tokens: int) -> tuple[VisionItem, int] | Non
     return None
 
 
-def consistent(scene: Scene, findings: list[DiagnosisFinding]) -> list[DiagnosisFinding]:
+def consistent(scene: Scene, findings: list[Finding]) -> list[Finding]:
     """``CONSISTENT`` lines: what was checked and found in order (shown with or without an error)."""
     codes = {f.code for f in findings if f.status == "confirmed"}
     lines = []

@@ -14,10 +14,11 @@ import dataclasses
 
 import torch
 
+from cpinspect.core.findings import Finding
 from cpinspect.diagnose.audits import embed_mismatch
 from cpinspect.diagnose.errortext import ObservedError
 from cpinspect.diagnose.prediction import NOT_SELECTED_HINT, Prediction
-from cpinspect.diagnose.report import DiagnosisFinding, cause, info
+from cpinspect.diagnose.report import cause, info
 from cpinspect.diagnose.scene import Scene
 from cpinspect.diagnose.selection_hypotheses import (
     all_rows,
@@ -28,7 +29,7 @@ from cpinspect.diagnose.selection_hypotheses import (
 )
 
 
-def explain(scene: Scene, observed: ObservedError, findings: list[DiagnosisFinding]) -> list[DiagnosisFinding]:
+def explain(scene: Scene, observed: ObservedError, findings: list[Finding]) -> list[Finding]:
     """Test every hypothesis against ``observed``; fold the verdicts into ``findings``."""
     if observed.kind == "apply_kwarg":
         return findings + [_apply_kwarg()]
@@ -41,7 +42,7 @@ def explain(scene: Scene, observed: ObservedError, findings: list[DiagnosisFindi
     return _merge(findings, _explain_counts(scene, observed), scene, observed)
 
 
-def _apply_kwarg() -> DiagnosisFinding:
+def _apply_kwarg() -> Finding:
     return cause(
         "APPLY_KWARG",
         "on the torch releases training stacks run, autograd Function.apply() takes positional arguments only: a "
@@ -51,7 +52,7 @@ def _apply_kwarg() -> DiagnosisFinding:
         "Function can take keywords in a small wrapper that calls apply positionally")
 
 
-def _explain_divisible(scene: Scene, observed: ObservedError) -> list[DiagnosisFinding]:
+def _explain_divisible(scene: Scene, observed: ObservedError) -> list[Finding]:
     length, cp = observed.get("length"), observed.get("cp")
     if length is None or cp is None:
         return []
@@ -180,8 +181,8 @@ def _span_code(scene: Scene, kind: str | None) -> str | None:
     return "GRID_TOKEN_MISMATCH" if problems else None
 
 
-def _merge(findings: list[DiagnosisFinding], predictions: list[Prediction], scene: Scene,
-           observed: ObservedError) -> list[DiagnosisFinding]:
+def _merge(findings: list[Finding], predictions: list[Prediction], scene: Scene,
+           observed: ObservedError) -> list[Finding]:
     """Compare predictions with ``observed``; confirmed ones join (or enrich) the audit findings."""
     tokens, rows = _observed_pair(observed)
     exact = [p for p in predictions if p.tokens == tokens and p.rows == rows]
@@ -217,8 +218,8 @@ def _observed_pair(observed: ObservedError) -> tuple[int | None, int | None]:
     return observed.get("tokens"), observed.get("rows")
 
 
-def _with_confirmed(findings: list[DiagnosisFinding], confirmed: list[Prediction], scene: Scene,
-                    observed: ObservedError) -> list[DiagnosisFinding]:
+def _with_confirmed(findings: list[Finding], confirmed: list[Prediction], scene: Scene,
+                    observed: ObservedError) -> list[Finding]:
     by_code: dict[str, list[Prediction]] = {}
     for prediction in confirmed:
         by_code.setdefault(prediction.code, []).append(prediction)
@@ -251,7 +252,7 @@ def _numbers_text(observed: ObservedError) -> str:
     return f"{first} {tokens}, {second} {rows}{rank}"
 
 
-def _logical_companion(scene: Scene) -> list[DiagnosisFinding]:
+def _logical_companion(scene: Scene) -> list[Finding]:
     logical = scene.batch.logical_cu_seqlens
     if logical is None or torch.equal(logical, scene.cu) or scene.form == "full":
         return []
@@ -263,12 +264,12 @@ def _logical_companion(scene: Scene) -> list[DiagnosisFinding]:
         "pass cu_seqlens_padded (the physical boundaries) to the model as well", status="possible")]
 
 
-def _possible(prediction: Prediction, caveat: str) -> DiagnosisFinding:
+def _possible(prediction: Prediction, caveat: str) -> Finding:
     return cause(prediction.code, f"{prediction.story}; {caveat}", prediction.hint, status="possible",
                   rank=prediction.rank, segment=prediction.segment)
 
 
-def _embed_fallback(scene: Scene, tokens: int | None, rows: int | None) -> DiagnosisFinding | None:
+def _embed_fallback(scene: Scene, tokens: int | None, rows: int | None) -> Finding | None:
     """The tokens are exactly the row's placeholders: then the rows are what differs."""
     placeholders = scene.placeholders
     if placeholders is None or tokens != placeholders or rows is None or rows == placeholders:
@@ -280,7 +281,7 @@ def _embed_fallback(scene: Scene, tokens: int | None, rows: int | None) -> Diagn
                                                 f"{finding.message}")
 
 
-def _unexplained(scene: Scene, observed: ObservedError) -> DiagnosisFinding:
+def _unexplained(scene: Scene, observed: ObservedError) -> Finding:
     held = scene.actual_held()
     holds = ", ".join(f"rank {r}: {c}" if r >= 0 else f"this rank: {c}" for r, c in list(held.items())[:8])
     rows = ", ".join(all_rows(scene).values()) or "unknown"

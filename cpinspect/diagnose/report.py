@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,40 +16,11 @@ CAUSE_CODES = (
 INFO_CODES = ("CONSISTENT", "UNEXPLAINED", "ERROR_NOT_RECOGNISED", "SKIPPED")
 
 
-@dataclass(frozen=True)
-class DiagnosisFinding:
-    """One conclusion. ``status``: confirmed (the numbers match exactly or the batch shows it),
-    possible (one number matches), info (context, or a check that passed: ``CONSISTENT``)."""
-
-    code: str
-    status: str
-    severity: str
-    message: str
-    rank: int | None = None
-    segment: int | None = None
-    chunk: int | None = None
-    hint: str = ""
-
-    @property
-    def is_cause(self) -> bool:
-        return self.status == "confirmed" and self.severity in ("error", "warning")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_finding(cls, finding: Finding) -> DiagnosisFinding:
-        """Adopt a core :class:`~cpinspect.core.findings.Finding` (problems are confirmed, the rest info)."""
-        status = "confirmed" if finding.is_problem else "info"
-        return cls(finding.code, status, finding.severity, finding.message, finding.rank, finding.segment,
-                   finding.chunk, finding.hint)
-
-
 @dataclass
 class DiagnoseReport:
     """What :func:`diagnose_batch` concluded, with the context the view shows."""
 
-    findings: list[DiagnosisFinding]
+    findings: list[Finding]
     observed: dict[str, Any]
     cp: int
     layout: str
@@ -67,7 +37,7 @@ class DiagnoseReport:
         return self.exit_code == 0
 
     @property
-    def causes(self) -> list[DiagnosisFinding]:
+    def causes(self) -> list[Finding]:
         return [f for f in self.findings if f.is_cause]
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,14 +46,14 @@ class DiagnoseReport:
 
 
 def cause(code: str, message: str, hint: str, *, status: str = "confirmed", rank: int | None = None,
-          segment: int | None = None, chunk: int | None = None) -> DiagnosisFinding:
+          segment: int | None = None, chunk: int | None = None) -> Finding:
     """A cause: ``confirmed`` ones are errors (exit 1), ``possible`` ones warnings (no exit change)."""
-    return DiagnosisFinding(code, status, "error" if status == "confirmed" else "warning", message, rank, segment,
-                            chunk, hint)
+    return Finding(code, "error" if status == "confirmed" else "warning", message, hint, rank, segment, chunk,
+                   status)
 
 
-def info(code: str, message: str, hint: str = "") -> DiagnosisFinding:
-    return DiagnosisFinding(code, "info", "info", message, hint=hint)
+def info(code: str, message: str, hint: str = "") -> Finding:
+    return Finding(code, "info", message, hint, status="info")
 
 
 def clip(text: str, limit: int = 120) -> str:

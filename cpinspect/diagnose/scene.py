@@ -15,10 +15,11 @@ import torch
 
 from cpinspect.core.batch import PackedBatch, check_grid_merge, row_cut_for
 from cpinspect.core.errors import InputError
+from cpinspect.core.findings import Finding
 from cpinspect.core.layout import LAYOUTS, Layout, check_cp_fits, make_layout, padded_cu_seqlens
 from cpinspect.core.loading import stacked_shape
 from cpinspect.core.tokens import TokenConfig
-from cpinspect.diagnose.report import DiagnosisFinding, cause
+from cpinspect.diagnose.report import cause
 from cpinspect.diagnose.spans import (
     Runs,
     SpanIssue,
@@ -170,7 +171,7 @@ def _held_counts(scene: Scene, kind: str, cp: int) -> list[int] | None:
 
 
 def build_scene(batch: PackedBatch, cp: int, layout: str, tokens: TokenConfig, *, embeds: int | None = None,
-                rank: int | None = None, timeout: float = 10.0) -> tuple[Scene, list[DiagnosisFinding]]:
+                rank: int | None = None, timeout: float = 10.0) -> tuple[Scene, list[Finding]]:
     """Resolve the batch's form for ``cp``, validate it, and simulate it where it can be simulated."""
     stacked = stacked_shape(batch)
     form, cp_eff, batch, findings = resolve_form(batch, cp)
@@ -207,7 +208,7 @@ def _unpadded_row(scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
     return scene.result.full_ids, scene.result.full_mask
 
 
-def resolve_form(batch: PackedBatch, cp: int) -> tuple[str, int, PackedBatch, list[DiagnosisFinding]]:
+def resolve_form(batch: PackedBatch, cp: int) -> tuple[str, int, PackedBatch, list[Finding]]:
     """``(form, cp the rows were cut for, batch with physical cu_seqlens, findings)``.
 
     Rows cut for another cp give CP_SIZE_MISMATCH; stored boundaries that are logical (padding the
@@ -241,7 +242,7 @@ def _logical_candidates(files: int, cp: int, n: int) -> list[tuple[int, int, str
     return [(cp, n, "full"), (cp, cp * n, "one rank")] if cp > 1 else [(1, n, "full")]
 
 
-def _cp_size_finding(cut_for: int, cp: int, total: int, n: int, files: int) -> list[DiagnosisFinding]:
+def _cp_size_finding(cut_for: int, cp: int, total: int, n: int, files: int) -> list[Finding]:
     if cut_for == cp or not files:
         return []
     what = f"{files} rank files" if files > 1 else "this rank's row"
@@ -254,7 +255,7 @@ def _cp_size_finding(cut_for: int, cp: int, total: int, n: int, files: int) -> l
         f"cp={cp}")]
 
 
-def _logical_form_finding(batch: PackedBatch, padded: torch.Tensor, k: int, n: int, files: int) -> DiagnosisFinding:
+def _logical_form_finding(batch: PackedBatch, padded: torch.Tensor, k: int, n: int, files: int) -> Finding:
     logical = batch.cu_seqlens
     lengths, padded_lengths = logical[1:] - logical[:-1], padded[1:] - padded[:-1]
     seg = int(torch.nonzero(lengths != padded_lengths)[0])
@@ -306,7 +307,7 @@ def _validate_grids(batch: PackedBatch, tokens: TokenConfig) -> None:
                          where=f"{batch.source}, key {batch.keys.get(key, key)}")
 
 
-def _choose_data_layout(scene: Scene) -> list[DiagnosisFinding]:
+def _choose_data_layout(scene: Scene) -> list[Finding]:
     """Pre-sharded rows: find the layout under which they reassemble into whole vision spans."""
     counted = {kind: _broken_spans(scene, kind) for kind in LAYOUTS}
     broken = {kind: value for kind, value in counted.items() if value is not None}

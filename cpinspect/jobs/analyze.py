@@ -21,12 +21,13 @@ import torch
 
 from cpinspect.core.compare import NATURAL_ORDER_HINT, SCATTER_HINT, compare_rows
 from cpinspect.core.errors import InputError
+from cpinspect.core.findings import Finding
 from cpinspect.core.layout import Layout, make_layout
 from cpinspect.core.loading import load_batch
 from cpinspect.core.oracle import expected_rows
 from cpinspect.core.ranges import format_ranges
 from cpinspect.core.tokens import TokenConfig
-from cpinspect.diagnose.api import DiagnoseReport, DiagnosisFinding, diagnose_batch
+from cpinspect.diagnose.api import DiagnoseReport, diagnose_batch
 from cpinspect.jobs.capture import CapturedRank, read, scan
 
 GroupKey = tuple[int, tuple[int, ...]]
@@ -41,14 +42,14 @@ class StepAnalysis:
     cp: int
     present: list[int]
     report: DiagnoseReport | None = None
-    captured: list[DiagnosisFinding] = field(default_factory=list)
+    captured: list[Finding] = field(default_factory=list)
 
     @property
     def missing(self) -> list[int]:
         return [r for r in range(self.cp) if r not in self.present]
 
     @property
-    def findings(self) -> list[DiagnosisFinding]:
+    def findings(self) -> list[Finding]:
         return [*(self.report.findings if self.report else []), *self.captured]
 
     @property
@@ -68,7 +69,7 @@ class AnalyzeReport:
 
     directory: str
     steps: list[StepAnalysis]
-    gaps: list[DiagnosisFinding]
+    gaps: list[Finding]
 
     @property
     def exit_code(self) -> int:
@@ -162,7 +163,7 @@ def _batch_dict(captured: CapturedRank) -> dict[str, torch.Tensor]:
     return {k: v for k, v in captured.tensors.items() if k != "selected_rows"}
 
 
-def captured_row_findings(ranked: list[CapturedRank], layout: str = "zigzag") -> list[DiagnosisFinding]:
+def captured_row_findings(ranked: list[CapturedRank], layout: str = "zigzag") -> list[Finding]:
     """Compare what each rank selected with the oracle's rows for the reassembled full row."""
     cu = ranked[0].tensors["cu_seqlens"].reshape(-1).to(torch.long)
     cp = len(ranked)
@@ -188,35 +189,35 @@ def captured_row_findings(ranked: list[CapturedRank], layout: str = "zigzag") ->
 
 
 def _compare_rows(captured: CapturedRank, rank: int, got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor,
-                  plan: Layout) -> DiagnosisFinding | None:
+                  plan: Layout) -> Finding | None:
     who = f"captured at step {captured.step}: rank {rank} (global rank {captured.global_rank})"
     diff = compare_rows(got, want)
     if diff is None:
         return None
     if diff.length_differs:
-        return DiagnosisFinding(
-            "SCATTER_SHAPE_MISMATCH", "confirmed", "error",
+        return Finding(
+            "SCATTER_SHAPE_MISMATCH", "error", status="confirmed", message=
             f"{who} selected {got.numel()} rows but holds {want.numel()} vision tokens",
             rank=rank, hint=SCATTER_HINT)
     first = diff.first
     position = int(torch.nonzero(mask).view(-1)[first])
     place = plan.locate(rank, position)
-    return DiagnosisFinding(
-        "ROWS_MISMATCH", "confirmed", "error",
+    return Finding(
+        "ROWS_MISMATCH", "error", status="confirmed", message=
         f"{who} selected rows that differ from the oracle at {diff.differing} of its "
         f"{want.numel()} vision tokens; first at vision token {first} (local position {position}, segment "
         f"{place.segment} chunk {place.chunk}): got row {int(got[first])}, expected {int(want[first])}",
         rank=rank, segment=place.segment, chunk=place.chunk, hint=NATURAL_ORDER_HINT)
 
 
-def _gaps(groups: dict[GroupKey, dict[int, CapturedRank]], analyses: list[StepAnalysis]) -> list[DiagnosisFinding]:
+def _gaps(groups: dict[GroupKey, dict[int, CapturedRank]], analyses: list[StepAnalysis]) -> list[Finding]:
     """CAPTURE_INCOMPLETE findings: ranks missing from a step, and steps a CP group has none of."""
     gaps = []
     for analysis in analyses:
         if analysis.missing:
             names = ", ".join(f"CP rank {r} (global rank {analysis.group_ranks[r]})" for r in analysis.missing)
-            gaps.append(DiagnosisFinding(
-                "CAPTURE_INCOMPLETE", "confirmed", "warning",
+            gaps.append(Finding(
+                "CAPTURE_INCOMPLETE", "warning", status="confirmed", message=
                 f"step {analysis.step} of the CP group of global ranks {list(analysis.group_ranks)} is missing "
                 f"{names}; that step was not analyzed",
                 hint="each rank writes its own file: look for a CaptureWarning in that rank's log, or whether it ran "
@@ -225,8 +226,8 @@ def _gaps(groups: dict[GroupKey, dict[int, CapturedRank]], analyses: list[StepAn
     for group in sorted({ranks for _, ranks in groups}):
         absent = [s for s in all_steps if (s, group) not in groups]
         if absent:
-            gaps.append(DiagnosisFinding(
-                "CAPTURE_INCOMPLETE", "confirmed", "warning",
+            gaps.append(Finding(
+                "CAPTURE_INCOMPLETE", "warning", status="confirmed", message=
                 f"the CP group of global ranks {list(group)} has no file for step(s) {_ranges(absent)}, which other "
                 "groups captured", hint="that group did not record those steps (crashed, or capture disabled there)"))
     return gaps

@@ -10,7 +10,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from cpinspect.diagnose.report import DiagnoseReport, DiagnosisFinding, clip
+from cpinspect.core.findings import Finding
+from cpinspect.diagnose.report import DiagnoseReport, clip
 
 STATUS_STYLE = {"confirmed": ("✗", "bold red"), "possible": ("?", "bold yellow"), "info": ("ℹ", "cyan")}
 
@@ -50,7 +51,7 @@ def _header(report: DiagnoseReport) -> Panel:
     return Panel(grid, title="cpinspect diagnose", title_align="left", expand=False)
 
 
-def _finding_text(finding: DiagnosisFinding) -> RenderableType:
+def _finding_text(finding: Finding) -> RenderableType:
     if finding.code == "CONSISTENT":
         return Text(f"✓ {finding.message}", style="green")
     mark, style = STATUS_STYLE[finding.status]
