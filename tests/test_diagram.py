@@ -19,6 +19,7 @@ from cpinspect.cli.app import app
 from cpinspect.core.layout import LAYOUTS, make_layout
 from cpinspect.core.layout_report import segment_cells
 from cpinspect.core.synth import demo_batch_dict
+from cpinspect.core.vision_items import row_items
 from cpinspect.views.layout import (
     fit_widths,
     layout_diagram,
@@ -26,7 +27,6 @@ from cpinspect.views.layout import (
     vision_prefix,
     vision_strip,
 )
-from cpinspect.views.layout_vision import vision_items
 from tests.literal import contiguous_indices, expected_rows, zigzag_indices
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -231,7 +231,7 @@ def test_vision_items_follow_the_grids_of_the_demo_batch():
     raw = demo_batch_dict()
     ids = raw["input_ids"].view(-1)
     mask = (ids == 151655) | (ids == 151656)
-    items = vision_items(ids, mask, raw["cu_seqlens_padded"].long(), image_token_id=151655, video_token_id=151656,
+    items = row_items(ids, mask, raw["cu_seqlens_padded"].long(), image_token_id=151655, video_token_id=151656,
                          image_grid=raw["image_grid_thw"], video_grid=raw["video_grid_thw"])
     # segment 0: 14 text + vision_start, then 16*16/4 = 64 image tokens; segment 2 starts at 144: 20 text,
     # two video frames of 3 stamp + start + 16 tokens + end; 5 text + start + 24 image tokens; segment 3 at 288.

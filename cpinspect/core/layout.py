@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from cpinspect.core.errors import InputError
+from cpinspect.core.runs import expand_runs
 
 LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous")
 
@@ -81,12 +82,12 @@ class Layout:
 
     def global_indices(self, cp_rank: int) -> torch.Tensor:
         """Global position of every local token of ``cp_rank``, in local order."""
-        return _expand_pieces(self.piece_start[self.rank_pieces[cp_rank]], self.local_piece_len(cp_rank))
+        return expand_runs(self.piece_start[self.rank_pieces[cp_rank]], self.local_piece_len(cp_rank))
 
     def all_global_indices(self) -> torch.Tensor:
         """``[cp, local_tokens]``: row ``r`` is :meth:`global_indices` of rank ``r``."""
         flat = self.rank_pieces.reshape(-1)
-        return _expand_pieces(self.piece_start[flat], self.piece_len[flat]).view(self.cp, -1)
+        return expand_runs(self.piece_start[flat], self.piece_len[flat]).view(self.cp, -1)
 
     def locate(self, cp_rank: int, local: int) -> Place:
         """The place of rank ``cp_rank``'s local token ``local`` (for messages: one token)."""
@@ -114,13 +115,6 @@ class Layout:
         return owner
 
 
-def _expand_pieces(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``arange(start, start+len)`` for every piece, without a Python loop."""
-    total = int(lengths.sum())
-    if total == 0:
-        return torch.zeros(0, dtype=torch.long)
-    local_start = torch.cumsum(lengths, 0) - lengths
-    return torch.repeat_interleave(starts - local_start, lengths, output_size=total) + torch.arange(total)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, *, name: str = "cu_seqlens") -> torch.Tensor:

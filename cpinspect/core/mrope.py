@@ -29,8 +29,9 @@ from __future__ import annotations
 import torch
 
 from cpinspect.core.errors import InputError
+from cpinspect.core.runs import exclusive_cumsum
 from cpinspect.core.tokens import TokenConfig
-from cpinspect.core.vision_items import VIDEO, VisionItems, exclusive_cumsum, find_vision_items
+from cpinspect.core.vision_items import VIDEO, VisionItems, find_vision_items
 
 CONVENTIONS = ("bridge", "transformers")
 PAD_POSITION = {"bridge": 1, "transformers": 0}

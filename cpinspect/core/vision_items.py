@@ -13,6 +13,7 @@ import torch
 
 from cpinspect.core.batch import check_grid_merge
 from cpinspect.core.errors import InputError
+from cpinspect.core.runs import exclusive_cumsum, expand_runs
 from cpinspect.core.tokens import TokenConfig
 
 IMAGE, VIDEO = 0, 1
@@ -64,7 +65,7 @@ class VisionItems:
         """``[T]`` item index of every token of the full row, -1 for text."""
         owner = torch.full((total_tokens,), -1, dtype=torch.long)
         if self.count:
-            owner[_expand(self.start, self.length)] = torch.repeat_interleave(torch.arange(self.count), self.length)
+            owner[expand_runs(self.start, self.length)] = torch.repeat_interleave(torch.arange(self.count), self.length)
         return owner
 
 
@@ -78,17 +79,8 @@ def embedding_rows(grids: list[torch.Tensor | None], merge_area: int) -> int:
     return int(sum(int((g.prod(dim=1) // merge_area).sum()) for g in grids if g is not None))
 
 
-def exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(values, 0) - values
 
 
-def _expand(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Concatenated ``arange(start, start+len)`` of every run, without a Python loop."""
-    total = int(lengths.sum())
-    if total == 0:
-        return torch.zeros(0, dtype=torch.long)
-    offsets = exclusive_cumsum(lengths)
-    return torch.repeat_interleave(starts - offsets, lengths, output_size=total) + torch.arange(total)
 
 
 def _grid(grid: torch.Tensor | None) -> torch.Tensor:
@@ -201,3 +193,102 @@ def _check_segments(items: VisionItems, cu: torch.Tensor, logical_lengths: torch
                 fix="the logical cu_seqlens must cover every vision token: are the logical and padded keys swapped?",
             )
     return first_seg
+
+
+@dataclass(frozen=True)
+class VisionItem:
+    """One image, video (Qwen3-VL: video frame) or grid-less run of vision tokens, for people.
+
+    From the grids alone (:func:`expected_items`) it knows ``grid``/``frame`` and how many
+    placeholders it promises; found in a row (:func:`row_items`) it also knows where its tokens
+    are and which natural-order embedding rows it owns.
+    """
+
+    kind: str  # "image", "video" or "vision run" (a run no grid accounts for)
+    index: int
+    tokens: int
+    grid: tuple[int, int, int] | None = None
+    frame: int | None = None
+    first_token: int | None = None
+    last_token: int | None = None
+    first_row: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.index}"
+
+    @property
+    def end_row(self) -> int:
+        return (self.first_row or 0) + self.tokens
+
+    def describe(self) -> str:
+        t, h, w = self.grid or (0, 0, 0)
+        frame = f" frame {self.frame} of {t}" if self.frame is not None else ""
+        return f"{self.kind} {self.index}{frame} (grid [{t}, {h}, {w}])"
+
+    def arithmetic(self, merge_area: int) -> str:
+        t, h, w = self.grid or (0, 0, 0)
+        if self.frame is not None:
+            return f"{h}·{w}/{merge_area} = {self.tokens}"
+        return f"{t}·{h}·{w}/{merge_area} = {self.tokens}"
+
+
+def expected_items(grid: torch.Tensor | None, kind: str, tokens: TokenConfig) -> list[VisionItem]:
+    """The placeholder runs ``grid`` promises, in order (Qwen3-VL: one run per video frame)."""
+    if grid is None or grid.numel() == 0:
+        return []
+    merge = tokens.merge_area
+    items: list[VisionItem] = []
+    for index, (t, h, w) in enumerate(tuple(int(v) for v in row) for row in grid.tolist()):
+        if kind == "video" and tokens.model == "qwen3-vl":
+            items.extend(VisionItem(kind, index, h * w // merge, (t, h, w), frame) for frame in range(t))
+        else:
+            items.append(VisionItem(kind, index, t * h * w // merge, (t, h, w)))
+    return items
+
+
+def _item_ordinals(kind_mask: torch.Tensor, grid: torch.Tensor | None, merge_area: int,
+                   runs: torch.Tensor) -> torch.Tensor:
+    """Item number of each vision token of one kind: by the grids when they account for every
+    token (grid row k owns the next t*h*w/merge tokens), otherwise by maximal runs."""
+    count = int(kind_mask.sum())
+    if grid is not None and grid.numel() and int((grid.prod(dim=1) // merge_area).sum()) == count:
+        ends = torch.cumsum(grid.prod(dim=1) // merge_area, 0)
+        return torch.searchsorted(ends, torch.arange(count), right=True)
+    held = runs[kind_mask]
+    return torch.unique(held, return_inverse=True)[1] if held.numel() else held
+
+
+def row_items(full_ids: torch.Tensor, full_mask: torch.Tensor, cu_seqlens: torch.Tensor, *,
+              image_token_id: int, video_token_id: int, image_grid: torch.Tensor | None = None,
+              video_grid: torch.Tensor | None = None, merge_area: int = 4) -> list[VisionItem]:
+    """Images, videos and other vision runs of the full row, in natural order (grids optional:
+    where they do not account for a kind's tokens, each maximal run is one item)."""
+    positions = torch.nonzero(full_mask).view(-1)
+    if positions.numel() == 0:
+        return []
+    ids = full_ids[positions]
+    kind = torch.where(ids == image_token_id, 0, torch.where(ids == video_token_id, 1, 2))
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[1:] = (positions[1:] != positions[:-1] + 1) | (kind[1:] != kind[:-1])
+    starts |= torch.isin(positions, cu_seqlens)
+    runs = torch.cumsum(starts.to(torch.long), 0) - 1
+    item = torch.zeros_like(positions)
+    for code, grid in ((0, image_grid), (1, video_grid), (2, None)):
+        mask = kind == code
+        if bool(mask.any()):
+            item[mask] = _item_ordinals(mask, grid, merge_area, runs)
+    key = kind * (positions.numel() + 1) + item
+    unique, inverse = torch.unique(key, return_inverse=True)
+    rows = torch.arange(positions.numel())
+    first = torch.full((unique.numel(),), positions.numel(), dtype=torch.long).scatter_reduce(0, inverse, rows, "amin")
+    last = torch.zeros(unique.numel(), dtype=torch.long).scatter_reduce(0, inverse, rows, "amax")
+    order = torch.argsort(first)
+    names = ("image", "video", "vision run")
+    stride = positions.numel() + 1
+    columns = (unique[order], positions[first[order]], positions[last[order]], first[order], last[order] + 1)
+    return [
+        VisionItem(names[key // stride], key % stride, end_row - first_row, first_token=first_token,
+                   last_token=last_token, first_row=first_row)
+        for key, first_token, last_token, first_row, end_row in zip(*(c.tolist() for c in columns))
+    ]

@@ -11,9 +11,10 @@ import torch
 
 from cpinspect.core.findings import Finding
 from cpinspect.core.tokens import TokenConfig
+from cpinspect.core.vision_items import VisionItem
 from cpinspect.diagnose.report import cause, info
 from cpinspect.diagnose.scene import Scene
-from cpinspect.diagnose.spans import SpanIssue, VisionItem
+from cpinspect.diagnose.spans import SpanIssue
 
 FOREIGN_IDS = {
     32000: "LLaVA-1.5's <image> (image_token_index 32000 in the llava-hf configs)",

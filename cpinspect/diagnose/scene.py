@@ -19,14 +19,13 @@ from cpinspect.core.findings import Finding
 from cpinspect.core.layout import LAYOUTS, Layout, check_cp_fits, make_layout, padded_cu_seqlens
 from cpinspect.core.loading import stacked_shape
 from cpinspect.core.tokens import TokenConfig
+from cpinspect.core.vision_items import VisionItem, expected_items
 from cpinspect.diagnose.report import cause
 from cpinspect.diagnose.spans import (
     Runs,
     SpanIssue,
-    VisionItem,
     align_spans,
     content_ends,
-    expected_items,
     find_runs,
     placeholder_candidates,
 )

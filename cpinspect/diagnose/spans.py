@@ -16,29 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cpinspect.core.tokens import TokenConfig
-
-
-@dataclass(frozen=True)
-class VisionItem:
-    """One placeholder run the grids promise: ``frame`` is set for Qwen3-VL video frames."""
-
-    kind: str
-    index: int
-    grid: tuple[int, int, int]
-    tokens: int
-    frame: int | None = None
-
-    def describe(self) -> str:
-        t, h, w = self.grid
-        frame = f" frame {self.frame} of {t}" if self.frame is not None else ""
-        return f"{self.kind} {self.index}{frame} (grid [{t}, {h}, {w}])"
-
-    def arithmetic(self, merge_area: int) -> str:
-        t, h, w = self.grid
-        if self.frame is not None:
-            return f"{h}·{w}/{merge_area} = {self.tokens}"
-        return f"{t}·{h}·{w}/{merge_area} = {self.tokens}"
+from cpinspect.core.runs import mask_runs
+from cpinspect.core.vision_items import VisionItem
 
 
 @dataclass(frozen=True)
@@ -65,21 +44,6 @@ class SpanIssue:
     segment: int | None = None
 
 
-def expected_items(grid: torch.Tensor | None, kind: str, tokens: TokenConfig) -> list[VisionItem]:
-    """The placeholder runs ``grid`` promises, in order (Qwen3-VL: one run per video frame)."""
-    if grid is None or grid.numel() == 0:
-        return []
-    rows = [tuple(int(v) for v in row) for row in grid.tolist()]
-    merge = tokens.merge_area
-    items: list[VisionItem] = []
-    for index, (t, h, w) in enumerate(rows):
-        if kind == "video" and tokens.model == "qwen3-vl":
-            items.extend(VisionItem(kind, index, (t, h, w), h * w // merge, frame) for frame in range(t))
-        else:
-            items.append(VisionItem(kind, index, (t, h, w), t * h * w // merge))
-    return items
-
-
 def content_ends(ids: torch.Tensor, cu: torch.Tensor, logical_cu: torch.Tensor | None, pad_id: int) -> torch.Tensor:
     """``[S]`` end of each segment's real content: the logical end, else after its last non-pad token."""
     if logical_cu is not None:
@@ -93,15 +57,9 @@ def content_ends(ids: torch.Tensor, cu: torch.Tensor, logical_cu: torch.Tensor |
 
 def find_runs(mask: torch.Tensor, cu: torch.Tensor, ends: torch.Tensor) -> Runs:
     """Maximal runs of ``mask`` that never cross a segment boundary."""
-    n = mask.numel()
-    boundary = torch.zeros(n + 1, dtype=torch.bool)
-    boundary[cu.clamp(max=n)] = True
-    previous = torch.cat([torch.zeros(1, dtype=torch.bool), mask[:-1]])
-    following = torch.cat([mask[1:], torch.zeros(1, dtype=torch.bool)])
-    starts = torch.nonzero(mask & (~previous | boundary[:-1])).view(-1)
-    stops = torch.nonzero(mask & (~following | boundary[1:])).view(-1) + 1
+    starts, lengths = mask_runs(mask, cu)
     segment = torch.searchsorted(cu[1:], starts, right=True)
-    return Runs(starts, stops - starts, segment, stops == ends[segment])
+    return Runs(starts, lengths, segment, starts + lengths == ends[segment])
 
 
 def align_spans(items: list[VisionItem], runs: Runs) -> list[SpanIssue]:

@@ -18,6 +18,7 @@ from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
 from cpinspect.core.layout import Layout, make_layout, pad_row, padded_boundaries
 from cpinspect.core.oracle import expected_rows, global_positions
+from cpinspect.core.runs import mask_runs
 from cpinspect.core.selection import RankSelection, select_rank_rows
 from cpinspect.core.tokens import TokenConfig, token_config
 from cpinspect.core.vision_items import embedding_rows, placeholder_mask
@@ -330,19 +331,12 @@ def _vision_items(batch: PackedBatch, full_mask: torch.Tensor, full_ids: torch.T
         count = embedding_rows(grids, tokens.merge_area)
     else:
         count = int(full_mask.sum())
-    images = batch.image_grid_thw.shape[0] if batch.image_grid_thw is not None else _runs(
+    images = batch.image_grid_thw.shape[0] if batch.image_grid_thw is not None else _run_count(
         full_ids == tokens.image_token_id, cu)
-    videos = batch.video_grid_thw.shape[0] if batch.video_grid_thw is not None else _runs(
+    videos = batch.video_grid_thw.shape[0] if batch.video_grid_thw is not None else _run_count(
         full_ids == tokens.video_token_id, cu)
     return count, images, videos
 
 
-def _runs(mask: torch.Tensor, cu: torch.Tensor) -> int:
-    """Maximal runs of True that do not cross a segment boundary."""
-    if mask.numel() == 0:
-        return 0
-    starts = mask.clone()
-    starts[1:] &= ~mask[:-1]
-    boundaries = cu[1:-1][cu[1:-1] < mask.numel()]
-    starts[boundaries] = mask[boundaries]
-    return int(starts.sum())
+def _run_count(mask: torch.Tensor, cu: torch.Tensor) -> int:
+    return int(mask_runs(mask, cu)[0].numel())

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cpinspect.core.runs import expand_runs, mask_runs
 from cpinspect.core.vision_items import VisionItems
 
 VISION_DP_RANKS_KEY = "vision_dp_ranks"  # the batch's own item -> rank assignment, when it has one
@@ -60,15 +61,9 @@ class VisionDPPlan:
     def rank_rows(self, cp_rank: int) -> torch.Tensor:
         """Natural embedding rows ``cp_rank`` produces, in the order it produces them."""
         mine = self.rank_items(cp_rank)
-        return _expand(self.item_first_row[mine], self.item_rows[mine])
+        return expand_runs(self.item_first_row[mine], self.item_rows[mine])
 
 
-def _expand(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    total = int(lengths.sum())
-    if total == 0:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths,
-                                   output_size=total) + torch.arange(total)
 
 
 def plan_vision_dp(items: VisionItems, cp: int, merge_area: int, item_rank: torch.Tensor | None = None) -> VisionDPPlan:
@@ -170,14 +165,6 @@ class RunCount:
         return self.runs == self.expected and self.lengths_match
 
 
-def _runs(ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start and length of every maximal run of ``token_id`` (vectorised)."""
-    mask = ids == token_id
-    previous = torch.cat([torch.zeros(1, dtype=torch.bool), mask[:-1]])
-    following = torch.cat([mask[1:], torch.zeros(1, dtype=torch.bool)])
-    starts = torch.nonzero(mask & ~previous).view(-1)
-    ends = torch.nonzero(mask & ~following).view(-1)
-    return starts, ends - starts + 1
 
 
 def run_count(ids: torch.Tensor, frames: VisionItems, image_id: int, video_id: int) -> RunCount:
@@ -186,8 +173,8 @@ def run_count(ids: torch.Tensor, frames: VisionItems, image_id: int, video_id: i
     Upstream asserts ``runs == sum(t over image grids) + sum(t over video grids)``, then that each
     item's runs hold ``t*h*w / merge**2`` tokens; ``frames`` are the per-temporal-patch items.
     """
-    image_start, image_len = _runs(ids, image_id)
-    video_start, video_len = _runs(ids, video_id)
+    image_start, image_len = mask_runs(ids == image_id)
+    video_start, video_len = mask_runs(ids == video_id)
     start = torch.cat([image_start, video_start])
     kind = torch.cat([torch.zeros_like(image_start), torch.ones_like(video_start)])[torch.argsort(start)]
     length = torch.cat([image_len, video_len])[torch.argsort(start)]

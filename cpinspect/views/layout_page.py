@@ -16,10 +16,11 @@ from cpinspect.core.balance import Balance
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
 from cpinspect.core.layout import LAYOUTS, Layout, make_layout
+from cpinspect.core.vision_items import VisionItem, row_items
 from cpinspect.simulation.run import Result
 from cpinspect.views.balance import balance_table
 from cpinspect.views.layout import layout_diagram
-from cpinspect.views.layout_vision import VisionItem, vision_items, vision_view
+from cpinspect.views.layout_vision import vision_view
 
 
 def _cu_text(cu: torch.Tensor) -> str:
@@ -51,7 +52,7 @@ def build_views(layout: Layout, balances: dict[str, Balance], impossible: dict[s
 
 
 def _items(result: Result, batch: PackedBatch) -> list[VisionItem]:
-    return vision_items(result.full_ids, result.full_mask, result.layout.cu_seqlens,
+    return row_items(result.full_ids, result.full_mask, result.layout.cu_seqlens,
                         image_token_id=result.tokens.image_token_id, video_token_id=result.tokens.video_token_id,
                         image_grid=batch.image_grid_thw, video_grid=batch.video_grid_thw,
                         merge_area=result.tokens.merge_area)

@@ -17,64 +17,9 @@ from rich.table import Table
 from rich.text import Text
 
 from cpinspect.core.layout import Layout
+from cpinspect.core.vision_items import VisionItem
 from cpinspect.views.layout import MAX_LISTED, cell_style, token_span, vision_prefix
 from cpinspect.views.simulate import rank_label
-
-
-@dataclass(frozen=True)
-class VisionItem:
-    """One image, video or run of vision tokens: where its tokens are and which encoder rows it owns."""
-
-    name: str
-    first_token: int
-    last_token: int
-    first_row: int
-    end_row: int
-
-
-def _item_ordinals(kind_mask: torch.Tensor, grid: torch.Tensor | None, merge_area: int,
-                   runs: torch.Tensor) -> torch.Tensor:
-    """Item number of each vision token of one kind: by the grids when they account for every
-    token (grid row k owns the next t*h*w/merge tokens), otherwise by maximal runs."""
-    count = int(kind_mask.sum())
-    if grid is not None and grid.numel() and int((grid.prod(dim=1) // merge_area).sum()) == count:
-        ends = torch.cumsum(grid.prod(dim=1) // merge_area, 0)
-        return torch.searchsorted(ends, torch.arange(count), right=True)
-    held = runs[kind_mask]
-    return torch.unique(held, return_inverse=True)[1] if held.numel() else held
-
-
-def vision_items(full_ids: torch.Tensor, full_mask: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                 image_token_id: int, video_token_id: int, image_grid: torch.Tensor | None = None,
-                 video_grid: torch.Tensor | None = None, merge_area: int = 4) -> list[VisionItem]:
-    """Images, videos and other vision runs of the full row, in natural (row) order."""
-    positions = torch.nonzero(full_mask).view(-1)
-    if positions.numel() == 0:
-        return []
-    ids = full_ids[positions]
-    kind = torch.where(ids == image_token_id, 0, torch.where(ids == video_token_id, 1, 2))
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[1:] = (positions[1:] != positions[:-1] + 1) | (kind[1:] != kind[:-1])
-    starts |= torch.isin(positions, cu_seqlens)
-    runs = torch.cumsum(starts.to(torch.long), 0) - 1
-    item = torch.zeros_like(positions)
-    for code, grid in ((0, image_grid), (1, video_grid), (2, None)):
-        mask = kind == code
-        if bool(mask.any()):
-            item[mask] = _item_ordinals(mask, grid, merge_area, runs)
-    key = kind * (positions.numel() + 1) + item
-    unique, inverse = torch.unique(key, return_inverse=True)
-    rows = torch.arange(positions.numel())
-    first = torch.full((unique.numel(),), positions.numel(), dtype=torch.long).scatter_reduce(0, inverse, rows, "amin")
-    last = torch.zeros(unique.numel(), dtype=torch.long).scatter_reduce(0, inverse, rows, "amax")
-    order = torch.argsort(first)
-    names = ("image", "video", "vision run")
-    stride = positions.numel() + 1
-    columns = (unique[order], positions[first[order]], positions[last[order]], first[order], last[order] + 1)
-    return [
-        VisionItem(f"{names[key // stride]} {key % stride}", first_token, last_token, first_row, end_row)
-        for key, first_token, last_token, first_row, end_row in zip(*(c.tolist() for c in columns))
-    ]
 
 
 @dataclass(frozen=True)
