@@ -1,4 +1,4 @@
-"""Run one case: the user's function, unmodified, on every simulated rank of it.
+"""Run one case: the user's function, unmodified, on each of its simulated ranks.
 
 Each rank calls the function through a signature adapter (:mod:`cpinspect.check.signatures`) on
 its own thread of :func:`cpinspect.groups.simulated.execute_spmd`, which fingerprints every
