@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cpinspect.check.api import DEFAULT_CPS, DEFAULT_TIMEOUT_S, BatchInput, CheckReport, run_check
+from cpinspect.check import DEFAULT_CPS, DEFAULT_TIMEOUT_S, BatchInput, CheckReport, run_check
 
 
 def assert_selection_matches(

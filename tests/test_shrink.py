@@ -1,14 +1,18 @@
 """Shrinking failures to a smallest batch that `cpinspect simulate` loads, and replaying them."""
 
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
-from cpinspect.check.api import DIVERGENCE, WRONG_ROWS, load_function, run_case, run_check
+from cpinspect.check import load_function, run_case, run_check
 from cpinspect.check.cases import Case, case_from_local_masks, generate_cases
 from cpinspect.check.shrink import candidates, replay_commands, save_case, shrink_case, with_cp
+from cpinspect.check.verdicts import DIVERGENCE, WRONG_ROWS
 from cpinspect.cli.app import app
 from cpinspect.core.loading import load_batch
 
@@ -145,3 +149,57 @@ def test_custom_placeholder_ids_replay_with_their_flags(tmp_path):
     assert replay.endswith("--image-token-id 5000 --video-token-id 5001")
     replayed = runner.invoke(app, shlex.split(replay)[1:] + ["--no-color", "--out", str(tmp_path / "again")])
     assert replayed.exit_code == 1 and "✗ wrong-rows: 1 case(s)" in replayed.output
+
+
+def test_a_run_with_another_seed_or_cp_keeps_the_earlier_failure_file(tmp_path):
+    first = run_check(impl("mirrored_chunks.py"), cp=[2], cases=7, seed=0, save_dir=tmp_path).shrunk[0].path
+    saved = first.read_bytes()
+    other_seed = run_check(impl("mirrored_chunks.py"), cp=[2], cases=7, seed=1, save_dir=tmp_path).shrunk[0].path
+    other_cp = run_check(impl("mirrored_chunks.py"), cp=[2, 3], cases=7, seed=0, save_dir=tmp_path).shrunk[0].path
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mirrored_chunks.select_rows-wrong-rows-cp2,3-seed0.safetensors",
+        "mirrored_chunks.select_rows-wrong-rows-cp2-seed0.safetensors",
+        "mirrored_chunks.select_rows-wrong-rows-cp2-seed1.safetensors",
+    ]
+    assert {first, other_seed, other_cp} == set(tmp_path.iterdir())
+    assert first.read_bytes() == saved  # untouched by the later runs
+
+
+def _saved_and_replay(output: str) -> tuple[str, str]:
+    lines = [line.strip() for line in output.splitlines()]
+    saved = next(line for line in lines if line.startswith("saved "))
+    replay = next(line for line in lines if line.startswith("replay "))
+    return saved.split(None, 1)[1], replay.split(None, 1)[1]
+
+
+def test_the_replay_command_keeps_a_given_out_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    target = f"{IMPLS / 'off_by_one.py'}:select_rows"
+    mine = tmp_path / "my failures"
+    run = runner.invoke(app, ["check", target, "--cp", "2", "--cases", "7", "--out", str(mine), "--no-color"])
+    assert run.exit_code == 1, run.output
+    saved, replay = _saved_and_replay(run.output)
+    assert Path(saved).parent == mine
+    assert replay.endswith(f" --out {shlex.quote(str(mine))}")
+    replayed = runner.invoke(app, shlex.split(replay)[1:] + ["--no-color"])
+    assert replayed.exit_code == 1 and "✗ wrong-rows: 1 case(s)" in replayed.output
+    again, _ = _saved_and_replay(replayed.output)
+    assert Path(again).parent == mine and not (tmp_path / "cpinspect-failures").exists()
+
+
+def test_the_replay_command_of_the_default_folder_has_no_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = runner.invoke(app, ["check", f"{IMPLS / 'off_by_one.py'}:select_rows", "--cp", "2", "--cases", "7",
+                              "--no-color"])
+    assert run.exit_code == 1, run.output
+    saved, replay = _saved_and_replay(run.output)
+    assert saved == "cpinspect-failures/off_by_one.select_rows-wrong-rows-cp2-seed0.safetensors"
+    assert (tmp_path / saved).is_file() and "--out" not in replay
+
+
+def test_the_default_failure_folder_is_git_ignored():
+    root = IMPLS.parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    probe = subprocess.run(["git", "check-ignore", "-q", "cpinspect-failures/f.safetensors"], cwd=root)
+    assert probe.returncode == 0  # 1 would mean: not ignored

@@ -144,3 +144,36 @@ def test_uneven_all_gather_with_disagreeing_buffers_is_divergence():
 
     with pytest.raises(SpmdError, match="ranks called different collectives"):
         run_spmd(2, program)
+
+
+def test_exception_message_gives_the_scope_then_each_raised_rank():
+    def fails_on_rank0(group):
+        if group.rank() == 0:
+            raise ValueError("bad local mask")
+        return group.rank()
+
+    def fails_everywhere(group):
+        raise ValueError(f"rank {group.rank()}")
+
+    some = f"tests/test_spmd.py:{fails_on_rank0.__code__.co_firstlineno + 2}"
+    every = f"tests/test_spmd.py:{fails_everywhere.__code__.co_firstlineno + 1}"
+    assert str(execute_spmd(2, fails_on_rank0)[1]) == (
+        "only rank(s) 0 of 2 raised: in a real job the others would hang at their next collective: "
+        f"rank 0 raised ValueError: bad local mask at {some} after 0 collective(s)")
+    assert str(execute_spmd(2, fails_everywhere)[1]) == (
+        f"all ranks raised: rank 0 raised ValueError: rank 0 at {every} after 0 collective(s); "
+        f"rank 1 raised ValueError: rank 1 at {every} after 0 collective(s)")
+
+
+def test_a_rank_stuck_outside_any_collective_is_reported_after_the_deadline():
+    def sleeps_on_rank1(group):
+        if group.rank() == 1:
+            time.sleep(2.0)  # no collective is pending, so only the run's deadline can end this
+
+    start = time.monotonic()
+    states, failure = execute_spmd(2, sleeps_on_rank1, timeout=0.3)
+    assert time.monotonic() - start < 1.9  # timeout + 1 s grace, not the sleep
+    assert failure is not None and failure.kind == "timeout"
+    assert str(failure) == ("ranks did not finish within 0.3 s: rank 1 is still running outside any collective "
+                            "after 0 collective(s)")
+    assert [s.status for s in states] == ["returned", "running"]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cpinspect.check.api import load_function
+from cpinspect.check import load_function
 from cpinspect.core.errors import InputError
 from cpinspect.testing import assert_selection_matches
 from tests.test_check import _torch_accepts_apply_keywords
@@ -42,7 +42,7 @@ def test_a_deadlock_raises_assertion_error_with_the_report_and_a_replayable_file
     assert "returned at examples/impls/early_return.py:" in message
     assert "smallest failing batch" in message and "cp 2, 1 segment(s) [4], 4 tokens, 1 vision" in message
     saved = sorted(p.name for p in tmp_path.iterdir())
-    assert any(name.endswith("-divergence.safetensors") for name in saved)
+    assert "early_return.select_rows-divergence-cp2,3-seed0.safetensors" in saved
     assert f"--batch {tmp_path}" in message  # the replay command points at the saved file
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.text import Text
 
 from cpinspect.check.signatures import SIGNATURES
 from cpinspect.cli.common import guarded, import_torch, make_console, parse_keys, progress_steps
@@ -34,6 +33,7 @@ TargetArg = Annotated[str, typer.Argument(
 CpListOpt = Annotated[str, typer.Option("--cp", help="Comma-separated cp values to generate cases for.")]
 SignatureOpt = Annotated[str, typer.Option("--signature", help=f"How your function is called: {', '.join(SIGNATURES)} "
                                                                "(see the README).")]
+DEFAULT_OUT = Path("cpinspect-failures")  # in .gitignore
 BatchesOpt = Annotated[Optional[list[Path]], typer.Option(
     "--batch", help="A batch file or rank directory to check as well (repeatable).", show_default=False)]
 
@@ -69,7 +69,7 @@ def check(
                                                              "ranks are reported as hung.")] = 5.0,
     max_time: Annotated[float, typer.Option("--max-time", help="Stop starting new cases after this many seconds.")
                         ] = 120.0,
-    out: Annotated[Path, typer.Option("--out", help="Folder for shrunk failing batches.")] = Path("cpinspect-failures"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for shrunk failing batches.")] = DEFAULT_OUT,
     no_shrink: Annotated[bool, typer.Option("--no-shrink", help="Report failures without shrinking them.")] = False,
     allow_apply_keywords: Annotated[bool, typer.Option(
         "--allow-apply-keywords", help="Accept autograd Function.apply(..., kw=...) (only new torch does).")] = False,
@@ -87,10 +87,11 @@ def check(
         raise InputError("nothing to check: --cases 0 and no --batch", where="--cases",
                          fix="generate cases (--cases 100) or pass --batch FILE")
     import_torch()
-    from cpinspect.check.api import load_function, run_check
+    from cpinspect.check import load_function, run_check
     from cpinspect.check.signatures import get_signature
     from cpinspect.core.loading import load_batch
     from cpinspect.core.tokens import token_config
+    from cpinspect.views.check import render_report
 
     get_signature(signature)
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
@@ -103,21 +104,10 @@ def check(
             fn, cp=cps, cases=cases, seed=seed, signature=signature, batches=batches, timeout=timeout,
             max_seconds=max_time, shrink=not no_shrink, save_dir=out, target=target, tokens=tokens,
             strict_apply=not allow_apply_keywords, replay_flags=token_flags(model, image_token_id, video_token_id),
+            check_flags=["--out", str(out)] if out != DEFAULT_OUT else [],  # the replay saves where this run did
         )
     if json_out:
         sys.stdout.write(json.dumps(report.to_dict()) + "\n")
     else:
-        console = make_console(no_color)
-        for line in report.text().splitlines():
-            console.print(Text(line, style=_style(line)), soft_wrap=True)  # replay commands stay copyable
+        render_report(report.lines(), make_console(no_color))
     raise typer.Exit(EXIT_OK if report.ok else EXIT_INCONSISTENT)
-
-
-def _style(line: str) -> str:
-    if line.startswith("✓"):
-        return "bold green"
-    if line.startswith("✗"):
-        return "bold red"
-    if line.startswith("note:"):
-        return "yellow"
-    return "dim" if line.startswith("  ") and not line.startswith("    ") else ""

@@ -1,3 +1,4 @@
-"""Process groups that run one function on N ranks: the simulated group (threads) and gloo
-(processes), with the collective fingerprints and the user-frame finder they share.
+"""Process groups that run one function on N ranks: the simulated group (threads, ``simulated``)
+and gloo (processes, ``gloo`` with its ``watchdog``), both meeting in one ``coordinator`` that
+fingerprints every collective, and ``callsite``, the one user-frame finder every report uses.
 """

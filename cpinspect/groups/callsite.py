@@ -43,12 +43,17 @@ def short_path(path: str) -> str:
     return rel if not rel.startswith("..") else path
 
 
+def site(filename: str, line: int) -> str:
+    """``file:line`` as every report prints it: the frame's file made absolute, then :func:`short_path`."""
+    return f"{short_path(os.path.abspath(filename))}:{line}"
+
+
 def call_site(depth: int = 2, *, include_cpinspect: bool = True) -> str:
     """``file:line`` of the innermost user frame above the caller's ``depth``-th frame."""
     frame: FrameType | None = sys._getframe(depth)
     while frame is not None:
         if is_user_path(frame.f_code.co_filename, include_cpinspect=include_cpinspect):
-            return f"{short_path(os.path.abspath(frame.f_code.co_filename))}:{frame.f_lineno}"
+            return site(frame.f_code.co_filename, frame.f_lineno)
         frame = frame.f_back
     return "<unknown>"
 
@@ -56,10 +61,10 @@ def call_site(depth: int = 2, *, include_cpinspect: bool = True) -> str:
 def error_site(exc: BaseException, *, include_cpinspect: bool = True) -> str:
     """``file:line`` of the innermost user frame of ``exc``'s traceback ("" when none)."""
     tb: TracebackType | None = exc.__traceback__
-    site = ""
+    innermost = ""
     while tb is not None:
         raw = tb.tb_frame.f_code.co_filename
         if is_user_path(raw, include_cpinspect=include_cpinspect):
-            site = f"{short_path(os.path.abspath(raw))}:{tb.tb_lineno}"
+            innermost = site(raw, tb.tb_lineno)
         tb = tb.tb_next
-    return site
+    return innermost

@@ -6,52 +6,42 @@ through a TCPStore that this process serves on a free port. The function receive
 :class:`RecordingGroup`, a ``ProcessGroup`` that forwards every collective to the real gloo
 group after telling this process what it is about to call (op, shapes, dtypes, call site).
 
-This process is the watchdog. It feeds every rank's entries, exits and results into the same
-coordinator the thread backend uses, so a divergence (different collectives, or a rank that
-returns or raises while others wait) is reported with the same words, as soon as it is visible,
-and every wait has a deadline. Then every rank process is released or terminated, and reaped:
-none outlives the call. A rank process also exits on its own if this process dies.
+This process is the watchdog (:mod:`cpinspect.groups.watchdog`). It feeds every rank's entries,
+exits and results into the same coordinator the thread backend uses, so a divergence (different
+collectives, or a rank that returns or raises while others wait) is reported with the same words,
+as soon as it is visible, and every wait has a deadline. Then every rank process is released or
+terminated, and reaped: none outlives the call. A rank process also exits on its own if this
+process dies.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from cpinspect.groups.callsite import call_site, error_site
-from cpinspect.groups.simulated import (
+from cpinspect.groups.coordinator import (
     DEFAULT_TIMEOUT_S,
     CollectiveCall,
     RankState,
     SpmdError,
-    _Coordinator,
-    _describe_tensors,
-    _exception_failure,
-    _reduce_op_name,
+    describe_tensors,
+    reduce_op_name,
 )
+from cpinspect.groups.watchdog import RankProcesses, Watchdog, supervise
 
 DEFAULT_START_TIMEOUT_S = 120.0
 _GRACE_S = 3.0
-
-
-class RankProcessError(RuntimeError):
-    """A rank's process died, or its exception could not be sent back as it was."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Inside a rank process
-# ---------------------------------------------------------------------------------------------
 
 
 class RecordingGroup(dist.ProcessGroup):
@@ -75,7 +65,7 @@ class RecordingGroup(dist.ProcessGroup):
         return "gloo"
 
     def _run(self, op: str, tensors: Sequence[torch.Tensor], detail: str, start: Callable[[], dist.Work]) -> dist.Work:
-        shapes, dtypes = _describe_tensors(tensors)
+        shapes, dtypes = describe_tensors(tensors)
         call = CollectiveCall(self._seq, op, shapes, dtypes, detail, call_site(3))
         self._seq += 1
         self._report(("enter", call))
@@ -99,7 +89,7 @@ class RecordingGroup(dist.ProcessGroup):
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = opts if opts is not None else dist.AllreduceOptions()
-        return self._run("all_reduce", tensors, f"op={_reduce_op_name(opts)}",
+        return self._run("all_reduce", tensors, f"op={reduce_op_name(opts)}",
                          lambda: self._inner.allreduce(tensors, opts))
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -113,10 +103,6 @@ class RecordingGroup(dist.ProcessGroup):
 
     def __repr__(self) -> str:
         return f"RecordingGroup(gloo, rank={self.rank()}, size={self.size()})"
-
-
-
-
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -171,8 +157,8 @@ def _message(conn: Connection, timeout: float | None) -> bytes | None:
         return None
 
 
-def _rank_main(rank: int, cp: int, port: int, timeout: float, start_timeout: float, payload: bytes,
-               conn: Connection, parent_pid: int) -> None:
+def rank_main(rank: int, cp: int, port: int, timeout: float, start_timeout: float, payload: bytes,
+              conn: Connection, parent_pid: int) -> None:
     """Entry point of one rank process (module-level so spawn can find it)."""
     _exit_with_parent(parent_pid)
     os.dup2(2, 1)  # rank output goes to stderr: the watchdog's stdout may carry --json
@@ -205,200 +191,6 @@ def _rank_main(rank: int, cp: int, port: int, timeout: float, start_timeout: flo
     dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------------
-# In the watchdog process
-# ---------------------------------------------------------------------------------------------
-
-
-class _Watchdog(_Coordinator):
-    """The thread backend's coordinator, fed by events from rank processes instead of threads."""
-
-    def __init__(self, size: int, timeout: float) -> None:
-        super().__init__(size, timeout)
-        self.first_entry: dict[int, tuple[float, CollectiveCall]] = {}
-
-    def enter(self, rank: int, call: CollectiveCall) -> None:
-        with self.cond:
-            if self.failure is not None:
-                return
-            state = self.states[rank]
-            state.calls.append(call)
-            state.status = "waiting"
-            arrivals = self.pending.setdefault(call.seq, {})
-            arrivals[rank] = (call, None)
-            self.first_entry.setdefault(call.seq, (time.monotonic(), call))
-            self._check(call.seq)
-            if self.failure is None and len(arrivals) == self.size:
-                self.completed.add(call.seq)
-                del self.pending[call.seq]
-
-    def left(self, rank: int) -> None:
-        with self.cond:
-            if self.failure is None:
-                self.states[rank].status = "running"
-
-    def expire(self, run_deadline: float) -> None:
-        """Fail a collective that waited ``timeout`` seconds, or ranks that ran past the deadline."""
-        now = time.monotonic()
-        with self.cond:
-            for seq in sorted(self.pending):
-                started, call = self.first_entry[seq]
-                if self.failure is None and now - started >= self.timeout:
-                    self._fail_timeout(call)
-            if self.failure is None and now >= run_deadline:
-                stuck = "; ".join(s.describe() for s in self.states if s.status in ("running", "waiting"))
-                self._fail("timeout", f"ranks did not finish within {self.timeout:g} s: {stuck}")
-
-    def fail(self, kind: str, message: str) -> None:
-        with self.cond:
-            if self.failure is None:
-                self._fail(kind, message)
-
-    def next_deadline(self, run_deadline: float) -> float:
-        starts = [self.first_entry[seq][0] + self.timeout for seq in self.pending]
-        return min([run_deadline, *starts])
-
-    @property
-    def finished(self) -> bool:
-        return all(s.status in ("returned", "raised") for s in self.states)
-
-
-def _remote_error(name: str, message: str, blob: bytes | None) -> BaseException:
-    """The rank's exception as it was raised, or a stand-in of the same class name."""
-    if blob is not None:
-        try:
-            return pickle.loads(blob)
-        except Exception:  # noqa: BLE001 - fall back to a stand-in
-            pass
-    return type(name, (RankProcessError,), {"__module__": __name__})(message)
-
-
-class _Ranks:
-    """The rank processes of one run, their pipes, and the events they send."""
-
-    def __init__(self, cp: int, payload: bytes, port: int, timeout: float, start_timeout: float) -> None:
-        ctx = torch.multiprocessing.get_context("spawn")
-        self.conns: list[Connection] = []
-        self.processes = []
-        self.ended: set[int] = set()
-        for rank in range(cp):
-            parent_end, child_end = ctx.Pipe(duplex=True)
-            process = ctx.Process(
-                target=_rank_main, name=f"cpinspect-gloo-rank{rank}", daemon=True,
-                args=(rank, cp, port, timeout, start_timeout, payload, child_end, os.getpid()),
-            )
-            self.conns.append(parent_end)
-            self.processes.append((process, child_end))
-
-    def start(self) -> None:
-        for process, child_end in self.processes:
-            process.start()
-            child_end.close()
-
-    def poll(self, until: float) -> list[tuple[int, tuple[Any, ...] | None]]:
-        """Events that arrived before ``until``; ``(rank, None)`` once when a rank's process ended."""
-        live = [p.sentinel for r, (p, _) in enumerate(self.processes) if r not in self.ended]
-        handles: list[Any] = [c for c in self.conns if not c.closed] + live
-        wait(handles, timeout=max(0.0, until - time.monotonic()))
-        events: list[tuple[int, tuple[Any, ...] | None]] = []
-        for rank, (process, _) in enumerate(self.processes):
-            ended = rank not in self.ended and process.exitcode is not None
-            events.extend((rank, event) for event in self._drain(rank))  # everything sent before it ended
-            if ended:
-                self.ended.add(rank)
-                events.append((rank, None))
-        return events
-
-    def _drain(self, rank: int) -> list[tuple[Any, ...]]:
-        conn, events = self.conns[rank], []
-        try:
-            while not conn.closed and conn.poll(0):
-                events.append(pickle.loads(conn.recv_bytes()))
-        except (EOFError, OSError):
-            conn.close()
-        return events
-
-    def send_all(self, message: bytes) -> None:
-        for conn in self.conns:
-            try:
-                conn.send_bytes(message)
-            except (OSError, ValueError):
-                pass
-
-    def exit_code(self, rank: int) -> int | None:
-        return self.processes[rank][0].exitcode
-
-    def stop(self, grace: float) -> None:
-        """Release every rank, give them ``grace`` seconds, then terminate and kill the rest; reap all."""
-        self.send_all(b"exit")
-        deadline = time.monotonic() + grace
-        started = [p for p, _ in self.processes if p.pid is not None]
-        for process in started:
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in started:
-            if process.is_alive():
-                process.terminate()
-        for process in started:
-            process.join(1.0)
-            if process.is_alive():
-                process.kill()
-                process.join(5.0)
-        for conn in self.conns:
-            conn.close()
-
-
-def _died(rank: int, code: int | None) -> RankProcessError:
-    if code is not None and code < 0:
-        try:
-            how = f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            how = f"was killed by signal {-code}"
-    else:
-        how = f"exited with code {code}"
-    return RankProcessError(f"the process of rank {rank} {how} before reporting a result")
-
-
-def _start(ranks: _Ranks, watchdog: _Watchdog, cp: int, start_timeout: float) -> bool:
-    """Wait until every rank joined the gloo group; on failure record it and return False."""
-    deadline = time.monotonic() + start_timeout
-    ready: set[int] = set()
-    while len(ready) < cp:
-        if time.monotonic() >= deadline:
-            missing = ", ".join(str(r) for r in range(cp) if r not in ready)
-            watchdog.fail("timeout", f"rank(s) {missing} did not join the gloo group within {start_timeout:g} s "
-                                      "(process start, import torch, rendezvous on 127.0.0.1)")
-            return False
-        for rank, event in ranks.poll(deadline):
-            if event is None and rank not in ready:
-                watchdog.finish(rank, error=_died(rank, ranks.exit_code(rank)))
-            elif event is not None and event[0] == "ready":
-                ready.add(rank)
-            elif event is not None and event[0] == "raised":
-                watchdog.finish(rank, error=_remote_error(*event[1:4]), site=event[4])
-        failed = [s for s in watchdog.states if s.status == "raised"]
-        if failed:
-            lines = "; ".join(s.describe() for s in failed)
-            watchdog.fail("exception", f"rank process(es) failed before the group was formed: {lines}")
-            return False
-    return True
-
-
-def _apply(watchdog: _Watchdog, ranks: _Ranks, rank: int, event: tuple[Any, ...] | None) -> None:
-    if event is None:
-        if watchdog.states[rank].status not in ("returned", "raised"):
-            watchdog.finish(rank, error=_died(rank, ranks.exit_code(rank)))
-        return
-    kind = event[0]
-    if kind == "enter":
-        watchdog.enter(rank, event[1])
-    elif kind == "left":
-        watchdog.left(rank)
-    elif kind == "returned":
-        watchdog.finish(rank, value=pickle.loads(event[1]))
-    elif kind == "raised":
-        watchdog.finish(rank, error=_remote_error(*event[1:4]), site=event[4])
-
-
 def execute_gloo(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S,
                  start_timeout: float = DEFAULT_START_TIMEOUT_S,
                  **kwargs: Any) -> tuple[list[RankState], SpmdError | None]:
@@ -421,26 +213,12 @@ def execute_gloo(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = D
         ) from exc
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=start_timeout))
-    watchdog = _Watchdog(cp, timeout)
-    ranks = _Ranks(cp, payload, store.port, timeout, start_timeout)
+    watchdog = Watchdog(cp, timeout)
+    ranks = RankProcesses(rank_main, cp, payload, store.port, timeout, start_timeout)
     try:
-        ranks.start()
-        if _start(ranks, watchdog, cp, start_timeout):
-            ranks.send_all(b"go")
-            _watch(ranks, watchdog, time.monotonic() + timeout + 1.0)
+        supervise(ranks, watchdog, start_timeout)
     finally:
         # After a failure some ranks sit in a collective that can never complete: do not wait long.
         ranks.stop(_GRACE_S if watchdog.failure is None else 0.5)
         del store
-    failure = watchdog.failure if watchdog.failure is not None else _exception_failure(watchdog.states)
-    return list(watchdog.states), failure
-
-
-def _watch(ranks: _Ranks, watchdog: _Watchdog, run_deadline: float) -> None:
-    """Feed rank events to the watchdog until all ranks finished or it recorded a failure."""
-    while watchdog.failure is None and not watchdog.finished:
-        for rank, event in ranks.poll(watchdog.next_deadline(run_deadline)):
-            _apply(watchdog, ranks, rank, event)
-            if watchdog.failure is not None:
-                return
-        watchdog.expire(run_deadline)
+    return list(watchdog.states), watchdog.outcome()
