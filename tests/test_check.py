@@ -452,26 +452,3 @@ def test_inputs_are_fresh_copies_for_every_rank():
 def test_input_error_type_for_library_callers():
     with pytest.raises(InputError, match="unknown signature"):
         run_check(impl("correct.py"), cases=1, signature="nope")
-
-
-def test_readme_example_output_is_what_the_command_prints(tmp_path, monkeypatch):
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("$ cpinspect check examples/impls/early_return.py:select_rows\n", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(ROOT)
-    result = runner.invoke(app, ["check", "examples/impls/early_return.py:select_rows", "--no-color",
-                                 "--out", "cpinspect-failures", "--no-shrink"])
-    # the default cp list, as in the README, names the saved file; at cp > 2 the 4-token batch is skipped
-    shrunk = runner.invoke(app, ["check", "examples/impls/early_return.py:select_rows", "--no-color", "--cp", "2,3,4,8",
-                                 "--cases", "0", "--out", str(tmp_path), "--batch",
-                                 str(_saved(case_from_local_masks([0, 4], [[0, 0], [1, 0]]), tmp_path))])
-    # the README shows a run into the default folder, whose replay carries no --out
-    printed = set(result.output.splitlines()) | {
-        line.replace(f" --out {tmp_path}", "").replace(str(tmp_path), "cpinspect-failures")
-        for line in shrunk.output.splitlines()}
-    for line in block.strip().splitlines()[1:]:
-        if line.startswith("  smallest"):
-            continue  # the number of shrink runs depends on the case shrunk
-        if line.endswith(" ..."):  # abridged in the README
-            assert any(out.startswith(line[:-4]) for out in printed), line
-        else:
-            assert line in printed, line

@@ -139,14 +139,3 @@ def test_help_importtime_has_no_torch():
     imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
     assert "typer" in imported
     assert not any(name == "torch" or name.startswith("torch.") for name in imported)
-
-
-def test_readme_simulate_transcript_is_current():
-    readme = (EXAMPLES.parent / "README.md").read_text()
-    command = "$ cpinspect simulate --cp 2 examples/qwen3vl_packed.pt\n"
-    start = readme.index(command) + len(command)
-    shown = readme[start:readme.index("```", start)].rstrip("\n")
-    result = runner.invoke(app, ["simulate", "--cp", "2", "examples/qwen3vl_packed.pt", "--no-color"],
-                           env={"COLUMNS": "80"})
-    printed = "\n".join(line.rstrip() for line in result.output.splitlines())
-    assert shown == printed

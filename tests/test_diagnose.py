@@ -488,16 +488,6 @@ def test_llamafactory_truncation_reproduction_names_the_cut_video():
     assert ids[20].item() == VISION_START and VISION_END not in ids[:160].tolist()
 
 
-def test_readme_transcript_is_the_current_output():
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("$ cpinspect diagnose examples/broken/presharded_rows_not_selected")
-    block = readme[start:readme.index("```", start)].splitlines()[2:]
-    directory = EXAMPLES / "broken" / "presharded_rows_not_selected"
-    result = runner.invoke(app, ["diagnose", str(directory.relative_to(ROOT)), "--model", "qwen2.5-vl",
-                                 "--error-file", str((directory / "train.log").relative_to(ROOT)), "--no-color"],
-                           env={"COLUMNS": "120"})
-    assert [line.rstrip() for line in result.output.rstrip().splitlines()] == block
-
 
 def test_an_extra_check_that_cannot_run_is_skipped_not_fatal():
     from cpinspect.core.errors import InputError

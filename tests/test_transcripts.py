@@ -8,6 +8,7 @@ must match; ``[exit code N]`` as the last shown line is the command's exit code.
 
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,12 +33,22 @@ def transcripts() -> list[tuple[str, str, int, list[str]]]:
                 command = command.rstrip()[:-1] + " " + lines.pop(0).strip()
             width = WIDTH.search(command)
             command = WIDTH.sub("", command) if width else command
-            found.append((f"{document.name}: {command}", command, int(width[1]) if width else DEFAULT_WIDTH.get(document.name, 80),
-                          lines))
+            columns = int(width[1]) if width else DEFAULT_WIDTH.get(document.name, 80)
+            found.append((f"{document.name}: {command}", command, columns, lines))
     return found
 
 
 TRANSCRIPTS = transcripts()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A copy of the files the commands read, so what they write (check's cpinspect-failures/) stays out of the
+    repository; a copy, not links, so that paths print as the documents show them."""
+    root = tmp_path_factory.mktemp("transcripts")
+    for entry in ("examples", "docs"):
+        shutil.copytree(ROOT / entry, root / entry)
+    return root
 
 
 def test_the_documents_have_transcripts():
@@ -46,8 +57,8 @@ def test_the_documents_have_transcripts():
 
 
 @pytest.mark.parametrize("command, width, shown", [t[1:] for t in TRANSCRIPTS], ids=[t[0] for t in TRANSCRIPTS])
-def test_transcript_is_what_the_command_prints(command, width, shown, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_transcript_is_what_the_command_prints(command, width, shown, monkeypatch, workspace):
+    monkeypatch.chdir(workspace)
     words = shlex.split(command)
     result = CliRunner().invoke(app, words[1:], env={"COLUMNS": str(width), "LINES": "50", "NO_COLOR": "1",
                                                      "TERM": "dumb"})

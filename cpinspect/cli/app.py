@@ -5,7 +5,8 @@ Command modules import torch inside the command only, so ``cpinspect --help`` st
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -21,7 +22,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-COMMANDS = [
+COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("simulate", simulate.simulate),
     ("info", info.info),
     ("analyze", analyze.analyze),

@@ -7,6 +7,7 @@ both need to know where each image or video sits and how many tokens it has.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,7 @@ def placeholder_mask(ids: torch.Tensor, tokens: TokenConfig) -> torch.Tensor:
     return (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
 
 
-def embedding_rows(grids: list[torch.Tensor | None], merge_area: int) -> int:
+def embedding_rows(grids: Sequence[torch.Tensor | None], merge_area: int) -> int:
     """Rows the vision encoder yields for these grids: sum of ``t*h*w / merge**2`` (the one row rule)."""
     return int(sum(int((g.prod(dim=1) // merge_area).sum()) for g in grids if g is not None))
 
@@ -209,9 +210,9 @@ class VisionItem:
     tokens: int
     grid: tuple[int, int, int] | None = None
     frame: int | None = None
-    first_token: int | None = None
-    last_token: int | None = None
-    first_row: int | None = None
+    first_token: int = -1  # -1: known from the grids alone, not found in a row
+    last_token: int = -1
+    first_row: int = -1
 
     @property
     def name(self) -> str:
@@ -219,7 +220,7 @@ class VisionItem:
 
     @property
     def end_row(self) -> int:
-        return (self.first_row or 0) + self.tokens
+        return self.first_row + self.tokens
 
     def describe(self) -> str:
         t, h, w = self.grid or (0, 0, 0)

@@ -142,7 +142,7 @@ def _ordered(findings: list[Finding]) -> list[Finding]:
     """Confirmed causes first (in CAUSE_CODES order), then possible ones, then info."""
     rank_of = {code: i for i, code in enumerate(CAUSE_CODES)}
     key = {"confirmed": 0, "possible": 1, "info": 2}
-    return sorted(findings, key=lambda f: (key[f.status], f.code == "CONSISTENT", rank_of.get(f.code, 99)))
+    return sorted(findings, key=lambda f: (key[f.status or "info"], f.code == "CONSISTENT", rank_of.get(f.code, 99)))
 
 
 def _extra_findings(scene: Scene) -> list[Finding]:

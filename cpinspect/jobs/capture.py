@@ -209,7 +209,7 @@ class CapturedRank:
 
 
 def read(path: PathLike) -> CapturedRank:
-    """Read one capture file; a file that is not a cpinspect capture is an :class:`~cpinspect.core.errors.InputError`."""
+    """Read one capture file; one that is not a cpinspect capture is an :class:`~cpinspect.core.errors.InputError`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -54,7 +54,7 @@ def _header(report: DiagnoseReport) -> Panel:
 def _finding_text(finding: Finding) -> RenderableType:
     if finding.code == "CONSISTENT":
         return Text(f"✓ {finding.message}", style="green")
-    mark, style = STATUS_STYLE[finding.status]
+    mark, style = STATUS_STYLE[finding.status or "info"]
     where = ", ".join(f"{k} {v}" for k, v in (("rank", finding.rank), ("segment", finding.segment),
                                               ("chunk", finding.chunk)) if v is not None)
     line = Text(f"{mark} {finding.code}", style=style)
