@@ -25,6 +25,7 @@ from cpinspect.core.errors import InputError
 from cpinspect.core.layout import check_divisible, make_layout
 from cpinspect.core.synth import TEXT_HIGH, TEXT_LOW, build_batch, random_batch
 from cpinspect.core.tokens import TokenConfig, token_config
+from cpinspect.core.vision_items import batch_embedding_rows, placeholder_mask
 
 KINDS = ("crossing", "empty-rank", "text-only", "video", "single-segment", "many-short", "random")
 TEXT_TOKEN_ID = TEXT_LOW  # what a vision position becomes when a shrink step turns it into text
@@ -184,7 +185,7 @@ def _from_mask(name: str, kind: str, cp: int, lengths: Sequence[int], mask: torc
     """A case whose text positions get random ids and vision positions the image placeholder."""
     total = sum(lengths)
     ids = torch.randint(TEXT_LOW, TEXT_HIGH, (total,), generator=generator)
-    ids[(ids == tokens.image_token_id) | (ids == tokens.video_token_id)] = TEXT_TOKEN_ID  # custom ids may collide
+    ids[placeholder_mask(ids, tokens)] = TEXT_TOKEN_ID  # custom ids may collide
     ids[mask] = tokens.image_token_id
     cu = _cumsum(torch.tensor(list(lengths), dtype=torch.long))
     return Case(name, kind, cp, ids, mask, cu, None, int(mask.sum()), tokens)
@@ -247,7 +248,7 @@ def _video(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) 
     padded = [(-(-int(n) // multiple) + _randint(generator, 0, 1)) * multiple for n in logical[1:] - logical[:-1]]
     batch = build_batch(segments, [max(p, multiple) for p in padded], tokens=tokens, seed=seed)
     ids = batch["input_ids"].reshape(-1)
-    mask = (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
+    mask = placeholder_mask(ids, tokens)
     cu = batch["cu_seqlens_padded"].to(torch.long)
     logical_cu = batch["cu_seqlens"].to(torch.long)
     return Case(name, "video", cp, ids, mask, cu, None if torch.equal(cu, logical_cu) else logical_cu,
@@ -270,7 +271,7 @@ def _many_short(generator: torch.Generator, cp: int, tokens: TokenConfig, name: 
 def _random(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
     raw = random_batch(_randint(generator, 0, 2**31 - 1), cp, tokens=tokens)
     ids = raw["input_ids"].reshape(-1)
-    mask = (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
+    mask = placeholder_mask(ids, tokens)
     return Case(name, "random", cp, ids, mask, raw["cu_seqlens"].to(torch.long), None, int(mask.sum()), tokens)
 
 
@@ -307,7 +308,7 @@ def cases_from_batch(batch: PackedBatch, cps: Sequence[int], tokens: TokenConfig
     if not usable:
         check_divisible(batch.cu_seqlens, cps[0])  # raises the message naming the first bad segment
     ids = batch.rows[0]
-    mask = batch.vision_mask[0] if batch.vision_mask else _placeholders(ids, tokens)
+    mask = batch.vision_mask[0] if batch.vision_mask else placeholder_mask(ids, tokens)
     cases = [_batch_case(batch, f"{batch.source} at cp {cp}", cp, ids, mask, tokens) for cp in usable]
     notes = [
         f"{batch.source} was skipped at cp {cp}: a segment length is not divisible by 2*cp = {2 * cp}"
@@ -320,9 +321,6 @@ def _divisible(cu_seqlens: torch.Tensor, cp: int) -> bool:
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     return cp == 1 or not bool((lengths % (2 * cp)).any())
 
-
-def _placeholders(ids: torch.Tensor, tokens: TokenConfig) -> torch.Tensor:
-    return (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
 
 
 def _presharded_case(batch: PackedBatch, tokens: TokenConfig) -> Case:
@@ -337,7 +335,7 @@ def _presharded_case(batch: PackedBatch, tokens: TokenConfig) -> Case:
     indices = make_layout(batch.cu_seqlens, cp).all_global_indices()
     ids = torch.empty(total, dtype=torch.long)
     ids[indices] = torch.stack(batch.rows)
-    local_masks = batch.vision_mask or [_placeholders(row, tokens) for row in batch.rows]
+    local_masks = batch.vision_mask or [placeholder_mask(row, tokens) for row in batch.rows]
     mask = torch.zeros(total, dtype=torch.bool)
     mask[indices] = torch.stack(local_masks)
     return _batch_case(batch, f"{batch.source} (pre-sharded, cp {cp})", cp, ids, mask, tokens)
@@ -345,13 +343,7 @@ def _presharded_case(batch: PackedBatch, tokens: TokenConfig) -> Case:
 
 def _batch_case(batch: PackedBatch, name: str, cp: int, ids: torch.Tensor, mask: torch.Tensor,
                 tokens: TokenConfig) -> Case:
-    grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None and g.numel()]
-    if batch.vision_embed_count is not None:
-        count = batch.vision_embed_count
-    elif grids:
-        count = int(sum(int((g.prod(dim=1) // tokens.merge_area).sum()) for g in grids))
-    else:
-        count = int(mask.sum())
+    count = batch_embedding_rows(batch, mask, tokens.merge_area)
     logical = batch.logical_cu_seqlens
     if logical is not None and torch.equal(logical, batch.cu_seqlens):
         logical = None

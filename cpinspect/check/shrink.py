@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from cpinspect.check.cases import Case
+from cpinspect.core.vision_items import placeholder_mask
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def save_case(case: Case, directory: Path, stem: str) -> Path:
         tensors["cu_seqlens"] = case.logical_cu_seqlens.to(torch.int32).contiguous()
     else:
         tensors["cu_seqlens"] = physical
-    placeholders = (case.input_ids == case.tokens.image_token_id) | (case.input_ids == case.tokens.video_token_id)
+    placeholders = placeholder_mask(case.input_ids, case.tokens)
     if case.explicit_mask or not torch.equal(placeholders, case.vision_mask):  # the ids alone would mislead
         tensors["vision_mask"] = case.vision_mask.contiguous()
     save_file(tensors, str(path), metadata={"cpinspect": "shrunk failing case", "cp": str(case.cp),

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from cpinspect.check.cases import Case
-from cpinspect.core.layout import make_layout
+from cpinspect.core.compare import compare_rows
+from cpinspect.core.layout import Place, make_layout
 from cpinspect.core.oracle import expected_rows, global_positions
 from cpinspect.core.ranges import format_ranges
 from cpinspect.groups.callsite import error_site
@@ -157,20 +158,16 @@ class _Places:
         self.layout = make_layout(case.cu_seqlens, case.cp)
         self.local_masks = case.local_masks()
 
-    def describe(self, rank: int, verdict: RankVerdict, got: torch.Tensor, expected: torch.Tensor) -> str:
-        """`` (first difference at ...: segment s chunk c ...)`` for the first differing vision token."""
-        index = verdict.first_difference
-        if index is None:
-            return ""
-        layout = self.layout
-        local_position = int(torch.nonzero(self.local_masks[rank]).view(-1)[index])
-        global_position = int(layout.global_indices(rank)[local_position])
-        ends = layout.piece_start + layout.piece_len
-        piece = int(torch.searchsorted(ends, torch.tensor(global_position), right=True))
-        verdict.segment, verdict.chunk = int(layout.piece_segment[piece]), int(layout.piece_chunk[piece])
-        return (f" (first difference at its vision token {index}: local position {local_position}, global position "
-                f"{global_position}, segment {verdict.segment} chunk {verdict.chunk}: expected row "
-                f"{int(expected[index])}, got {int(got[index])})")
+    def of_vision_token(self, rank: int, index: int) -> Place:
+        """The place of ``rank``'s ``index``-th local vision token."""
+        return self.layout.locate(rank, int(torch.nonzero(self.local_masks[rank]).view(-1)[index]))
+
+
+def _where(place: Place, index: int, got: torch.Tensor, expected: torch.Tensor) -> str:
+    """`` (first difference at ...: segment s chunk c ...)`` for the first differing vision token."""
+    return (f" (first difference at its vision token {index}: local position {place.local}, global position "
+            f"{place.position}, segment {place.segment} chunk {place.chunk}: expected row "
+            f"{int(expected[index])}, got {int(got[index])})")
 
 
 def _compare(places: _Places, state: RankState, expected: torch.Tensor) -> RankVerdict:
@@ -180,6 +177,22 @@ def _compare(places: _Places, state: RankState, expected: torch.Tensor) -> RankV
     if got is None:
         verdict.verdict, verdict.message = BAD_RETURN, f"rank {state.rank}: {problem}"
         return verdict
+    verdict.got = got.tolist()
+    shown = f"expected {format_ranges(expected)}, got {format_ranges(got)}"
+    diff = compare_rows(got, expected)
+    where = ""
+    if diff is not None and diff.differing:
+        place = places.of_vision_token(state.rank, diff.first)
+        verdict.first_difference, verdict.segment, verdict.chunk = diff.first, place.segment, place.chunk
+        where = _where(place, diff.first, got, expected)
+    if diff is not None and diff.length_differs:
+        verdict.verdict = WRONG_LENGTH
+        verdict.message = (f"rank {state.rank}: wrong length: {got.numel()} rows for {expected.numel()} local vision "
+                           f"token(s); {shown}{where}")
+    elif verdict.first_difference is not None:
+        verdict.verdict = WRONG_ROWS
+        verdict.message = f"rank {state.rank}: wrong rows: {shown}{where}"
+    return verdict
     verdict.got = got.tolist()
     shown = f"expected {format_ranges(expected)}, got {format_ranges(got)}"
     common = min(got.numel(), expected.numel())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cpinspect.core.batch import check_grid_merge
+from cpinspect.core.batch import PackedBatch, check_grid_merge
 from cpinspect.core.errors import InputError
 from cpinspect.core.runs import exclusive_cumsum, expand_runs
 from cpinspect.core.tokens import TokenConfig
@@ -78,6 +78,14 @@ def placeholder_mask(ids: torch.Tensor, tokens: TokenConfig) -> torch.Tensor:
 def embedding_rows(grids: Sequence[torch.Tensor | None], merge_area: int) -> int:
     """Rows the vision encoder yields for these grids: sum of ``t*h*w / merge**2`` (the one row rule)."""
     return int(sum(int((g.prod(dim=1) // merge_area).sum()) for g in grids if g is not None))
+
+
+def batch_embedding_rows(batch: PackedBatch, full_mask: torch.Tensor, merge_area: int) -> int:
+    """Rows a batch's encoder produced: its ``vision_embed_count``, else its grids' rows, else one per placeholder."""
+    if batch.vision_embed_count is not None:
+        return batch.vision_embed_count
+    grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None]
+    return embedding_rows(grids, merge_area) if grids else int(full_mask.sum())
 
 
 

@@ -19,7 +19,7 @@ from cpinspect.core.findings import Finding
 from cpinspect.core.layout import LAYOUTS, Layout, check_cp_fits, make_layout, padded_cu_seqlens
 from cpinspect.core.loading import stacked_shape
 from cpinspect.core.tokens import TokenConfig
-from cpinspect.core.vision_items import VisionItem, expected_items
+from cpinspect.core.vision_items import VisionItem, embedding_rows, expected_items, placeholder_mask
 from cpinspect.diagnose.report import cause
 from cpinspect.diagnose.spans import (
     Runs,
@@ -29,7 +29,7 @@ from cpinspect.diagnose.spans import (
     find_runs,
     placeholder_candidates,
 )
-from cpinspect.simulation.run import Result, simulate, vision_mask_of
+from cpinspect.simulation.run import Result, simulate
 
 # The largest embedding table of the Qwen2/2.5/3-VL checkpoints (Qwen2-VL-7B and Qwen2.5-VL-7B
 # config.json: vocab_size 152064; the 2B/3B ones have 151936): an id at or above it is out of vocab.
@@ -99,7 +99,7 @@ class Scene:
         grids = [self._grid(k) for k in kinds]
         if all(g is None for g in grids):
             return None
-        return sum(int((g.prod(dim=1) // self.tokens.merge_area).sum()) for g in grids if g is not None)
+        return embedding_rows(grids, self.tokens.merge_area)
 
     def _grid(self, kind: str) -> torch.Tensor | None:
         return self.batch.image_grid_thw if kind == "image" else self.batch.video_grid_thw
@@ -133,7 +133,7 @@ class Scene:
     def _local_mask(self, rank: int) -> torch.Tensor:
         if self.batch.vision_mask:
             return self.batch.vision_mask[rank]
-        return vision_mask_of(self.batch.rows[rank], self.tokens)
+        return placeholder_mask(self.batch.rows[rank], self.tokens)
 
     def locate(self, position: int) -> tuple[int | None, int | None, int | None]:
         """(rank, segment, chunk) of a global token position under the model's layout at ``cp``."""
@@ -185,7 +185,7 @@ def build_scene(batch: PackedBatch, cp: int, layout: str, tokens: TokenConfig, *
     scene.divisible = try_layout(batch.cu_seqlens, cp_eff, layout) is not None
     if form == "one rank":
         row = batch.rows[0]
-        scene.one_rank_held = int((batch.vision_mask[0] if batch.vision_mask else vision_mask_of(row, tokens)).sum())
+        scene.one_rank_held = int((batch.vision_mask[0] if batch.vision_mask else placeholder_mask(row, tokens)).sum())
         return scene, findings
     if form == "presharded" and scene.divisible:
         findings += _choose_data_layout(scene)
@@ -201,7 +201,7 @@ def _unpadded_row(scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
     """The full row as the batch holds it (without simulate's --pad padding)."""
     if scene.form == "full":
         ids = scene.batch.rows[0]
-        mask = scene.batch.vision_mask[0] if scene.batch.vision_mask else vision_mask_of(ids, scene.tokens)
+        mask = scene.batch.vision_mask[0] if scene.batch.vision_mask else placeholder_mask(ids, scene.tokens)
         return ids, mask
     assert scene.result is not None
     return scene.result.full_ids, scene.result.full_mask

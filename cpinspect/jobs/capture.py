@@ -32,7 +32,6 @@ ENV_VAR = "CPINSPECT_CAPTURE"
 FORMAT = "cpinspect-capture/1"
 SUFFIX = ".safetensors"
 _OFF = ("", "0", "false", "no", "off")
-TENSOR_FIELDS = ("input_ids", "cu_seqlens", "vision_mask", "selected_rows", "position_ids")
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -21,7 +21,7 @@ from cpinspect.core.oracle import expected_rows, global_positions
 from cpinspect.core.runs import mask_runs
 from cpinspect.core.selection import RankSelection, select_rank_rows
 from cpinspect.core.tokens import TokenConfig, token_config
-from cpinspect.core.vision_items import embedding_rows, placeholder_mask
+from cpinspect.core.vision_items import batch_embedding_rows, placeholder_mask
 from cpinspect.groups.simulated import DEFAULT_TIMEOUT_S, RankState, SpmdError, execute_spmd
 from cpinspect.simulation.checks import check
 
@@ -137,9 +137,6 @@ class Result:
         }
 
 
-vision_mask_of = placeholder_mask  # the name diagnose still imports; the rule lives in core.vision_items
-
-
 def simulate(
     batch: PackedBatch,
     cp: int,
@@ -177,7 +174,7 @@ def simulate(
     else:
         local_ids = list(batch.rows)
         local_masks = [m.clone() for m in batch.vision_mask] if batch.vision_mask else [
-            vision_mask_of(row, tokens) for row in local_ids
+            placeholder_mask(row, tokens) for row in local_ids
         ]
         all_indices = plan.all_global_indices()
         full_ids = torch.empty(plan.total_tokens, dtype=torch.long)
@@ -298,7 +295,7 @@ def _full_row(batch: PackedBatch, form: str, tokens: TokenConfig) -> tuple[torch
     if form != "full":
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
     ids = batch.rows[0]
-    mask = batch.vision_mask[0].clone() if batch.vision_mask else vision_mask_of(ids, tokens)
+    mask = batch.vision_mask[0].clone() if batch.vision_mask else placeholder_mask(ids, tokens)
     return ids, mask
 
 
@@ -324,13 +321,7 @@ def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Te
 def _vision_items(batch: PackedBatch, full_mask: torch.Tensor, full_ids: torch.Tensor, cu: torch.Tensor,
                   tokens: TokenConfig) -> tuple[int, int, int]:
     """Vision embedding rows expected, and the number of images and videos."""
-    grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None]
-    if batch.vision_embed_count is not None:
-        count = batch.vision_embed_count
-    elif grids:
-        count = embedding_rows(grids, tokens.merge_area)
-    else:
-        count = int(full_mask.sum())
+    count = batch_embedding_rows(batch, full_mask, tokens.merge_area)
     images = batch.image_grid_thw.shape[0] if batch.image_grid_thw is not None else _run_count(
         full_ids == tokens.image_token_id, cu)
     videos = batch.video_grid_thw.shape[0] if batch.video_grid_thw is not None else _run_count(
