@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cpinspect.cli.app import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```[a-z]*\n(?P<body>\$ cpinspect .*?)^```", re.S | re.M)
 WIDTH = re.compile(r"\s+#\s*(\d+) columns\s*$")

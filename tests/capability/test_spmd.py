@@ -46,7 +46,7 @@ def test_rank_that_skips_the_all_gather_is_reported_not_waited_on():
     assert time.monotonic() - start < 2.0
     message = str(info.value)
     assert info.value.kind == "divergence"
-    assert "rank 0 entered all_gather([2] float32) #0 at tests/test_spmd.py:" in message
+    assert "rank 0 entered all_gather([2] float32) #0 at tests/capability/test_spmd.py:" in message
     assert "rank 1 returned after 0 collective(s)" in message
 
 
@@ -155,8 +155,8 @@ def test_exception_message_gives_the_scope_then_each_raised_rank():
     def fails_everywhere(group):
         raise ValueError(f"rank {group.rank()}")
 
-    some = f"tests/test_spmd.py:{fails_on_rank0.__code__.co_firstlineno + 2}"
-    every = f"tests/test_spmd.py:{fails_everywhere.__code__.co_firstlineno + 1}"
+    some = f"tests/capability/test_spmd.py:{fails_on_rank0.__code__.co_firstlineno + 2}"
+    every = f"tests/capability/test_spmd.py:{fails_everywhere.__code__.co_firstlineno + 1}"
     assert str(execute_spmd(2, fails_on_rank0)[1]) == (
         "only rank(s) 0 of 2 raised: in a real job the others would hang at their next collective: "
         f"rank 0 raised ValueError: bad local mask at {some} after 0 collective(s)")

@@ -20,7 +20,7 @@ from cpinspect.simulation.run import simulate
 from cpinspect.views.explain import render_explain
 from tests.literal import expected_rows, local_counts, zigzag_indices
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 IMAGE = 151655
 
 

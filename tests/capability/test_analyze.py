@@ -22,7 +22,7 @@ from cpinspect.jobs import capture
 from tests import literal
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def step_batch(step: int) -> dict:

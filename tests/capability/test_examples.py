@@ -8,7 +8,7 @@ import torch
 
 from cpinspect.core.loading import load_batch
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _generator():

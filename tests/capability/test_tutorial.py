@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cpinspect.cli.app import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TUTORIAL = ROOT / "docs" / "zigzag.md"
 PICTURE = ROOT / "docs" / "zigzag-cp4.svg"
 BLOCK = re.compile(r"```console\n\$ (?P<command>[^\n]+)\n(?P<output>.*?)\n```", re.S)

@@ -20,7 +20,7 @@ from cpinspect.core.synth import build_batch, demo_batch_dict, shard_batch
 from cpinspect.core.tokens import token_config
 
 MODELS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 # --------------------------------------------------------------------------- random packed rows

@@ -2,7 +2,7 @@
 
 ``local_vision_row_map`` (a dense row per local position) and ``local_vision_rows(...,
 local_vision_count=n)`` are what a training step calls to avoid device-to-host syncs; the GPU
-proof that they do is ``tests/test_gpu_sync.py``. Here: same answers as the oracle, one
+proof that they do is ``tests/process/test_gpu_sync.py``. Here: same answers as the oracle, one
 collective, and the deferred checks.
 """
 

@@ -7,10 +7,10 @@ import pytest
 from cpinspect.check import load_function
 from cpinspect.core.errors import InputError
 from cpinspect.testing import assert_selection_matches
-from tests.test_check import _torch_accepts_apply_keywords
+from tests.capability.test_check import _torch_accepts_apply_keywords
 
-IMPLS = Path(__file__).resolve().parent.parent / "examples" / "impls"
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "qwen3vl_packed.pt"
+IMPLS = Path(__file__).resolve().parents[2] / "examples" / "impls"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "qwen3vl_packed.pt"
 
 
 def impl(name: str, function: str = "select_rows"):

@@ -16,7 +16,7 @@ from cpinspect.check.verdicts import DIVERGENCE, WRONG_ROWS
 from cpinspect.cli.app import app
 from cpinspect.core.loading import load_batch
 
-IMPLS = Path(__file__).resolve().parent.parent / "examples" / "impls"
+IMPLS = Path(__file__).resolve().parents[2] / "examples" / "impls"
 runner = CliRunner()
 
 

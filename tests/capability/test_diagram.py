@@ -29,7 +29,7 @@ from cpinspect.views.layout import (
 )
 from tests.literal import contiguous_indices, expected_rows, zigzag_indices
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 runner = CliRunner()
 PLAIN = {"COLUMNS": "100", "NO_COLOR": "1"}
 

@@ -22,8 +22,8 @@ from cpinspect.groups.gloo import execute_gloo
 from cpinspect.groups.simulated import execute_spmd
 from tests import literal
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
@@ -139,7 +139,7 @@ def test_rank_that_returns_early_is_reported_like_threads_at_once_and_no_process
     (tmp_path / "threads").mkdir()
     _, threaded = execute_spmd(2, returns_early_on_rank1, str(tmp_path / "threads"), timeout=5.0)
     assert str(failure) == str(threaded)
-    assert "rank 0 entered all_gather([2] float32) #0 at tests/test_gloo.py:" in str(failure)
+    assert "rank 0 entered all_gather([2] float32) #0 at tests/process/test_gloo.py:" in str(failure)
     assert "rank 1 returned after 0 collective(s)" in str(failure)
     assert [s.status for s in states] == ["waiting", "returned"]
     assert len(pids(tmp_path)) == 2
@@ -166,7 +166,7 @@ def test_cp4_rank_stuck_outside_collectives_times_out_within_the_bound(tmp_path)
 WATCHDOG_SCRIPT = """
 import sys
 from cpinspect.groups.gloo import execute_gloo
-from tests.test_gloo import stuck_in_user_code
+from tests.process.test_gloo import stuck_in_user_code
 if __name__ == "__main__":
     execute_gloo(2, stuck_in_user_code, sys.argv[1], 1, timeout=600.0)
 """

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "cpinspect"
+PACKAGE = Path(__file__).resolve().parents[2] / "cpinspect"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 MAX_LINES = 400
 

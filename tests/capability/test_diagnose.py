@@ -20,7 +20,7 @@ from cpinspect.diagnose.api import CAUSE_CODES, EXTRA_CHECKS, INFO_CODES, diagno
 from cpinspect.diagnose.errortext import parse_error_text
 from tests import literal
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 runner = CliRunner()
 TEXT = 1000
@@ -550,7 +550,7 @@ def test_rows_not_selected_is_found_on_random_batches(seed, cp):
 def test_diagnose_checks_the_batchs_own_position_ids(name, code):
     from cpinspect.diagnose.api import diagnose_batch
 
-    report = diagnose_batch(Path(__file__).resolve().parent.parent / "examples" / "pipeline" / name, 2)
+    report = diagnose_batch(Path(__file__).resolve().parents[2] / "examples" / "pipeline" / name, 2)
     confirmed = [f.code for f in report.findings if f.status == "confirmed"]
     assert confirmed == [code]
     assert report.exit_code == 1
