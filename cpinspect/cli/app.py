@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from cpinspect import __version__
-from cpinspect.cli import analyze, check, diagnose, info, layout, simulate
+from cpinspect.cli import analyze, check, diagnose, explore, info, layout, simulate
 
 app = typer.Typer(
     name="cpinspect",
@@ -28,6 +28,7 @@ COMMANDS = [
     ("check", check.check),
     ("diagnose", diagnose.diagnose),
     ("layout", layout.layout),
+    ("explore", explore.explore),
 ]
 for name, command in COMMANDS:
     app.command(name=name)(command)
