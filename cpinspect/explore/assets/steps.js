@@ -178,7 +178,6 @@ function compareWithCli(m, cli) {
 }
 
 function checkBadge(m, setting) {
-  state.setting = setting;
   const badge = $("cpx-check"), cli = DATA.cli;
   if (!cli) {
     badge.className = "badge";

@@ -231,11 +231,11 @@ function drawRows(model, chosen) {
   const lists = el("ul", { class: "rowlists" });
   for (const r of model.ranks) {
     const runs = CPX.toRanges(r.rows);
-    const why = runs.length > 1 ? ` (${runs.length} runs: its chunks are not adjacent in the natural order)` : "";
+    const why = runs.length > 1 ? `: ${runs.length} runs, because its chunks are not adjacent in the natural order` : "";
     lists.append(el("li", { class: r.rank === chosen ? "chosen" : "", "data-rank": r.rank,
       "data-rows": model.total <= DETAIL ? JSON.stringify(r.rows) : "" },
     el("span", { class: `tag ${rankClass(r.rank)}`, text: letter(r.rank) }),
-    ` rank ${r.rank}: rows ${CPX.formatRanges(r.rows, 12)}  — ${fmt(r.rows.length)} rows${why}`));
+    ` rank ${r.rank}: rows ${CPX.formatRanges(r.rows, 12)} (${fmt(r.rows.length)} rows)${why}`));
   }
   const more = model.visionTokens > limit ? ` (first ${fmt(limit)} of ${fmt(model.visionTokens)} rows drawn)` : "";
   $("cpx-rows").replaceChildren(el("p", { class: "note", text: `The encoder returns ${fmt(model.visionTokens)} rows in ` +
@@ -331,6 +331,7 @@ function update() {
   try { setting = readSetting(); } catch (e) { error.textContent = e.message; error.hidden = false; return; }
   const model = CPX.computeModel(setting);
   state.model = model;
+  state.setting = setting;
   state.cells = new Map();
   const chosen = rankOptions(model.cp);
   $("cpx-about").textContent = CPX.LAYOUTS[model.layout] ? CPX.LAYOUTS[model.layout].about : "";
