@@ -81,10 +81,11 @@ def screenshot(driver: Any, page: Path, target: Path, hover: int | None = None) 
 
         cell = driver.find_element(By.CSS_SELECTOR, f'#cpx-row [data-g="{hover}"]')
         ActionChains(driver).move_to_element(cell).perform()
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(driver.get_window_size()["width"], height)
+    size = driver.get_window_size()
+    driver.set_window_size(size["width"], driver.execute_script("return document.documentElement.scrollHeight"))
     driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(target))
+    driver.set_window_size(size["width"], size["height"])
     return target
 
 

@@ -53,7 +53,7 @@ return {
   owners: q('#cpx-row .t[data-g]').map(c => [+c.dataset.g, c.textContent]),
   local: q('#cpx-local .local').map(row => q('.t[data-g]', row).map(c => [+c.dataset.g, +c.dataset.l, c.textContent])),
   counts: q('#cpx-counts td[data-count]').map(c => [+c.dataset.seg, +c.dataset.chunk, c.firstChild.textContent]),
-  rows: q('#cpx-rows li[data-rank]').map(li => [JSON.parse(li.dataset.rows), li.textContent]),
+  rows: q('#cpx-rows li[data-rank]').map(li => [li.dataset.rows ? JSON.parse(li.dataset.rows) : null, li.textContent]),
   work: Object.fromEntries(q('#cpx-work [data-layout]').map(b => [b.dataset.layout,
     b.dataset.work ? [JSON.parse(b.dataset.work), +b.dataset.imbalance] : null])),
 };
@@ -303,3 +303,33 @@ def test_cli_explore_with_seqlens_checks_itself_in_the_browser(driver, tmp_path)
     assert driver.find_element("id", "cpx-check").get_attribute("data-checked") == "equal"
     shown = driver.execute_script(READ_BACK)
     assert shown["model"]["cu"] == [0, 16, 40]
+
+
+def test_million_token_page_loads_and_draws_a_chosen_range(driver, tmp_path):
+    import time
+
+    from bench.batches import packed_batch
+    from cpinspect.core.layout import make_layout
+
+    batch = packed_batch(1 << 20, 600, multiple=32, seed=1)
+    torch.save(batch, tmp_path / "big.pt")
+    page = tmp_path / "big.html"
+    result = CliRunner().invoke(app, ["explore", str(tmp_path / "big.pt"), "--cp", "8", "-o", str(page)])
+    assert result.exit_code == 0, result.output
+    started = time.perf_counter()
+    open_page(driver, page)
+    badge = driver.find_element("id", "cpx-check")
+    assert badge.get_attribute("data-checked") == "equal", badge.text  # 1M tokens checked against the CLI's JSON
+    assert time.perf_counter() - started < 30
+    field = driver.find_element("id", "cpx-from")
+    field.clear()
+    field.send_keys("700000")
+    shown = driver.execute_script(READ_BACK)
+    layout = make_layout(batch["cu_seqlens"].long(), 8)
+    owner = torch.empty(1 << 20, dtype=torch.long)
+    owner[layout.all_global_indices()] = torch.arange(8)[:, None]
+    cells = shown["owners"]
+    assert [g for g, _ in cells] == list(range(700000, 700000 + len(cells))) and len(cells) >= 1024
+    assert [letter for _, letter in cells] == [RANK_LETTERS[r] for r in owner[700000:700000 + len(cells)].tolist()]
+    assert shown["model"]["gathered_counts"] == simulate(load_batch(batch), 8).gathered_counts.tolist()
+    assert driver.get_log("browser") == []

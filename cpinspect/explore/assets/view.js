@@ -12,7 +12,7 @@ const LETTERS = DATA.letters;
 const $ = (id) => document.getElementById(id);
 const letter = (r) => (r < LETTERS.length ? LETTERS[r] : String(r));
 const fmt = (n) => n.toLocaleString("en-US");
-let state = { model: null, cursor: null, step: 0, cells: new Map() };
+let state = { model: null, key: null, cursor: null, step: 0, cells: new Map() };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -72,7 +72,7 @@ function initControls() {
   const s = DATA.initial;
   $("cpx-cp").value = s.cp; $("cpx-cp-slider").value = s.cp; select.value = s.layout;
   $("cpx-pad").checked = s.pad; $("cpx-seqlens").value = s.seqlens.join(","); $("cpx-spans").value = spansText(s.spans);
-  $("cpx-from").value = 0;
+  $("cpx-from").value = DATA.start;
   $("cpx-cp-slider").addEventListener("input", () => { $("cpx-cp").value = $("cpx-cp-slider").value; update(); });
   $("cpx-cp").addEventListener("input", () => { $("cpx-cp-slider").value = $("cpx-cp").value; update(); });
   for (const id of ["cpx-layout", "cpx-pad", "cpx-seqlens", "cpx-spans", "cpx-rank", "cpx-from"]) {
@@ -329,7 +329,10 @@ function update() {
   const error = $("cpx-error");
   let setting;
   try { setting = readSetting(); } catch (e) { error.textContent = e.message; error.hidden = false; return; }
-  const model = CPX.computeModel(setting);
+  const key = JSON.stringify(setting);  // a new range or rank redraws without recomputing the model
+  const changed = key !== state.key;
+  const model = changed ? CPX.computeModel(setting) : state.model;
+  state.key = key;
   state.model = model;
   state.setting = setting;
   state.cells = new Map();
@@ -347,7 +350,7 @@ function update() {
   drawCounts(model, range, chosen);
   drawRows(model, chosen);
   drawSteps(model, chosen);
-  checkBadge(model, setting);
+  if (changed) checkBadge(model, setting);
   if (state.cursor !== null && state.cursor < model.total) show(state.cursor);
 }
 
