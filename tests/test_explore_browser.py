@@ -178,7 +178,8 @@ def check_shown(shown, sim, lay):
     for entry, mine in zip(sim["ranks"], shown["model"]["ranks"]):
         assert mine["vision_positions"] == entry["vision_positions"]
         counts = entry["local_counts"]
-        assert mine["local_counts"] == (counts if sim["layout"] == "contiguous" else [x for pair in counts for x in pair])
+        flat = counts if sim["layout"] == "contiguous" else [x for pair in counts for x in pair]
+        assert mine["local_counts"] == flat
 
 
 def test_random_settings_through_the_controls_equal_the_cli_json(driver, example_page):
@@ -235,9 +236,10 @@ def test_hover_shows_the_same_numbers_in_every_view(driver, tmp_path):
                                                                          "row")}
             want = token_facts(result, g)
             assert shown == {k: "" if v is None else str(v) for k, v in want.items()}, (g, view)
-            lit = driver.execute_script("return Array.from(document.querySelectorAll('.hl'))"
-                                        ".map(c => c.dataset.g !== undefined ? 'g' + c.dataset.g : 'row' + c.dataset.row)")
-            assert sorted(lit) == sorted([f"g{g}", f"g{g}"] + ([f"row{want['row']}"] if want["row"] is not None else []))
+            lit = driver.execute_script("return Array.from(document.querySelectorAll('.hl')).map(c => "
+                                        "c.dataset.g !== undefined ? 'g' + c.dataset.g : 'row' + c.dataset.row)")
+            row = [f"row{want['row']}"] if want["row"] is not None else []
+            assert sorted(lit) == sorted([f"g{g}", f"g{g}", *row])  # the same token in row, local row, rows
     assert driver.get_log("browser") == []
 
 

@@ -87,5 +87,6 @@ def page_data(result: Result, *, seqlens: Sequence[int], pad: bool, layout_json:
         "start": start,
         "initial": setting,
         "vision_embed_count": result.vision_embed_count,
-        "cli": {"setting": setting, "commands": list(commands), "naive": list(naive), **cli_digest(result, layout_json)},
+        "cli": {"setting": setting, "commands": list(commands), "naive": list(naive),
+                **cli_digest(result, layout_json)},
     }
