@@ -142,7 +142,8 @@ def sections(n: dict[str, str]) -> list[str | Command]:
         "token lights up in the packed row, its rank's local row and the embedding rows. A stepper walks the "
         "chosen rank through the seven steps above. For the setting it was built with, the page checks its own "
         "numbers against `simulate --json` and `layout --json` when it opens.",
-        "```bash\ncpinspect explore examples/qwen3vl_packed.pt --cp 4 -o explorer.html   # then open explorer.html\n```",
+        "```bash\ncpinspect explore examples/qwen3vl_packed.pt --cp 4 -o explorer.html   # then open explorer.html"
+        "\n```",
         "The bundled example at cp 2, the pointer on a token of the first image (`python docs/make_screenshots.py` "
         "takes these pictures with headless Chromium):",
         "![cpinspect explore examples/qwen3vl_packed.pt --cp 2](explore-cp2.png)",

@@ -8,6 +8,7 @@ Skipped, with the reason, where selenium or a system Chromium + chromedriver is 
 """
 
 import importlib.util
+import itertools
 import json
 import random
 import sys
@@ -98,12 +99,13 @@ def batch_of(setting):
     return load_batch({"input_ids": ids.view(1, -1), "cu_seqlens": cu.to(torch.int32)})
 
 
-def random_setting(rng):
+def random_setting(rng, i):
+    """Setting ``i``: every layout, with and without pad, a third of them with lengths it may not divide."""
     cp = rng.choice([1, 2, 2, 3, 4, 4, 5, 6, 8, 16])
-    kind = rng.choice(LAYOUTS)
+    kind = LAYOUTS[i % len(LAYOUTS)]
     unit = cp if kind == "contiguous" else 2 * cp
     segments = rng.randint(1, 5)
-    if rng.random() < 0.25:  # lengths the layout may not divide: the pad toggle or an error
+    if (i // (2 * len(LAYOUTS))) % 3 == 0:  # lengths the layout may not divide: the pad toggle or an error
         lengths = [rng.randint(1, 300 // segments + 1) for _ in range(segments)]
     else:
         lengths = [unit * rng.randint(1, max(1, 320 // (unit * segments))) for _ in range(segments)]
@@ -117,7 +119,7 @@ def random_setting(rng):
             size = rng.randint(1, length - start)
             spans.append([seg, start, size, rng.choice(["image", "video"])])
             at = start + size + 1
-    return {"cp": cp, "layout": kind, "pad": rng.random() < 0.3, "seqlens": lengths, "spans": spans}
+    return {"cp": cp, "layout": kind, "pad": (i // len(LAYOUTS)) % 2 == 1, "seqlens": lengths, "spans": spans}
 
 
 def enter(driver, setting):
@@ -136,7 +138,7 @@ def enter(driver, setting):
         pad.click()
     typed("cpx-seqlens", ",".join(map(str, setting["seqlens"])))
     typed("cpx-spans", ", ".join(f"{s}:{a}+{n} {k}" for s, a, n, k in setting["spans"]))
-    WebDriverWait(driver, 10).until(lambda d: json.loads(
+    WebDriverWait(driver, 10, poll_frequency=0.05).until(lambda d: json.loads(
         d.find_element("id", "cpx-model").get_attribute("textContent"))["setting"] == setting)
 
 
@@ -185,9 +187,11 @@ def check_shown(shown, sim, lay):
 def test_random_settings_through_the_controls_equal_the_cli_json(driver, example_page):
     open_page(driver, example_page)
     rng = random.Random(2026)
-    checked = errors = 0
-    while checked < 50:
-        setting = random_setting(rng)
+    checked = errors = padded = 0
+    for i in itertools.count():
+        if checked >= 50 and padded >= 6:
+            break
+        setting = random_setting(rng, i)
         enter(driver, setting)
         shown = driver.execute_script(READ_BACK)
         sim, lay, error = cli_json(setting)
@@ -200,6 +204,7 @@ def test_random_settings_through_the_controls_equal_the_cli_json(driver, example
             s["length"] for s in lay["segments"]]), 0).tolist()]
         check_shown(shown, sim, lay)
         checked += 1
+        padded += setting["pad"] and shown["model"]["cu"][-1] > sum(setting["seqlens"])
     assert driver.get_log("browser") == []
     assert errors >= 1  # some settings the layout cannot cut were tried, and the page said so
 
@@ -310,6 +315,8 @@ def test_cli_explore_with_seqlens_checks_itself_in_the_browser(driver, tmp_path)
 def test_million_token_page_loads_and_draws_a_chosen_range(driver, tmp_path):
     import time
 
+    from selenium.webdriver.support.ui import WebDriverWait
+
     from bench.batches import packed_batch
     from cpinspect.core.layout import make_layout
 
@@ -326,6 +333,8 @@ def test_million_token_page_loads_and_draws_a_chosen_range(driver, tmp_path):
     field = driver.find_element("id", "cpx-from")
     field.clear()
     field.send_keys("700000")
+    WebDriverWait(driver, 10).until(lambda d: d.find_element("css selector", "#cpx-row .t[data-g]")
+                                    .get_attribute("data-g") == "700000")
     shown = driver.execute_script(READ_BACK)
     layout = make_layout(batch["cu_seqlens"].long(), 8)
     owner = torch.empty(1 << 20, dtype=torch.long)

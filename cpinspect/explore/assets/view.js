@@ -74,9 +74,10 @@ function initControls() {
   $("cpx-pad").checked = s.pad; $("cpx-seqlens").value = s.seqlens.join(","); $("cpx-spans").value = spansText(s.spans);
   $("cpx-from").value = DATA.start;
   $("cpx-cp-slider").addEventListener("input", () => { $("cpx-cp").value = $("cpx-cp-slider").value; update(); });
-  $("cpx-cp").addEventListener("input", () => { $("cpx-cp-slider").value = $("cpx-cp").value; update(); });
-  for (const id of ["cpx-layout", "cpx-pad", "cpx-seqlens", "cpx-spans", "cpx-rank", "cpx-from"]) {
-    $(id).addEventListener("input", update);
+  $("cpx-cp").addEventListener("input", () => { $("cpx-cp-slider").value = $("cpx-cp").value; later(); });
+  for (const id of ["cpx-layout", "cpx-pad", "cpx-rank"]) $(id).addEventListener("input", update);
+  for (const id of ["cpx-seqlens", "cpx-spans", "cpx-from"]) $(id).addEventListener("input", later);
+  for (const id of ["cpx-cp", "cpx-layout", "cpx-pad", "cpx-seqlens", "cpx-spans", "cpx-rank", "cpx-from"]) {
     $(id).addEventListener("change", update);
   }
   $("cpx-prev").addEventListener("click", () => setStep(state.step - 1));
@@ -85,6 +86,13 @@ function initControls() {
     if (e.key === "ArrowRight") { setStep(state.step + 1); e.preventDefault(); }
     if (e.key === "ArrowLeft") { setStep(state.step - 1); e.preventDefault(); }
   });
+}
+
+/* Typing redraws once the keys pause (a long row takes a moment to draw); leaving the field redraws at once. */
+let pending = null;
+function later() {
+  clearTimeout(pending);
+  pending = setTimeout(update, 150);
 }
 
 function rankOptions(cp) {
@@ -326,6 +334,7 @@ function publish(model, setting) {
 }
 
 function update() {
+  clearTimeout(pending);
   const error = $("cpx-error");
   let setting;
   try { setting = readSetting(); } catch (e) { error.textContent = e.message; error.hidden = false; return; }
