@@ -280,7 +280,9 @@ def test_stepper_numbers_are_the_explain_numbers(driver, example_page):
     assert f"rows = {format_ranges(rank0.selected_rows)}" in texts[5]
     assert f"local_counts [S, 2] = [4, 2]: {rank0.selection.local_counts.view(-1, 2).tolist()}".replace(" ", "") in \
         texts[1].replace(" ", "")
-    assert str(result.gathered_counts.view(-1).tolist()[0]) in texts[3]
+    assert f"Σ = {result.vision_tokens} vision tokens, which equals the {result.vision_embed_count} rows" in texts[3]
+    assert f"rank 1 sent {result.ranks[1].selection.local_counts.view(-1, 2).tolist()}".replace(" ", "") in \
+        texts[2].replace(" ", "")
 
 
 def test_phone_width_has_no_page_wide_scrolling(tmp_path, example_page):
@@ -343,4 +345,22 @@ def test_million_token_page_loads_and_draws_a_chosen_range(driver, tmp_path):
     assert [g for g, _ in cells] == list(range(700000, 700000 + len(cells))) and len(cells) >= 1024
     assert [letter for _, letter in cells] == [RANK_LETTERS[r] for r in owner[700000:700000 + len(cells)].tolist()]
     assert shown["model"]["gathered_counts"] == simulate(load_batch(batch), 8).gathered_counts.tolist()
+    assert driver.get_log("browser") == []
+
+
+@pytest.mark.parametrize("args", [
+    ["examples/presharded_cp2", "--cp", "2"],
+    ["examples/qwen3vl_packed.pt", "--cp", "5", "--pad"],
+    ["examples/qwen3vl_packed.pt", "--cp", "3", "--layout", "contiguous"],
+    ["examples/qwen3vl_packed.pt", "--cp", "16", "--layout", "sequence-zigzag", "--pad"],
+    ["--cp", "1"],
+])
+def test_pages_built_for_other_settings_check_themselves_equal(driver, tmp_path, args, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    page = tmp_path / "page.html"
+    result = CliRunner().invoke(app, ["explore", *args, "-o", str(page)])
+    assert result.exit_code == 0, result.output
+    open_page(driver, page)
+    badge = driver.find_element("id", "cpx-check")
+    assert badge.get_attribute("data-checked") == "equal", badge.text
     assert driver.get_log("browser") == []

@@ -65,7 +65,7 @@ function stepBodies(m, rank) {
       "vision tokens, or the others hang.", ...m.ranks.slice(0, MAX_LISTED).map((q) => `rank ${q.rank} sent ` +
       `${shortList(asRows(m, q.localCounts))} (chunks ${[...new Set(q.pieces.map((id) => m.P.chunk[id]))].sort((a, b) => a - b).join(", ")})`))],
     [`Rebuild the [${m.gathered.length}, ${m.columns}] table in natural chunk order`, [
-      ...miniTable(m, m.counts, rank), ...lines(`Σ = ${fmt(total)} vision tokens, one encoder row each. ` +
+      ...miniTable(m, m.counts, rank), ...lines(`Σ = ${fmt(total)} vision tokens, ${encoderRows(total)}. ` +
       "[x] = this rank's chunks.")]],
     ["Offsets: exclusive cumulative sum of the table (first encoder row of each chunk)", [
       ...miniTable(m, m.offsets, rank), ...lines("Read the table segment by segment, chunk 0 first: the vision " +
@@ -76,6 +76,13 @@ function stepBodies(m, rank) {
       `${fmt(r.positions.length)} vision tokens)`, whyGather(m, rank))],
     ["Why not scatter every row: the shapes", lines(naive(m, rank), sliceNote(m, rank))],
   ];
+}
+
+/* The batch's own encoder row count (from its grids) is known for the setting the page was built with. */
+function encoderRows(total) {
+  if (!sameSetting(DATA.cli && DATA.cli.setting, state.setting)) return "one encoder row each";
+  const rows = DATA.vision_embed_count;
+  return `which ${rows === total ? "equals" : "DIFFERS FROM"} the ${fmt(rows)} rows the encoder returns for this batch`;
 }
 
 function whyGather(m, rank) {
