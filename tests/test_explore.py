@@ -19,7 +19,7 @@ from cpinspect.cli.app import app
 from cpinspect.core import synth
 from cpinspect.core.loading import load_batch
 from cpinspect.core.tokens import VIDEO_PAD
-from cpinspect.explore import vision_spans
+from cpinspect.explore import DETAIL_TOKENS, vision_spans
 from cpinspect.simulation.run import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +141,7 @@ def test_million_token_batch_writes_a_usable_page_quickly(tmp_path):
     assert elapsed < 20, elapsed  # ~2 s on an idle 2-core machine; generous for a loaded one
     assert len(page.encode()) < 2_000_000
     data = embedded(page)
-    assert data["start"] == 500000 and data["detail_tokens"] < 1 << 20
+    assert data["start"] == 500000 and data["detail_tokens"] == DETAIL_TOKENS < 1 << 20
+    assert f"longer than {DETAIL_TOKENS:,} tokens is drawn a range at a time" in (ROOT / "README.md").read_text()
     assert sum(len(expand(r["global_indices"])) for r in data["cli"]["simulate"]["ranks"]) == 1 << 20
     assert sum(n for _, _, n, _ in data["initial"]["spans"]) == int(torch.load(path)["vision_embed_count"])

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from cpinspect.core.batch import PackedBatch
 
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")]
-FromOpt = Annotated[int, typer.Option("--from", min=0, help="For rows longer than the page draws cell by cell "
-                                                           "(2048 tokens): the first token of the detailed range.")]
+FromOpt = Annotated[int, typer.Option("--from", min=0, help="For a row too long to draw cell by cell: the first "
+                                                           "token of the range drawn in full.")]
 
 
 def _seqlens_batch(lengths: list[int]) -> PackedBatch:

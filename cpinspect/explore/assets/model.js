@@ -5,6 +5,9 @@
  * whole; every rank holds the same number of pieces, listed in local-memory order in rankPieces.
  * This mirrors cpinspect.core.layout (make_layout / Layout); tests/test_explore_browser.py checks
  * everything computed here against the CLI's own JSON for random settings.
+ *
+ * Adding a layout the CLI learns (cpinspect.core.layout.LAYOUTS) is one entry here: `check`,
+ * `pieces` and how `--pad` pads for it; the browser test fails while a CLI layout has no entry.
  */
 "use strict";
 
