@@ -31,6 +31,9 @@ def find_browser() -> tuple[str, str] | str:
         return "selenium is not installed (pip install selenium, or pip install -e '.[test]')"
     browser = os.environ.get("CPINSPECT_CHROMIUM") or next(filter(None, map(shutil.which, BROWSERS)), None)
     driver = os.environ.get("CPINSPECT_CHROMEDRIVER") or shutil.which("chromedriver")
+    for name, path in (("browser", browser), ("chromedriver", driver)):
+        if path and not os.access(path, os.X_OK):
+            return f"the {name} {path} is not an executable file"
     if not browser or not driver:
         return ("no headless Chromium found (apt-get install chromium chromium-driver, or set CPINSPECT_CHROMIUM "
                 "and CPINSPECT_CHROMEDRIVER)")

@@ -245,6 +245,13 @@ def test_hover_shows_the_same_numbers_in_every_view(driver, tmp_path):
                                         "c.dataset.g !== undefined ? 'g' + c.dataset.g : 'row' + c.dataset.row)")
             row = [f"row{want['row']}"] if want["row"] is not None else []
             assert sorted(lit) == sorted([f"g{g}", f"g{g}", *row])  # the same token in row, local row, rows
+    vision_at = torch.nonzero(result.full_mask).view(-1).tolist()  # embedding row j is the j-th vision token
+    for j in [0, 123, *rng.sample(range(124), 6)]:
+        cell = driver.find_element("css selector", f'#cpx-rows [data-row="{j}"]')
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", cell)
+        ActionChains(driver).move_to_element(cell).perform()
+        box = driver.find_element("id", "cpx-inspect")
+        assert (box.get_attribute("data-row"), box.get_attribute("data-global")) == (str(j), str(vision_at[j]))
     assert driver.get_log("browser") == []
 
 

@@ -353,6 +353,9 @@ function update() {
   publish(model, setting);
   $("cpx-main").classList.toggle("failed", !!model.error);
   if (model.error) return;
+  if (model.clipped) {
+    $("cpx-about").textContent += ` (${fmt(model.clipped)} vision-span token(s) lie outside their segment and are left out)`;
+  }
   const range = detailRange(model);
   drawRow(model, range);
   drawLocal(model, range, chosen);
