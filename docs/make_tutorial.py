@@ -135,6 +135,20 @@ def sections(n: dict[str, str]) -> list[str | Command]:
         "A rank can hold no vision token at all (rank 0 under cp 4 in this batch). It selects no rows, but it "
         "must still join the all-gather, or the other ranks wait for it forever:",
         Command("cpinspect simulate --cp 4 examples/qwen3vl_packed.pt --rank 0 --explain"),
+        "## 9. Play with it: the explorer page",
+        "`cpinspect explore` writes the same pictures as one self-contained HTML page (no network needed) with "
+        "controls for cp, the layout, the segment lengths and the vision spans. Every view is linked: point at a "
+        "token and its global index, segment, chunk, owning rank, local index and embedding row show up, and the "
+        "token lights up in the packed row, its rank's local row and the embedding rows. A stepper walks the "
+        "chosen rank through the seven steps above. For the setting it was built with, the page checks its own "
+        "numbers against `simulate --json` and `layout --json` when it opens.",
+        "```bash\ncpinspect explore examples/qwen3vl_packed.pt --cp 4 -o explorer.html   # then open explorer.html"
+        "\n```",
+        "The bundled example at cp 2, the pointer on a token of the first image (`python docs/make_screenshots.py` "
+        "takes these pictures with headless Chromium):",
+        "![cpinspect explore examples/qwen3vl_packed.pt --cp 2](explore-cp2.png)",
+        "And at cp 4, where rank 0 holds no vision token:",
+        "![cpinspect explore examples/qwen3vl_packed.pt --cp 4](explore-cp4.png)",
         "## Where to go next",
         "`cpinspect simulate` checks every rank of your own batch against an independent oracle; "
         "`cpinspect layout --svg FILE` / `--html FILE` save any of the pictures above (in colour) for slides "

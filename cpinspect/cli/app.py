@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from cpinspect import __version__
-from cpinspect.cli import analyze, check, diagnose, info, layout, simulate
+from cpinspect.cli import analyze, check, diagnose, explore, info, layout, simulate
 
 app = typer.Typer(
     name="cpinspect",
@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("check", check.check),
     ("diagnose", diagnose.diagnose),
     ("layout", layout.layout),
+    ("explore", explore.explore),
 ]
 for name, command in COMMANDS:
     app.command(name=name)(command)
