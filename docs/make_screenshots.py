@@ -3,7 +3,7 @@
 Run from anywhere: ``python docs/make_screenshots.py`` builds the page for the bundled example
 (``cpinspect explore examples/qwen3vl_packed.pt --cp N``) and photographs it with the system's
 headless Chromium through Selenium (Debian: ``apt-get install chromium chromium-driver``; ``pip
-install selenium``). ``tests/test_explore_browser.py`` drives the browser the same way, through
+install selenium``). ``tests/process/test_explore_browser.py`` drives the browser the same way, through
 :func:`start_browser` here, and takes the same screenshots into a temporary folder.
 """
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cpinspect.cli.common import guarded, import_torch, load_cli_batch, make_console
-from cpinspect.cli.layout import PadOpt, SeqlensOpt, layout_document, parse_seqlens
+from cpinspect.cli.layout import PadOpt, SeqlensOpt
 from cpinspect.cli.options import (
     EXIT_OK,
     BatchArg,
@@ -85,6 +85,8 @@ def explore(
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
     if seqlens is not None:
         import_torch()
+        from cpinspect.core.layout_report import parse_seqlens
+
         loaded, source, words = _seqlens_batch(parse_seqlens(seqlens)), f"--seqlens {seqlens}", [f"--seqlens {seqlens}"]
     else:
         loaded, source = load_cli_batch(batch, key)
@@ -104,6 +106,7 @@ def build(loaded: Any, cp: int, kind: str, pad: bool, tokens: Any, *, source: st
           start: int = 0) -> str:
     """The page's HTML for ``loaded`` at ``cp``/``kind``: simulate, take the CLI's JSON, render."""
     from cpinspect.core.balance import compare_layouts
+    from cpinspect.core.layout_report import layout_document
     from cpinspect.explore import page_data, render_page
     from cpinspect.simulation.explain import naive_scatter_message
     from cpinspect.simulation.run import simulate

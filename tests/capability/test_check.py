@@ -327,7 +327,8 @@ def test_exception_on_one_rank_says_the_other_would_hang():
     gather = line_of("correct.py", "dist.all_gather(")
     assert result.summary == ("only rank(s) 1 of 2 raised; in a real job the others would hang: rank 0 in "
                               f"all_gather([2, 2] int64) #0 at {gather}")
-    assert "rank 1: raised ValueError: rank-local assertion at tests/capability/test_check.py:" in result.ranks[1].message
+    assert ("rank 1: raised ValueError: rank-local assertion at tests/capability/test_check.py:"
+            in result.ranks[1].message)
 
 
 def test_different_shapes_are_divergence():

@@ -86,7 +86,7 @@ const LAYOUTS = {
   },
 };
 
-/* cli.layout._padded / simulate --pad: per segment for zigzag, the row's end otherwise. */
+/* core.layout.padded_boundaries / simulate --pad: per segment for zigzag, the row's end otherwise. */
 function padLengths(lengths, cp, kind) {
   const m = LAYOUTS[kind].padMultiple(cp);
   const up = (x) => Math.ceil(x / m) * m;

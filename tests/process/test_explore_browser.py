@@ -19,17 +19,17 @@ import torch
 from typer.testing import CliRunner
 
 from cpinspect.cli.app import app
-from cpinspect.cli.layout import layout_document
 from cpinspect.core.balance import compare_layouts
 from cpinspect.core.errors import InputError
 from cpinspect.core.layout import LAYOUTS
+from cpinspect.core.layout_report import layout_document
 from cpinspect.core.loading import load_batch
 from cpinspect.core.ranges import format_ranges
 from cpinspect.core.tokens import IMAGE_PAD, VIDEO_PAD
 from cpinspect.simulation.run import simulate
 from cpinspect.views.simulate import RANK_LETTERS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "qwen3vl_packed.pt"
 
 

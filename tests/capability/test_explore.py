@@ -1,6 +1,6 @@
 """`cpinspect explore` without a browser: the page file, what it embeds, its size, its errors.
 
-What the page's script computes is checked in a real browser by tests/test_explore_browser.py.
+What the page's script computes is checked in a real browser by tests/process/test_explore_browser.py.
 """
 
 import json
@@ -22,7 +22,7 @@ from cpinspect.core.tokens import VIDEO_PAD
 from cpinspect.explore import DETAIL_TOKENS, vision_spans
 from cpinspect.simulation.run import simulate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "qwen3vl_packed.pt"
 runner = CliRunner()
 
