@@ -193,18 +193,3 @@ def _compare(places: _Places, state: RankState, expected: torch.Tensor) -> RankV
         verdict.verdict = WRONG_ROWS
         verdict.message = f"rank {state.rank}: wrong rows: {shown}{where}"
     return verdict
-    verdict.got = got.tolist()
-    shown = f"expected {format_ranges(expected)}, got {format_ranges(got)}"
-    common = min(got.numel(), expected.numel())
-    differ = torch.nonzero(got[:common] != expected[:common]).view(-1)
-    if differ.numel():
-        verdict.first_difference = int(differ[0])
-    where = places.describe(state.rank, verdict, got, expected)
-    if got.numel() != expected.numel():
-        verdict.verdict = WRONG_LENGTH
-        verdict.message = (f"rank {state.rank}: wrong length: {got.numel()} rows for {expected.numel()} local vision "
-                           f"token(s); {shown}{where}")
-    elif verdict.first_difference is not None:
-        verdict.verdict = WRONG_ROWS
-        verdict.message = f"rank {state.rank}: wrong rows: {shown}{where}"
-    return verdict
