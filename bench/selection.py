@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from bench.batches import packed_batch
 from bench.loop_reference import loop_vision_rows
+from bench.replay import ReplayGroup
 from cpinspect.core.oracle import expected_rows, global_positions
 from cpinspect.core.selection import local_vision_row_map, local_vision_rows
 
@@ -39,26 +40,6 @@ CONFIGS = (  # (tokens, segments, cp); vision fraction ~0.4
 )
 QUICK_CONFIGS = ((16_384, 32, 4),)
 TARGETS = {"cpu": 10.0, "cuda": 20.0}
-
-
-class ReplayGroup(dist.ProcessGroup):
-    """Rank ``rank`` of a group whose all-gather returns precomputed per-rank tensors."""
-
-    def __init__(self, rank: int, gathered: torch.Tensor) -> None:
-        super().__init__(rank, gathered.shape[0])
-        self._gathered = gathered
-        self.check_inputs = False
-
-    def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
-                  opts: object = None) -> dist.Work:
-        (tensor,) = input_tensors
-        if self.check_inputs and not torch.equal(tensor.reshape(-1), self._gathered[self.rank()].reshape(-1)):
-            raise AssertionError(f"rank {self.rank()} sent counts that differ from the replayed ones")
-        for out, src in zip(output_tensors[0], self._gathered):
-            out.copy_(src.view_as(out))
-        future: torch.futures.Future = torch.futures.Future()
-        future.set_result(None)
-        return torch._C._distributed_c10d._create_work_from_future(future)
 
 
 @dataclass
@@ -114,8 +95,7 @@ def impls() -> dict[str, Impl]:
 def verify(case: Case) -> None:
     """Every implementation's rows equal the oracle's on every rank (the row map: at vision positions)."""
     for rank in range(case.cp):
-        group = ReplayGroup(rank, case.gathered)
-        group.check_inputs = True
+        group = ReplayGroup(rank, case.gathered, check_inputs=True)
         for name, fn in impls().items():
             got = fn(case, rank, group).cpu()
             if name == "local_vision_row_map":

@@ -1,0 +1,71 @@
+"""Index tables of the zigzag selection that depend only on ``(S, cp, rank)``: built once, cached.
+
+Two small integer tables turn the per-call work into a handful of fixed-shape kernels
+(:mod:`cpinspect.core.selection`):
+
+* ``pair`` ``[2S + 1, 2]``: the local bound ``k`` of this rank's pieces is
+  ``(cu[pair[k, 0]] + cu[pair[k, 1]]) // (2cp)``. Rank ``r`` holds chunks ``r`` and ``2cp-1-r``
+  of every segment back to back, so its local row starts segment ``s`` at ``cu[s] / cp`` (that
+  is ``2 cu[s] / 2cp``) and the second chunk at ``(cu[s] + cu[s+1]) / 2cp``.
+* ``later`` ``[cp * 2S]``: for every entry of the all-gathered count table (rank ``r'``, local
+  piece ``j``), the first of *this* rank's pieces that comes after it in natural order; this
+  rank's own entries point past its last piece (``2S``). A vision token of local piece ``k``
+  has, before it in natural order, exactly its own rank's vision tokens before it plus the
+  gathered counts whose ``later`` is at most ``k``: one scatter-add and one running sum give
+  every row (:func:`cpinspect.core.selection.dense_rows`).
+
+The cache holds device tensors keyed by ``(segments, cp, rank, device)``. It is bypassed while
+``torch.compile`` traces (the tables are then part of the graph, from ``arange`` arithmetic) and
+while a CUDA graph is being captured (a table made there would hold no values until replay).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+def zigzag_tables(segments: int, cp: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pair, later)`` for rank ``rank`` of ``cp`` under per-document zigzag, on ``device``."""
+    if torch.compiler.is_compiling() or _capturing(device):
+        return build_zigzag_tables(segments, cp, rank, device)
+    return _cached(segments, cp, rank, device)
+
+
+@lru_cache(maxsize=64)
+def _cached(segments: int, cp: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return build_zigzag_tables(segments, cp, rank, device)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def build_zigzag_tables(segments: int, cp: int, rank: int,
+                        device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables of the module docstring, from ``arange`` arithmetic (no data, no host copy)."""
+    bound = torch.arange(2 * segments + 1, device=device)
+    pair = torch.stack([bound // 2, (bound + 1) // 2], dim=1)
+    # gathered entry (r', s, h) holds chunk c = r' (h = 0) or 2cp-1-r' (h = 1) of segment s
+    sender = torch.arange(cp, device=device)[:, None, None]
+    seg = torch.arange(segments, device=device)[None, :, None]
+    half = torch.arange(2, device=device)[None, None, :]
+    chunk = torch.where(half == 0, sender, 2 * cp - 1 - sender)
+    later = 2 * seg + (chunk > rank).long() + (chunk > 2 * cp - 1 - rank).long()
+    later = torch.where(sender == rank, 2 * segments, later)
+    return pair, later.reshape(-1)
+
+
+def later_table(rank_pieces: torch.Tensor, rank: int) -> torch.Tensor:
+    """``later`` for any layout whose ranks hold their pieces in natural order (see module docstring).
+
+    ``rank_pieces`` is ``[cp, pieces_per_rank]`` global piece ids; row ``rank`` must increase
+    (true of every layout in :mod:`cpinspect.core.layout`), else ``ValueError``.
+    """
+    mine = rank_pieces[rank]
+    if mine.numel() > 1 and not bool((mine[1:] > mine[:-1]).all()):
+        raise ValueError(f"rank {rank} holds its pieces out of natural order: {mine.tolist()}")
+    later = torch.searchsorted(mine.contiguous(), rank_pieces.reshape(-1).contiguous(), right=True)
+    later.view(rank_pieces.shape)[rank] = mine.numel()
+    return later
