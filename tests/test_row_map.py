@@ -76,7 +76,8 @@ def test_exactly_one_collective_per_rank_with_the_count_shape():
     states, failure = execute_spmd(4, lambda g: local_vision_rows(masks[g.rank()], cu, cp_group=g))
     assert failure is None
     for state in states:
-        assert [(c.op, c.shapes, c.dtypes) for c in state.calls] == [("all_gather_into_tensor", ((2 * segments,),), ("int64",))]
+        calls = [(c.op, c.shapes, c.dtypes) for c in state.calls]
+        assert calls == [("all_gather_into_tensor", ((2 * segments,),), ("int64",))]
 
 
 def test_deferred_check_raises_on_every_rank_together():

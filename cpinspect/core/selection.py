@@ -41,7 +41,6 @@ import torch.distributed as dist
 from cpinspect.core.layout import zigzag_rank_pieces
 from cpinspect.core.selection_plan import later_table, zigzag_tables
 
-
 # ``all_gather_into_tensor`` is ``all_gather_single`` from torch 2.13 on (same op, new name); dynamo
 # turns either into the functional collective when it traces a registered group.
 _ALL_GATHER_FLAT = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -270,6 +269,9 @@ class VisionRowMap:
         running_total = self.counts.running[-1]
         if local_vision_count is None:
             local_vision_count = int(running_total)
+        elif running_total.device.type == "cpu" and torch.compiler.is_compiling():
+            torch._assert_async(running_total == local_vision_count, "local_vision_count differs from the vision "
+                                "tokens in the local vision mask")
         elif running_total.device.type == "cpu" and local_vision_count != int(running_total):
             raise ValueError(f"local_vision_count is {local_vision_count}, but the local vision mask holds "
                              f"{int(running_total)} vision tokens")
