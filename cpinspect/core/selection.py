@@ -16,10 +16,11 @@ Few kernels, all of fixed shape. With ``T`` local tokens and ``k = 2S`` local pi
    first local piece that comes after it in natural order (a cached table says which), and a
    second cumulative sum over the local row gives every position its row; ``-1`` off vision.
 
-That is 12 kernels and copies for the row map with ``cu_seqlens`` on the device, 13 from the host
-(one asynchronous copy), plus the all-gather. Nothing reads a device value on the host, nothing
-has a data-dependent shape, and the tables are built once per ``(S, cp, rank, device)``, so the
-call is ``torch.compile(fullgraph=True)``-clean and can be captured in a CUDA graph (see the
+That is 13 tensor operators with ``cu_seqlens`` on the device and 14 from the host (one
+asynchronous copy), plus the all-gather; ``bench/selection.py`` counts them per call (on CUDA:
+kernels and copies from the profiler). Nothing reads a device value on the host, nothing has a
+data-dependent shape, and the tables are built once per ``(S, cp, rank, device)``, so the call
+is ``torch.compile(fullgraph=True)``-clean and can be captured in a CUDA graph (see the
 README's Performance section for the pattern). Two things cannot be had for free, and the API
 makes both the caller's choice:
 
@@ -39,7 +40,14 @@ import torch
 import torch.distributed as dist
 
 from cpinspect.core.layout import zigzag_rank_pieces
-from cpinspect.core.selection_plan import later_table, zigzag_tables
+from cpinspect.core.selection_plan import (
+    check_host_cu_seqlens,
+    check_mask_length,
+    later_table,
+    piece_bounds,
+    zigzag_bounds,
+    zigzag_tables,
+)
 
 # ``all_gather_into_tensor`` is ``all_gather_single`` from torch 2.13 on (same op, new name); dynamo
 # turns either into the functional collective when it traces a registered group.
@@ -96,23 +104,6 @@ def zigzag_local_piece_len(cu_seqlens: torch.Tensor, cp: int) -> torch.Tensor:
         return torch.stack([head, lengths - head], dim=1).reshape(-1)
     chunk = lengths // (2 * cp)
     return torch.stack([chunk, chunk], dim=1).reshape(-1)
-
-
-def zigzag_bounds(cu: torch.Tensor, cp: int, pair: torch.Tensor, local_tokens: int) -> torch.Tensor:
-    """``[2S + 1]`` local piece bounds under zigzag: ``(cu[pair[:, 0]] + cu[pair[:, 1]]) // 2cp``.
-
-    Clamped to ``[0, local_tokens]``, so device ``cu_seqlens`` that disagree with the mask (found
-    later by :meth:`VisionRowMap.check`) can never index out of bounds.
-    """
-    twice = cu[pair].sum(-1, dtype=torch.long)
-    return twice.div_(2 * cp, rounding_mode="floor").clamp_(0, local_tokens)
-
-
-def piece_bounds(local_piece_len: torch.Tensor, local_tokens: int) -> torch.Tensor:
-    """``[k + 1]`` local start of every piece, then the end of the last one (any layout)."""
-    bounds = torch.zeros(local_piece_len.numel() + 1, dtype=torch.long, device=local_piece_len.device)
-    torch.cumsum(local_piece_len, 0, out=bounds[1:])
-    return bounds.clamp_(0, local_tokens)
 
 
 @dataclass
@@ -292,48 +283,12 @@ class VisionRowMap:
         self._verify(*self.host_values()[:2], vision_embed_count)
 
     def _verify(self, total: int, global_tokens: int, vision_embed_count: int | None) -> None:
-        _check_mask_length(self.counts.mask.numel(), global_tokens, self.cp)
+        check_mask_length(self.counts.mask.numel(), global_tokens, self.cp)
         if vision_embed_count is not None and total != vision_embed_count:
             raise VisionCountMismatch(
                 f"Packed CP ranks contain {total} vision tokens, but the vision encoder produced "
                 f"{vision_embed_count} embeddings."
             )
-
-
-def _check_mask_length(local_tokens: int, global_tokens: int, cp: int) -> None:
-    if local_tokens * cp != global_tokens:
-        raise ValueError(
-            f"the local vision mask has {local_tokens} entries, but cu_seqlens[-1] // cp = {global_tokens} // {cp} "
-            f"= {global_tokens // cp}: the mask must be this rank's whole local row"
-        )
-
-
-def check_host_cu_seqlens(cu: torch.Tensor, local_tokens: int, cp: int) -> None:
-    """The checks that are free when ``cu_seqlens`` lives on the host: mask length, divisibility.
-
-    Eagerly they raise ``ValueError`` naming the numbers. While ``torch.compile`` traces they
-    become ``torch._assert_async`` on the host tensors (part of the graph, no device read), which
-    raise ``RuntimeError`` with a fixed message when the compiled call runs.
-    """
-    lengths = cu[1:] - cu[:-1]
-    if torch.compiler.is_compiling():
-        torch._assert_async(cu[-1] == local_tokens * cp, _MASK_LENGTH_MESSAGE)
-        if cp > 1:
-            torch._assert_async((lengths % (2 * cp) == 0).all(), _DIVISIBLE_MESSAGE)
-        return
-    _check_mask_length(local_tokens, int(cu[-1]), cp)
-    if cp > 1 and bool((lengths % (2 * cp)).any()):
-        seg = int(torch.nonzero(lengths % (2 * cp))[0])
-        raise ValueError(
-            f"segment {seg} has physical length {int(lengths[seg])}, not divisible by 2*cp = {2 * cp}: "
-            "the zigzag layout needs every physical segment padded to a multiple of 2*cp"
-        )
-
-
-_MASK_LENGTH_MESSAGE = ("local_vision_row_map: cu_seqlens[-1] differs from cp x the local vision mask's length; "
-                        "the mask must be this rank's whole local row")
-_DIVISIBLE_MESSAGE = ("local_vision_row_map: a segment length of cu_seqlens is not a multiple of 2*cp; the zigzag "
-                      "layout needs every physical segment padded to a multiple of 2*cp")
 
 
 def local_vision_counts(vision_mask: torch.Tensor, cu_seqlens: torch.Tensor, *, cp: int, cp_rank: int) -> LocalCounts:

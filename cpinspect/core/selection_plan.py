@@ -1,4 +1,6 @@
-"""Index tables of the zigzag selection that depend only on ``(S, cp, rank)``: built once, cached.
+"""What the selection needs from ``cu_seqlens`` and the layout alone: bounds, index tables, checks.
+
+The index tables depend only on ``(S, cp, rank)``: built once, cached.
 
 Two small integer tables turn the per-call work into a handful of fixed-shape kernels
 (:mod:`cpinspect.core.selection`):
@@ -69,3 +71,56 @@ def later_table(rank_pieces: torch.Tensor, rank: int) -> torch.Tensor:
     later = torch.searchsorted(mine.contiguous(), rank_pieces.reshape(-1).contiguous(), right=True)
     later.view(rank_pieces.shape)[rank] = mine.numel()
     return later
+
+
+def zigzag_bounds(cu: torch.Tensor, cp: int, pair: torch.Tensor, local_tokens: int) -> torch.Tensor:
+    """``[2S + 1]`` local piece bounds under zigzag: ``(cu[pair[:, 0]] + cu[pair[:, 1]]) // 2cp``.
+
+    Clamped to ``[0, local_tokens]``, so device ``cu_seqlens`` that disagree with the mask (found
+    later by :meth:`VisionRowMap.check`) can never index out of bounds.
+    """
+    twice = cu[pair].sum(-1, dtype=torch.long)
+    return twice.div_(2 * cp, rounding_mode="floor").clamp_(0, local_tokens)
+
+
+def piece_bounds(local_piece_len: torch.Tensor, local_tokens: int) -> torch.Tensor:
+    """``[k + 1]`` local start of every piece, then the end of the last one (any layout)."""
+    bounds = torch.zeros(local_piece_len.numel() + 1, dtype=torch.long, device=local_piece_len.device)
+    torch.cumsum(local_piece_len, 0, out=bounds[1:])
+    return bounds.clamp_(0, local_tokens)
+
+
+def check_mask_length(local_tokens: int, global_tokens: int, cp: int) -> None:
+    if local_tokens * cp != global_tokens:
+        raise ValueError(
+            f"the local vision mask has {local_tokens} entries, but cu_seqlens[-1] // cp = {global_tokens} // {cp} "
+            f"= {global_tokens // cp}: the mask must be this rank's whole local row"
+        )
+
+
+def check_host_cu_seqlens(cu: torch.Tensor, local_tokens: int, cp: int) -> None:
+    """The checks that are free when ``cu_seqlens`` lives on the host: mask length, divisibility.
+
+    Eagerly they raise ``ValueError`` naming the numbers. While ``torch.compile`` traces they
+    become ``torch._assert_async`` on the host tensors (part of the graph, no device read), which
+    raise ``RuntimeError`` with a fixed message when the compiled call runs.
+    """
+    lengths = cu[1:] - cu[:-1]
+    if torch.compiler.is_compiling():
+        torch._assert_async(cu[-1] == local_tokens * cp, _MASK_LENGTH_MESSAGE)
+        if cp > 1:
+            torch._assert_async((lengths % (2 * cp) == 0).all(), _DIVISIBLE_MESSAGE)
+        return
+    check_mask_length(local_tokens, int(cu[-1]), cp)
+    if cp > 1 and bool((lengths % (2 * cp)).any()):
+        seg = int(torch.nonzero(lengths % (2 * cp))[0])
+        raise ValueError(
+            f"segment {seg} has physical length {int(lengths[seg])}, not divisible by 2*cp = {2 * cp}: "
+            "the zigzag layout needs every physical segment padded to a multiple of 2*cp"
+        )
+
+
+_MASK_LENGTH_MESSAGE = ("local_vision_row_map: cu_seqlens[-1] differs from cp x the local vision mask's length; "
+                        "the mask must be this rank's whole local row")
+_DIVISIBLE_MESSAGE = ("local_vision_row_map: a segment length of cu_seqlens is not a multiple of 2*cp; the zigzag "
+                      "layout needs every physical segment padded to a multiple of 2*cp")
