@@ -16,28 +16,33 @@ Two small integer tables turn the per-call work into a handful of fixed-shape ke
   gathered counts whose ``later`` is at most ``k``: one scatter-add and one running sum give
   every row (:func:`cpinspect.core.selection.dense_rows`).
 
-The cache holds device tensors keyed by ``(segments, cp, rank, device)``. It is bypassed while
-``torch.compile`` traces (the tables are then part of the graph, from ``arange`` arithmetic) and
-while a CUDA graph is being captured (a table made there would hold no values until replay).
+The cache holds device tensors keyed by ``(segments, cp, rank, device)``. Nothing is added to it
+while ``torch.compile`` traces (a table missing then is built inside the graph, from ``arange``
+arithmetic; one already cached becomes a graph input) or while a CUDA graph is being captured (a
+table made there would hold no values until the graph is replayed).
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 import torch
 
 
 def zigzag_tables(segments: int, cp: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pair, later)`` for rank ``rank`` of ``cp`` under per-document zigzag, on ``device``."""
-    if torch.compiler.is_compiling() or _capturing(device):
-        return build_zigzag_tables(segments, cp, rank, device)
-    return _cached(segments, cp, rank, device)
+    key = (segments, cp, rank, str(device))
+    tables = _TABLES.get(key)
+    if tables is not None:  # while tracing too: dynamo lifts the cached tensors into graph inputs
+        return tables
+    tables = build_zigzag_tables(segments, cp, rank, device)
+    if not torch.compiler.is_compiling() and not _capturing(device):
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = tables
+    return tables
 
 
-@lru_cache(maxsize=64)
-def _cached(segments: int, cp: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return build_zigzag_tables(segments, cp, rank, device)
+_TABLES: dict[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+_MAX_TABLES = 64
 
 
 def _capturing(device: torch.device) -> bool:
