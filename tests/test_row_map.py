@@ -130,3 +130,20 @@ def test_sync_free_forms_are_public_names():
     assert cpinspect.local_vision_row_map is local_vision_row_map
     assert cpinspect.local_vision_rows is local_vision_rows
     assert "VisionRowMap" in dir(cpinspect)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_bucketed_shapes_keep_the_oracle_rows(cp):
+    """The static-shape recipe of the README: empty segments pad S, a text-only segment pads T."""
+    cu, masks, expected, _ = literal_case(17 + cp, cp)
+    extra_tokens = 2 * cp * 3
+    bucketed = torch.cat([cu, cu[-1:].repeat(3), cu[-1:] + extra_tokens])  # 3 empty segments, 1 padding segment
+    padded = [torch.cat([m, torch.zeros(extra_tokens // cp, dtype=torch.bool)]) for m in masks]
+
+    def program(group):
+        rank = group.rank()
+        return local_vision_row_map(padded[rank], bucketed, cp_group=group).row_of_position
+
+    for rank, row_map in enumerate(run_spmd(cp, program)):
+        assert row_map[padded[rank]].tolist() == expected[rank]
+        assert (row_map[~padded[rank]] == -1).all()
