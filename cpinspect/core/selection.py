@@ -43,7 +43,6 @@ from cpinspect.core.layout import zigzag_rank_pieces
 from cpinspect.core.selection_plan import (
     check_host_cu_seqlens,
     check_mask_length,
-    later_table,
     piece_bounds,
     zigzag_bounds,
     zigzag_tables,
@@ -113,7 +112,8 @@ class LocalCounts:
     ``running`` is ``[T + 1]`` (vision tokens before each position), ``bounds`` ``[k + 1]`` (local
     piece bounds) and ``running_at`` the running count there; ``local_counts`` ``[k]`` is what
     every rank all-gathers (``[cp * k]`` back, rank-major). ``later`` ``[cp * k]`` is the table of
-    :mod:`cpinspect.core.selection_plan`. ``spread`` (``0`` then the mask, ``[T + 1]`` int64) is
+    :mod:`cpinspect.core.selection_plan` (``None`` in :func:`select_rank_rows`, which compacts
+    from the natural-order offsets it builds for display). ``spread`` (``0`` then the mask, ``[T + 1]`` int64) is
     the dense map's scratch buffer, used up when the map is made.
     """
 
@@ -123,7 +123,7 @@ class LocalCounts:
     bounds: torch.Tensor
     running_at: torch.Tensor
     local_counts: torch.Tensor
-    later: torch.Tensor
+    later: torch.Tensor | None
     global_tokens: torch.Tensor
     cp: int
     cp_rank: int
@@ -141,7 +141,7 @@ class LocalCounts:
         return row_map
 
 
-def count_pieces(mask: torch.Tensor, bounds: torch.Tensor, later: torch.Tensor, global_tokens: torch.Tensor,
+def count_pieces(mask: torch.Tensor, bounds: torch.Tensor, later: torch.Tensor | None, global_tokens: torch.Tensor,
                  cp: int, cp_rank: int) -> LocalCounts:
     """The running count over the local row, read at the piece bounds: the counts to all-gather."""
     spread = torch.zeros(mask.numel() + 1, dtype=torch.long, device=mask.device)
@@ -164,6 +164,7 @@ def dense_rows(counts: LocalCounts, gathered: torch.Tensor) -> torch.Tensor:
     if spread is None:  # already used: start again from the mask
         spread = torch.zeros(counts.mask.numel() + 1, dtype=torch.long, device=counts.mask.device)
         spread[1:] = counts.mask
+    assert counts.later is not None, "the dense map needs the later table (local_vision_counts makes it)"
     spread.index_add_(0, counts.bounds[counts.later], gathered.reshape(-1))
     return torch.where(counts.mask, spread.cumsum_(0)[:-1], -1)
 
@@ -178,6 +179,7 @@ def compact_rows(counts: LocalCounts, gathered: torch.Tensor, local_vision_count
     """
     size = max(local_vision_count, counts.mask.numel() + 1)
     ordinal = torch.ones(size, dtype=torch.long, device=counts.mask.device)
+    assert counts.later is not None, "the compact rows need the later table (local_vision_counts makes it)"
     ordinal.index_add_(0, counts.running_at[counts.later], gathered.reshape(-1))
     return ordinal.cumsum_(0)[:local_vision_count].sub_(1)
 
@@ -199,14 +201,31 @@ def select_rank_rows(
     """
     cp_rank = group.rank()
     mask = local_mask.reshape(-1).to(torch.bool)
-    later = later_table(rank_pieces.cpu(), cp_rank).to(mask.device)
     bounds = piece_bounds(local_piece_len.to(mask.device), mask.numel())
-    counts = count_pieces(mask, bounds, later, bounds[-1] * group.size(), group.size(), cp_rank)
+    counts = count_pieces(mask, bounds, None, bounds[-1] * group.size(), group.size(), cp_rank)
     gathered = counts.gather(group)
     count = int(counts.running[-1]) if local_vision_count is None else local_vision_count
     full_counts = natural_counts(gathered, rank_pieces)
-    return RankSelection(cp_rank, mask, counts.local_counts, gathered, full_counts,
-                         exclusive_cumsum(full_counts), compact_rows(counts, gathered, count))
+    offsets = exclusive_cumsum(full_counts)
+    rows = rows_from_offsets(offsets[rank_pieces[cp_rank].to(offsets.device)], counts.running_at, count)
+    return RankSelection(cp_rank, mask, counts.local_counts, gathered, full_counts, offsets, rows)
+
+
+def rows_from_offsets(first_row: torch.Tensor, running_at: torch.Tensor, local_vision_count: int) -> torch.Tensor:
+    """Compact rows for any layout, from each local piece's first natural row: ``O(k + n)``, no table.
+
+    The i-th local vision token lies in the last piece k whose first ordinal ``running_at[k]`` is
+    at most i and takes row ``first_row[k] + i - running_at[k]``: a difference array over the
+    ordinals and one cumulative sum (empty pieces share an ordinal with the next one, which then
+    wins: right, since an empty piece covers nothing). The simulation uses it, because it builds
+    the natural-order offsets for display anyway.
+    """
+    shift = first_row - running_at[:-1]
+    step = shift.clone()
+    step[1:] -= shift[:-1]
+    spread = torch.zeros(local_vision_count + 1, dtype=torch.long, device=shift.device)
+    spread.index_add_(0, running_at[:-1].clamp(max=local_vision_count), step)
+    return torch.arange(local_vision_count, device=shift.device) + spread[:local_vision_count].cumsum_(0)
 
 
 @dataclass

@@ -64,20 +64,6 @@ def build_zigzag_tables(segments: int, cp: int, rank: int,
     return pair, later.reshape(-1)
 
 
-def later_table(rank_pieces: torch.Tensor, rank: int) -> torch.Tensor:
-    """``later`` for any layout whose ranks hold their pieces in natural order (see module docstring).
-
-    ``rank_pieces`` is ``[cp, pieces_per_rank]`` global piece ids; row ``rank`` must increase
-    (true of every layout in :mod:`cpinspect.core.layout`), else ``ValueError``.
-    """
-    mine = rank_pieces[rank]
-    if mine.numel() > 1 and not bool((mine[1:] > mine[:-1]).all()):
-        raise ValueError(f"rank {rank} holds its pieces out of natural order: {mine.tolist()}")
-    later = torch.searchsorted(mine.contiguous(), rank_pieces.reshape(-1).contiguous(), right=True)
-    later.view(rank_pieces.shape)[rank] = mine.numel()
-    return later
-
-
 def zigzag_bounds(cu: torch.Tensor, cp: int, pair: torch.Tensor, local_tokens: int) -> torch.Tensor:
     """``[2S + 1]`` local piece bounds under zigzag: ``(cu[pair[:, 0]] + cu[pair[:, 1]]) // 2cp``.
 
