@@ -12,7 +12,7 @@ import torch
 from cpinspect.core import synth
 from cpinspect.core.selection import VisionCountMismatch, local_vision_row_map, local_vision_rows
 from cpinspect.groups.simulated import SpmdError, execute_spmd, run_spmd
-from tests.literal import expected_rows, zigzag_indices
+from tests.literal import expected_rows, local_counts, zigzag_indices
 
 VISION = (151655, 151656)
 
@@ -147,3 +147,23 @@ def test_bucketed_shapes_keep_the_oracle_rows(cp):
     for rank, row_map in enumerate(run_spmd(cp, program)):
         assert row_map[padded[rank]].tolist() == expected[rank]
         assert (row_map[~padded[rank]] == -1).all()
+
+
+def test_operators_per_call_do_not_grow_with_segments_or_cp():
+    """The profiler's top-level operators of one row-map call: the same count at every shape, and few."""
+    from bench.kernels import count_per_call
+    from bench.replay import ReplayGroup
+
+    counts = []
+    for seed, cp in ((1, 2), (2, 8)):
+        cu, masks, expected, _ = literal_case(seed, cp)
+        full = [t in VISION for t in synth.random_batch(seed, cp)["input_ids"].reshape(-1).tolist()]
+        gathered = torch.tensor([sum(local_counts(cu.tolist(), cp, r, full), []) for r in range(cp)])
+        group = ReplayGroup(0, gathered, check_inputs=True)
+
+        def call(mask=masks[0], cu=cu, group=group):
+            return local_vision_row_map(mask, cu, cp_group=group).row_of_position
+
+        assert call()[masks[0]].tolist() == expected[0]
+        counts.append(count_per_call(call, "cpu")[0])
+    assert counts[0] == counts[1] <= 20  # 14 on the device side (13 + the all-gather's copy), the rest host checks

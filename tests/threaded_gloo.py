@@ -50,10 +50,13 @@ def run_gloo_threads(cp: int, fn: Callable[[dist.ProcessGroup], Any], timeout: f
             errors[rank] = error
 
     threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(cp)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout)
+    finally:
+        _C10D._set_thread_isolation_mode(False)  # torch's default; nothing else here turns it on
     if any(t.is_alive() for t in threads):
         raise TimeoutError(f"gloo ranks still running after {timeout} s")
     first = next((e for e in errors if e is not None), None)
