@@ -113,8 +113,8 @@ class LocalCounts:
     piece bounds) and ``running_at`` the running count there; ``local_counts`` ``[k]`` is what
     every rank all-gathers (``[cp * k]`` back, rank-major). ``later`` ``[cp * k]`` is the table of
     :mod:`cpinspect.core.selection_plan` (``None`` in :func:`select_rank_rows`, which compacts
-    from the natural-order offsets it builds for display). ``spread`` (``0`` then the mask, ``[T + 1]`` int64) is
-    the dense map's scratch buffer, used up when the map is made.
+    from the natural-order offsets it builds for display). ``spread`` (``0`` then the mask,
+    ``[T + 1]`` int64) is the dense map's scratch buffer, used up when the map is made.
     """
 
     mask: torch.Tensor
