@@ -166,4 +166,23 @@ def test_operators_per_call_do_not_grow_with_segments_or_cp():
 
         assert call()[masks[0]].tolist() == expected[0]
         counts.append(count_per_call(call, "cpu")[0])
-    assert counts[0] == counts[1] <= 20  # 14 on the device side (13 + the all-gather's copy), the rest host checks
+    assert counts[0] == counts[1] <= 20  # 13 on the device side (12 + the all-gather's copy), the rest host checks
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3])
+def test_bounds_are_the_chunk_starts_and_stay_inside_the_row_for_any_cu_seqlens(cp):
+    """The bounds formula against the chunk starts written out, and clamped for nonsense values."""
+    from cpinspect.core.selection_plan import zigzag_bounds, zigzag_tables
+
+    local_tokens = 10 * cp
+    for cu in ([0, 4 * cp, 10 * cp * cp], [0, 0, 2 * cp, 2 * cp, 10 * cp * cp], [0, -8, 10 ** 6], [3, 5, 7]):
+        pair, _ = zigzag_tables(len(cu) - 1, cp, 0, torch.device("cpu"))
+        got = zigzag_bounds(torch.tensor(cu, dtype=torch.int32), cp, pair, local_tokens).tolist()
+        want = []
+        for s in range(len(cu) - 1):
+            want += [cu[s] // cp, cu[s] // cp + (cu[s + 1] - cu[s]) // (2 * cp)]
+        want.append(cu[-1] // cp)
+        valid = cu == sorted(cu) and cu[-1] == cp * local_tokens and all(c % (2 * cp) == 0 for c in cu)
+        if valid:  # a valid layout: exactly the chunk starts
+            assert got == want
+        assert got == [min(max((cu[k // 2] + cu[(k + 1) // 2]) // (2 * cp), 0), local_tokens) for k in range(len(got))]

@@ -8,7 +8,7 @@ of vision tokens before it in natural order.
 Few kernels, all of fixed shape. With ``T`` local tokens and ``k = 2S`` local pieces:
 
 1. local piece bounds ``[k + 1]`` from ``cu_seqlens`` through a cached index table (one gather,
-   a sum, a division, a clamp; :mod:`cpinspect.core.selection_plan`);
+   a sum, one ``bucketize`` that divides and clamps; :mod:`cpinspect.core.selection_plan`);
 2. a running vision count ``[T + 1]`` (one fill, one copy, one cumulative sum), read at the
    bounds: the local counts ``[k]``;
 3. **one** ``all_gather_into_tensor`` of the ``[k]`` counts (every rank calls it);
@@ -16,7 +16,7 @@ Few kernels, all of fixed shape. With ``T`` local tokens and ``k = 2S`` local pi
    first local piece that comes after it in natural order (a cached table says which), and a
    second cumulative sum over the local row gives every position its row; ``-1`` off vision.
 
-That is 13 tensor operators with ``cu_seqlens`` on the device and 14 from the host (one
+That is 12 tensor operators with ``cu_seqlens`` on the device and 13 from the host (one
 asynchronous copy), plus the all-gather; ``bench/selection.py`` counts them per call (on CUDA:
 kernels and copies from the profiler). Nothing reads a device value on the host, nothing has a
 data-dependent shape, and the tables are built once per ``(S, cp, rank, device)``, so the call

@@ -16,7 +16,11 @@ Two small integer tables turn the per-call work into a handful of fixed-shape ke
   gathered counts whose ``later`` is at most ``k``: one scatter-add and one running sum give
   every row (:func:`cpinspect.core.selection.dense_rows`).
 
-The cache holds device tensors keyed by ``(segments, cp, rank, device)``. Nothing is added to it
+A third, ``[T]`` ``2cp, 4cp, ...`` (:func:`chunk_steps`), turns the division of the bounds and
+their clamp into one ``bucketize``.
+
+The cache holds device tensors keyed by ``(segments, cp, rank, device)`` (the steps by
+``(cp, device)``). Nothing is added to it
 while ``torch.compile`` traces (a table missing then is built inside the graph, from ``arange``
 arithmetic; one already cached becomes a graph input) or while a CUDA graph is being captured (a
 table made there would hold no values until the graph is replayed).
@@ -24,24 +28,47 @@ table made there would hold no values until the graph is replayed).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
 def zigzag_tables(segments: int, cp: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pair, later)`` for rank ``rank`` of ``cp`` under per-document zigzag, on ``device``."""
-    key = (segments, cp, rank, str(device))
-    tables = _TABLES.get(key)
+    pair, later = _cached(("zigzag", segments, cp, rank, str(device)),
+                          lambda: build_zigzag_tables(segments, cp, rank, device), device)
+    return pair, later
+
+
+def chunk_steps(cp: int, local_tokens: int, device: torch.device) -> torch.Tensor:
+    """``[local_tokens]`` ``2cp, 4cp, ..., 2cp * local_tokens``: bucketizing by it divides and clamps.
+
+    One table per ``(cp, device)``, grown to the next power of two when a longer row comes, so
+    rows of changing length reuse it (a slice is a view: no kernel).
+    """
+    key = ("steps", cp, str(device))
+    steps = _TABLES.get(key)
+    if steps is None or steps[0].numel() < local_tokens:
+        size = 1 << max(local_tokens - 1, 1).bit_length()
+        steps = _cached(key, lambda: (torch.arange(1, size + 1, device=device) * (2 * cp),), device, replace=True)
+    return steps[0][:local_tokens]
+
+
+def _cached(key: tuple[object, ...], build: Callable[[], tuple[torch.Tensor, ...]], device: torch.device,
+            replace: bool = False) -> tuple[torch.Tensor, ...]:
+    tables = None if replace else _TABLES.get(key)
     if tables is not None:  # while tracing too: dynamo lifts the cached tensors into graph inputs
         return tables
-    tables = build_zigzag_tables(segments, cp, rank, device)
+    tables = build()
     if not torch.compiler.is_compiling() and not _capturing(device):
+        _TABLES.pop(key, None)
         if len(_TABLES) >= _MAX_TABLES:
             _TABLES.pop(next(iter(_TABLES)))
         _TABLES[key] = tables
     return tables
 
 
-_TABLES: dict[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLES: dict[tuple[object, ...], tuple[torch.Tensor, ...]] = {}
 _MAX_TABLES = 64
 
 
@@ -67,11 +94,12 @@ def build_zigzag_tables(segments: int, cp: int, rank: int,
 def zigzag_bounds(cu: torch.Tensor, cp: int, pair: torch.Tensor, local_tokens: int) -> torch.Tensor:
     """``[2S + 1]`` local piece bounds under zigzag: ``(cu[pair[:, 0]] + cu[pair[:, 1]]) // 2cp``.
 
-    Clamped to ``[0, local_tokens]``, so device ``cu_seqlens`` that disagree with the mask (found
-    later by :meth:`VisionRowMap.check`) can never index out of bounds.
+    Three kernels: the gather, the pair sum, and one ``bucketize`` by :func:`chunk_steps`, which
+    divides and clamps to ``[0, local_tokens]`` at once, so device ``cu_seqlens`` that disagree
+    with the mask (found later by :meth:`VisionRowMap.check`) can never index out of bounds.
     """
     twice = cu[pair].sum(-1, dtype=torch.long)
-    return twice.div_(2 * cp, rounding_mode="floor").clamp_(0, local_tokens)
+    return torch.bucketize(twice, chunk_steps(cp, local_tokens, cu.device), right=True)
 
 
 def piece_bounds(local_piece_len: torch.Tensor, local_tokens: int) -> torch.Tensor:
