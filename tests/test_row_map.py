@@ -186,3 +186,23 @@ def test_bounds_are_the_chunk_starts_and_stay_inside_the_row_for_any_cu_seqlens(
         if valid:  # a valid layout: exactly the chunk starts
             assert got == want
         assert got == [min(max((cu[k // 2] + cu[(k + 1) // 2]) // (2 * cp), 0), local_tokens) for k in range(len(got))]
+
+
+def test_row_map_selection_holds_the_literal_counts_in_natural_order():
+    cp = 3
+    cu, masks, expected, total = literal_case(23, cp)
+    full = [t in VISION for t in synth.random_batch(23, cp)["input_ids"].reshape(-1).tolist()]
+    per_rank = [local_counts(cu.tolist(), cp, r, full) for r in range(cp)]
+    natural = []  # chunk c of segment s: rank c's first piece, or rank 2cp-1-c's second
+    for s in range(cu.numel() - 1):
+        natural += [per_rank[c][s][0] if c < cp else per_rank[2 * cp - 1 - c][s][1] for c in range(2 * cp)]
+
+    def program(group):
+        row_map = local_vision_row_map(masks[group.rank()], cu, cp_group=group)
+        return row_map.selection, row_map.row_of_position
+
+    for rank, (selection, dense) in enumerate(run_spmd(cp, program)):
+        assert selection.local_counts.view(-1, 2).tolist() == per_rank[rank]
+        assert selection.full_counts.tolist() == natural
+        assert selection.offsets.tolist() == [sum(natural[:i]) for i in range(len(natural))]
+        assert selection.row_map is dense and int(selection.full_counts.sum()) == total
