@@ -193,7 +193,7 @@ def run_modes(device: str, configs: tuple[tuple[int, int, int], ...], budget_s: 
     for tokens, segments, cp in configs:
         case = build_case(tokens, segments, cp, device)
         calls = mode_calls(case, device, backend)
-        verify_modes(case, calls)
+        failed = verify_modes(case, calls)
         timed = time_modes(calls, device, budget_s)
         base_host, base_dev = timed["loop reference"]
         for name, (host, dev) in timed.items():
@@ -203,6 +203,8 @@ def run_modes(device: str, configs: tuple[tuple[int, int, int], ...], budget_s: 
                      na if kernels is None else f"{kernels:g}", syncs,
                      f"{base_host / host:.1f}x", na if dev is None or base_dev is None else f"{base_dev / dev:.1f}x"]
             print("| " + " | ".join(cells) + " |")
+        for name, error in failed.items():
+            print(f"| {case.label} | {name} | failed: {error} | | | | | | |")
     if device == "cpu":
         print("\nGPU columns not measured: no CUDA device in this run (graph replay needs one).")
 
