@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +28,10 @@ import torch
 import torch.distributed as dist
 
 from bench.batches import packed_batch
+from bench.kernels import count_per_call, count_syncs
 from bench.loop_reference import loop_vision_rows
+from bench.modes import mode_calls, time_modes, verify_modes
+from bench.replay import ReplayGroup
 from cpinspect.core.oracle import expected_rows, global_positions
 from cpinspect.core.selection import local_vision_row_map, local_vision_rows
 
@@ -39,26 +41,6 @@ CONFIGS = (  # (tokens, segments, cp); vision fraction ~0.4
 )
 QUICK_CONFIGS = ((16_384, 32, 4),)
 TARGETS = {"cpu": 10.0, "cuda": 20.0}
-
-
-class ReplayGroup(dist.ProcessGroup):
-    """Rank ``rank`` of a group whose all-gather returns precomputed per-rank tensors."""
-
-    def __init__(self, rank: int, gathered: torch.Tensor) -> None:
-        super().__init__(rank, gathered.shape[0])
-        self._gathered = gathered
-        self.check_inputs = False
-
-    def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
-                  opts: object = None) -> dist.Work:
-        (tensor,) = input_tensors
-        if self.check_inputs and not torch.equal(tensor.reshape(-1), self._gathered[self.rank()].reshape(-1)):
-            raise AssertionError(f"rank {self.rank()} sent counts that differ from the replayed ones")
-        for out, src in zip(output_tensors[0], self._gathered):
-            out.copy_(src.view_as(out))
-        future: torch.futures.Future = torch.futures.Future()
-        future.set_result(None)
-        return torch._C._distributed_c10d._create_work_from_future(future)
 
 
 @dataclass
@@ -114,8 +96,7 @@ def impls() -> dict[str, Impl]:
 def verify(case: Case) -> None:
     """Every implementation's rows equal the oracle's on every rank (the row map: at vision positions)."""
     for rank in range(case.cp):
-        group = ReplayGroup(rank, case.gathered)
-        group.check_inputs = True
+        group = ReplayGroup(rank, case.gathered, check_inputs=True)
         for name, fn in impls().items():
             got = fn(case, rank, group).cpu()
             if name == "local_vision_row_map":
@@ -160,18 +141,10 @@ def time_per_rank(case: Case, fns: dict[str, Impl], device: str, budget_s: float
     return {name: statistics.fmean(values) for name, values in per_rank.items()}
 
 
-def count_syncs(case: Case, fn: Impl) -> int:
+def syncs_of(case: Case, fn: Impl) -> int:
     """Device-to-host synchronisations of one call on rank 0 (CUDA only)."""
     group = ReplayGroup(0, case.gathered)
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn(case, 0, group)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return count_syncs(lambda: fn(case, 0, group))
 
 
 def machine(device: str) -> str:
@@ -200,13 +173,40 @@ def run_device(device: str, configs: tuple[tuple[int, int, int], ...], budget_s:
             ratio = base / seconds
             cells = [case.label, name, f"{seconds * 1e3:.3f}", f"{ratio:.1f}x"]
             if device == "cuda":
-                cells.append(str(count_syncs(case, impls()[name])))
+                cells.append(str(syncs_of(case, impls()[name])))
             print("| " + " | ".join(cells) + " |")
             if name == "local_vision_rows" and ratio < TARGETS[device]:
                 met = False
         print(f"| {case.label} | target for local_vision_rows | | >= {TARGETS[device]:g}x |" + (" |" if device == "cuda"
                                                                                           else ""))
     return met
+
+
+def run_modes(device: str, configs: tuple[tuple[int, int, int], ...], budget_s: float, backend: str) -> None:
+    """Print the eager / compiled / graph-replay table for ``device`` (rank 0 of every shape)."""
+    print(f"\n## {device.upper()}, rank 0: eager, torch.compile(fullgraph=True, backend={backend!r}), CUDA-graph "
+          f"replay of local_vision_row_map(...).row_of_position; {machine(device)}")
+    print("| shape | mode | host ms / call | device ms / call | ops / call | kernels+copies / call | syncs / call "
+          "| host speed-up vs loop | device speed-up vs loop |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    na = "not measured (no CUDA)" if device == "cpu" else "n/a"
+    for tokens, segments, cp in configs:
+        case = build_case(tokens, segments, cp, device)
+        calls = mode_calls(case, device, backend)
+        failed = verify_modes(case, calls)
+        timed = time_modes(calls, device, budget_s)
+        base_host, base_dev = timed["loop reference"]
+        for name, (host, dev) in timed.items():
+            ops, kernels, _ = count_per_call(calls[name], device)
+            syncs = na if device == "cpu" else str(count_syncs(calls[name]))
+            cells = [case.label, name, f"{host * 1e3:.3f}", na if dev is None else f"{dev * 1e3:.3f}", f"{ops:g}",
+                     na if kernels is None else f"{kernels:g}", syncs,
+                     f"{base_host / host:.1f}x", na if dev is None or base_dev is None else f"{base_dev / dev:.1f}x"]
+            print("| " + " | ".join(cells) + " |")
+        for name, error in failed.items():
+            print(f"| {case.label} | {name} | failed: {error} | | | | | | |")
+    if device == "cpu":
+        print("\nGPU columns not measured: no CUDA device in this run (graph replay needs one).")
 
 
 def profile(device: str, tokens: int, segments: int, cp: int) -> None:
@@ -237,6 +237,10 @@ def main() -> None:
                         help="torch intra-op threads on the CPU (default 1: one rank's share of a host; on a "
                              "small shared machine a wider pool stalls on descheduled workers)")
     parser.add_argument("--profile", action="store_true", help="print the torch profiler table for the first shape")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend for the compiled mode (default: inductor on CUDA, aot_eager on "
+                             "the CPU, where inductor's C++ build takes minutes on a small machine)")
+    parser.add_argument("--no-modes", action="store_true", help="skip the eager / compiled / graph-replay table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -253,6 +257,13 @@ def main() -> None:
             profile(device, *configs[0])
         return
     verdicts = {d: run_device(d, configs, args.budget) for d in devices}
+    if not args.no_modes:
+        for device in devices:
+            backend = args.compile_backend or ("inductor" if device == "cuda" else "aot_eager")
+            run_modes(device, configs, args.budget, backend)
+        if "cuda" not in devices:
+            print("CUDA: not available in this run; eager/compiled/graph-replay GPU times, kernel counts and syncs "
+                  "were not measured.")
     for device, met in verdicts.items():
         print(f"{device}: target >= {TARGETS[device]:g}x {'met' if met else 'MISSED'}")
 

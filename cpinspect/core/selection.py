@@ -2,21 +2,30 @@
 
 This mirrors what a pre-sharded Megatron-Bridge style model does before its scatter
 (``combined[vision_mask] = vision_embeds[rows]``): count the vision tokens in each locally held
-piece, all-gather those counts over the CP group, rebuild the global table in natural order,
-take exclusive offsets and add each local vision token's ordinal within its piece.
+piece, all-gather those counts over the CP group, and give each local vision token the number
+of vision tokens before it in natural order.
 
-Everything is vectorised over pieces and tokens; the only collective is one all-gather of a
-fixed-shape count tensor, so every rank calls it, including ranks without vision tokens.
+Few kernels, all of fixed shape. With ``T`` local tokens and ``k = 2S`` local pieces:
 
-Sync-freedom on CUDA. Every step up to the *dense row map* (one row per local position, ``-1``
-where there is no vision token) is a fixed-shape kernel: a running count, gathers at piece
-bounds, the all-gather, an ``index_copy_`` into natural order, a cumulative sum, and a
-difference-array expansion of per-piece shifts. Nothing reads a device value on the host, so a
-training step can use :func:`local_vision_row_map` without a single device-to-host sync. Two
-things cannot be had for free, and the API makes both the caller's choice:
+1. local piece bounds ``[k + 1]`` from ``cu_seqlens`` through a cached index table (one gather,
+   a sum, one ``bucketize`` that divides and clamps; :mod:`cpinspect.core.selection_plan`);
+2. a running vision count ``[T + 1]`` (one fill, one copy, one cumulative sum), read at the
+   bounds: the local counts ``[k]``;
+3. **one** ``all_gather_into_tensor`` of the ``[k]`` counts (every rank calls it);
+4. the dense row map: each gathered count is added, with one ``index_add_``, at the start of the
+   first local piece that comes after it in natural order (a cached table says which), and a
+   second cumulative sum over the local row gives every position its row; ``-1`` off vision.
+
+That is 12 tensor operators with ``cu_seqlens`` on the device and 13 from the host (one
+asynchronous copy), plus the all-gather; ``bench/selection.py`` counts them per call (on CUDA:
+kernels and copies from the profiler). Nothing reads a device value on the host, nothing has a
+data-dependent shape, and the tables are built once per ``(S, cp, rank, device)``, so the call
+is ``torch.compile(fullgraph=True)``-clean and can be captured in a CUDA graph (see the
+README's Performance section for the pattern). Two things cannot be had for free, and the API
+makes both the caller's choice:
 
 * the *compact* row list has a data-dependent length (the rank's vision-token count). Passing
-  ``local_vision_count`` (often known on the host already) compacts with a scatter, sync-free;
+  ``local_vision_count`` (often known on the host already) makes it sync-free;
   without it the length is read from the device (one sync), as ``combined[mask] = ...`` does too.
 * the check against ``vision_embed_count`` compares a device total with a host number. It runs
   eagerly (one sync) when the count is passed to :func:`local_vision_rows`, or later, when the
@@ -31,6 +40,17 @@ import torch
 import torch.distributed as dist
 
 from cpinspect.core.layout import zigzag_rank_pieces
+from cpinspect.core.selection_plan import (
+    check_host_cu_seqlens,
+    check_mask_length,
+    piece_bounds,
+    zigzag_bounds,
+    zigzag_tables,
+)
+
+# ``all_gather_into_tensor`` is ``all_gather_single`` from torch 2.13 on (same op, new name); dynamo
+# turns either into the functional collective when it traces a registered group.
+_ALL_GATHER_FLAT = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class VisionCountMismatch(ValueError):
@@ -69,68 +89,99 @@ def exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(values, 0).sub_(values)
 
 
-def running_count(mask: torch.Tensor) -> torch.Tensor:
-    """``[T + 1]`` vision tokens before each position (``out[p] = mask[:p].sum()``), one pass."""
-    running = torch.zeros(mask.numel() + 1, dtype=torch.long, device=mask.device)
-    running[1:] = mask
-    return running.cumsum_(0)
-
-
-def piece_starts(local_piece_len: torch.Tensor) -> torch.Tensor:
-    """``[pieces_per_rank + 1]`` local start of every piece, then the end of the last one."""
-    starts = torch.zeros(local_piece_len.numel() + 1, dtype=torch.long, device=local_piece_len.device)
-    torch.cumsum(local_piece_len, 0, out=starts[1:])
-    return starts
-
-
-def gather_counts(local_counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``[cp, pieces_per_rank]``: every rank's counts, through one all-gather on ``group``."""
-    received = [torch.empty_like(local_counts) for _ in range(group.size())]
-    dist.all_gather(received, local_counts, group=group)
-    return torch.stack(received)
-
-
 def natural_counts(gathered: torch.Tensor, rank_pieces: torch.Tensor) -> torch.Tensor:
     """``[P]`` counts in natural piece order: rank r's column j is piece ``rank_pieces[r, j]``."""
     full = torch.zeros(rank_pieces.numel(), dtype=gathered.dtype, device=gathered.device)
-    return full.scatter_(0, rank_pieces.reshape(-1), gathered.reshape(-1))
+    return full.scatter_(0, rank_pieces.reshape(-1).to(gathered.device), gathered.reshape(-1))
 
 
-def piecewise_constant(values: torch.Tensor, first: torch.Tensor, length: int) -> torch.Tensor:
-    """``[length]`` where index i holds ``values[k]`` of the last piece k with ``first[k] <= i``.
+def zigzag_local_piece_len(cu_seqlens: torch.Tensor, cp: int) -> torch.Tensor:
+    """``[2S]`` local piece lengths under per-document zigzag: chunk length twice per segment."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if cp == 1:
+        head = lengths // 2
+        return torch.stack([head, lengths - head], dim=1).reshape(-1)
+    chunk = lengths // (2 * cp)
+    return torch.stack([chunk, chunk], dim=1).reshape(-1)
 
-    A difference array and one cumulative sum: no repeat with a data-dependent size, nothing
-    read on the host, and indices past ``length`` are clamped, never out of bounds. Empty pieces
-    share their first index with the next piece; the telescoping sum leaves the later one in
-    charge, which is right because an empty piece covers nothing.
+
+@dataclass
+class LocalCounts:
+    """Everything one rank computes before the all-gather; nothing in it has been read on the host.
+
+    ``running`` is ``[T + 1]`` (vision tokens before each position), ``bounds`` ``[k + 1]`` (local
+    piece bounds) and ``running_at`` the running count there; ``local_counts`` ``[k]`` is what
+    every rank all-gathers (``[cp * k]`` back, rank-major). ``later`` ``[cp * k]`` is the table of
+    :mod:`cpinspect.core.selection_plan` (``None`` in :func:`select_rank_rows`, which compacts
+    from the natural-order offsets it builds for display). ``spread`` (``0`` then the mask,
+    ``[T + 1]`` int64) is the dense map's scratch buffer, used up when the map is made.
     """
-    step = values.clone()
-    step[1:] -= values[:-1]
-    spread = torch.zeros(length + 1, dtype=values.dtype, device=values.device)
-    spread.index_add_(0, first.clamp(max=length), step)
-    return spread[:length].cumsum_(0)
+
+    mask: torch.Tensor
+    spread: torch.Tensor | None
+    running: torch.Tensor
+    bounds: torch.Tensor
+    running_at: torch.Tensor
+    local_counts: torch.Tensor
+    later: torch.Tensor | None
+    global_tokens: torch.Tensor
+    cp: int
+    cp_rank: int
+
+    def gather(self, group: dist.ProcessGroup) -> torch.Tensor:
+        """``[cp, k]`` every rank's counts, through one ``all_gather_into_tensor`` on ``group``."""
+        gathered = self.local_counts.new_empty(self.cp * self.local_counts.numel())
+        _ALL_GATHER_FLAT(gathered, self.local_counts, group=group)
+        return gathered.view(self.cp, -1)
+
+    def row_map(self, gathered: torch.Tensor) -> VisionRowMap:
+        """The dense row map from the all-gathered counts (``[cp, k]`` or flat ``[cp * k]``)."""
+        row_map = VisionRowMap(self, gathered.view(self.cp, -1), self.global_tokens, self.cp, self.cp_rank)
+        row_map.dense = dense_rows(self, row_map.gathered)
+        return row_map
 
 
-def dense_row_map(mask: torch.Tensor, starts: torch.Tensor, shift: torch.Tensor,
-                  running: torch.Tensor) -> torch.Tensor:
-    """``[T]`` row of every local vision position (``-1`` elsewhere), without compaction.
+def count_pieces(mask: torch.Tensor, bounds: torch.Tensor, later: torch.Tensor | None, global_tokens: torch.Tensor,
+                 cp: int, cp_rank: int) -> LocalCounts:
+    """The running count over the local row, read at the piece bounds: the counts to all-gather."""
+    spread = torch.zeros(mask.numel() + 1, dtype=torch.long, device=mask.device)
+    spread[1:] = mask
+    running = spread.cumsum(0)
+    running_at = running[bounds]
+    local_counts = running_at[1:] - running_at[:-1]
+    return LocalCounts(mask, spread, running, bounds, running_at, local_counts, later, global_tokens, cp, cp_rank)
 
-    A vision token of local piece k with running count ``c`` (vision tokens before it on this
-    rank) takes row ``shift[k] + c``.
+
+def dense_rows(counts: LocalCounts, gathered: torch.Tensor) -> torch.Tensor:
+    """``[T]`` row of every local vision position, ``-1`` elsewhere: one scatter-add, one cumsum.
+
+    Each gathered count lands at the start of the first local piece after it in natural order;
+    the running sum over ``0, mask[0], mask[1], ...`` plus those counts is, at a vision position,
+    the number of vision tokens before it in natural order, which is its row.
     """
-    shift_at = piecewise_constant(shift, starts[:-1], mask.numel())
-    return torch.where(mask, shift_at + running[:-1], -1)
+    spread = counts.spread
+    counts.spread = None
+    if spread is None:  # already used: start again from the mask
+        spread = torch.zeros(counts.mask.numel() + 1, dtype=torch.long, device=counts.mask.device)
+        spread[1:] = counts.mask
+    assert counts.later is not None, "the dense map needs the later table (local_vision_counts makes it)"
+    spread.index_add_(0, counts.bounds[counts.later], gathered.reshape(-1))
+    return torch.where(counts.mask, spread.cumsum_(0)[:-1], -1)
 
 
-def compact_rows(shift: torch.Tensor, first_ordinal: torch.Tensor, local_vision_count: int) -> torch.Tensor:
+def compact_rows(counts: LocalCounts, gathered: torch.Tensor, local_vision_count: int) -> torch.Tensor:
     """``[local_vision_count]`` rows in local order (what ``combined[mask] = ...`` consumes).
 
-    The i-th local vision token lies in the last piece whose first ordinal (vision tokens before
-    the piece on this rank) is at most i, and takes row ``i + shift[piece]``. Sync-free; the count
-    must be the rank's true vision-token count, else the list is cut short or runs past the end.
+    The same construction over ordinals: the i-th local vision token takes row ``i`` plus the
+    gathered counts placed at or before it, each at the first ordinal of its ``later`` piece.
+    Sync-free; the count must be the rank's true vision-token count, else the list is cut short
+    or runs past the end.
     """
-    ordinal = torch.arange(local_vision_count, device=shift.device)
-    return ordinal + piecewise_constant(shift, first_ordinal, local_vision_count)
+    size = max(local_vision_count, counts.mask.numel() + 1)
+    ordinal = torch.ones(size, dtype=torch.long, device=counts.mask.device)
+    assert counts.later is not None, "the compact rows need the later table (local_vision_counts makes it)"
+    ordinal.index_add_(0, counts.running_at[counts.later], gathered.reshape(-1))
+    return ordinal.cumsum_(0)[:local_vision_count].sub_(1)
 
 
 def select_rank_rows(
@@ -148,53 +199,33 @@ def select_rank_rows(
     Sync-free on CUDA when ``local_vision_count`` (this rank's vision tokens) is given; otherwise
     the count is read from the device once.
     """
-    stages = _select(local_mask, local_piece_len, rank_pieces, group)
-    count = int(stages.running[-1]) if local_vision_count is None else local_vision_count
-    selection = stages.selection
-    selection.rows = compact_rows(stages.shift, stages.running[stages.starts[:-1]], count)
-    return selection
-
-
-@dataclass
-class _Stages:
-    """The fixed-shape stages of one selection; nothing in them has been read on the host.
-
-    ``running`` is ``[T + 1]`` (vision tokens before each position), ``starts`` ``[k + 1]``
-    (local piece bounds) and ``shift`` ``[k]`` (row of a piece's vision token minus its running
-    count on this rank).
-    """
-
-    selection: RankSelection
-    running: torch.Tensor
-    starts: torch.Tensor
-    shift: torch.Tensor
-
-
-def _select(local_mask: torch.Tensor, local_piece_len: torch.Tensor, rank_pieces: torch.Tensor,
-            group: dist.ProcessGroup) -> _Stages:
-    """Count, gather once, reorder, offset: every stage with a shape known from the inputs' shapes."""
     cp_rank = group.rank()
     mask = local_mask.reshape(-1).to(torch.bool)
-    running = running_count(mask)
-    starts = piece_starts(local_piece_len).clamp(max=mask.numel())
-    local_counts = running[starts[1:]] - running[starts[:-1]]
-    gathered = gather_counts(local_counts, group)
+    bounds = piece_bounds(local_piece_len.to(mask.device), mask.numel())
+    counts = count_pieces(mask, bounds, None, bounds[-1] * group.size(), group.size(), cp_rank)
+    gathered = counts.gather(group)
+    count = int(counts.running[-1]) if local_vision_count is None else local_vision_count
     full_counts = natural_counts(gathered, rank_pieces)
     offsets = exclusive_cumsum(full_counts)
-    shift = offsets[rank_pieces[cp_rank]] - running[starts[:-1]]
-    no_rows = torch.zeros(0, dtype=torch.long, device=mask.device)
-    selection = RankSelection(cp_rank, mask, local_counts, gathered, full_counts, offsets, no_rows)
-    return _Stages(selection, running, starts, shift)
+    rows = rows_from_offsets(offsets[rank_pieces[cp_rank].to(offsets.device)], counts.running_at, count)
+    return RankSelection(cp_rank, mask, counts.local_counts, gathered, full_counts, offsets, rows)
 
 
-def zigzag_local_piece_len(cu_seqlens: torch.Tensor, cp: int) -> torch.Tensor:
-    """``[2S]`` local piece lengths under per-document zigzag: chunk length twice per segment."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if cp == 1:
-        head = lengths // 2
-        return torch.stack([head, lengths - head], dim=1).reshape(-1)
-    chunk = lengths // (2 * cp)
-    return torch.stack([chunk, chunk], dim=1).reshape(-1)
+def rows_from_offsets(first_row: torch.Tensor, running_at: torch.Tensor, local_vision_count: int) -> torch.Tensor:
+    """Compact rows for any layout, from each local piece's first natural row: ``O(k + n)``, no table.
+
+    The i-th local vision token lies in the last piece k whose first ordinal ``running_at[k]`` is
+    at most i and takes row ``first_row[k] + i - running_at[k]``: a difference array over the
+    ordinals and one cumulative sum (empty pieces share an ordinal with the next one, which then
+    wins: right, since an empty piece covers nothing). The simulation uses it, because it builds
+    the natural-order offsets for display anyway.
+    """
+    shift = first_row - running_at[:-1]
+    step = shift.clone()
+    step[1:] -= shift[:-1]
+    spread = torch.zeros(local_vision_count + 1, dtype=torch.long, device=shift.device)
+    spread.index_add_(0, running_at[:-1].clamp(max=local_vision_count), step)
+    return torch.arange(local_vision_count, device=shift.device) + spread[:local_vision_count].cumsum_(0)
 
 
 @dataclass
@@ -211,22 +242,33 @@ class VisionRowMap:
     caller chooses to pay for reading device values. ``selection`` holds the intermediates.
     """
 
-    selection: RankSelection
-    stages: _Stages
+    counts: LocalCounts
+    gathered: torch.Tensor
     global_tokens: torch.Tensor
     cp: int
+    cp_rank: int
+    dense: torch.Tensor | None = None
 
     @property
     def row_of_position(self) -> torch.Tensor:
-        if self.selection.row_map is None:
-            s = self.stages
-            self.selection.row_map = dense_row_map(self.selection.local_mask, s.starts, s.shift, s.running)
-        return self.selection.row_map
+        if self.dense is None:
+            self.dense = dense_rows(self.counts, self.gathered)
+        return self.dense
+
+    @property
+    def selection(self) -> RankSelection:
+        """The intermediates in natural order too (for display; a few kernels more, made on demand)."""
+        s = self.counts
+        rank_pieces = zigzag_rank_pieces(s.local_counts.numel() // 2, self.cp, device=s.mask.device)
+        full_counts = natural_counts(self.gathered, rank_pieces)
+        return RankSelection(self.cp_rank, s.mask, s.local_counts, self.gathered, full_counts,
+                             exclusive_cumsum(full_counts), torch.zeros(0, dtype=torch.long, device=s.mask.device),
+                             self.dense)
 
     @property
     def vision_total(self) -> torch.Tensor:
         """0-dim: vision tokens over all ranks, from the gathered counts."""
-        return self.selection.full_counts.sum()
+        return self.gathered.sum()
 
     def rows(self, local_vision_count: int | None = None) -> torch.Tensor:
         """Compact rows in local order; sync-free when ``local_vision_count`` is given.
@@ -234,18 +276,21 @@ class VisionRowMap:
         Without the count it is read from the device (one sync on CUDA). On the CPU a given count
         is checked against the mask; on CUDA it is trusted (checking it would sync).
         """
-        running_total = self.stages.running[-1]
+        running_total = self.counts.running[-1]
         if local_vision_count is None:
             local_vision_count = int(running_total)
+        elif running_total.device.type == "cpu" and torch.compiler.is_compiling():
+            torch._assert_async(running_total == local_vision_count, "local_vision_count differs from the vision "
+                                "tokens in the local vision mask")
         elif running_total.device.type == "cpu" and local_vision_count != int(running_total):
             raise ValueError(f"local_vision_count is {local_vision_count}, but the local vision mask holds "
                              f"{int(running_total)} vision tokens")
-        return compact_rows(self.stages.shift, self.stages.running[self.stages.starts[:-1]], local_vision_count)
+        return compact_rows(self.counts, self.gathered, local_vision_count)
 
     def host_values(self) -> tuple[int, int, int]:
         """``(vision_total, global_tokens, local_vision_count)`` read in one device-to-host copy."""
         total, global_tokens, local = torch.stack(
-            [self.vision_total, self.global_tokens, self.stages.running[-1]]).tolist()
+            [self.vision_total, self.global_tokens.to(torch.long), self.counts.running[-1]]).tolist()
         return total, global_tokens, local
 
     def check(self, vision_embed_count: int | None = None) -> None:
@@ -257,7 +302,7 @@ class VisionRowMap:
         self._verify(*self.host_values()[:2], vision_embed_count)
 
     def _verify(self, total: int, global_tokens: int, vision_embed_count: int | None) -> None:
-        _check_mask_length(self.selection.local_mask.numel(), global_tokens, self.cp)
+        check_mask_length(self.counts.mask.numel(), global_tokens, self.cp)
         if vision_embed_count is not None and total != vision_embed_count:
             raise VisionCountMismatch(
                 f"Packed CP ranks contain {total} vision tokens, but the vision encoder produced "
@@ -265,25 +310,20 @@ class VisionRowMap:
             )
 
 
-def _check_mask_length(local_tokens: int, global_tokens: int, cp: int) -> None:
-    if local_tokens * cp != global_tokens:
-        raise ValueError(
-            f"the local vision mask has {local_tokens} entries, but cu_seqlens[-1] // cp = {global_tokens} // {cp} "
-            f"= {global_tokens // cp}: the mask must be this rank's whole local row"
-        )
+def local_vision_counts(vision_mask: torch.Tensor, cu_seqlens: torch.Tensor, *, cp: int, cp_rank: int) -> LocalCounts:
+    """The part before the collective under per-document zigzag: bounds and local counts.
 
-
-def _check_host_cu_seqlens(cu: torch.Tensor, local_tokens: int, cp: int) -> None:
-    """Shape checks that are free when ``cu_seqlens`` lives on the host (no device read)."""
-    _check_mask_length(local_tokens, int(cu[-1]), cp)
-    if cp > 1:
-        lengths = cu[1:] - cu[:-1]
-        if bool((lengths % (2 * cp)).any()):
-            seg = int(torch.nonzero(lengths % (2 * cp))[0])
-            raise ValueError(
-                f"segment {seg} has physical length {int(lengths[seg])}, not divisible by 2*cp = {2 * cp}: "
-                "the zigzag layout needs every physical segment padded to a multiple of 2*cp"
-            )
+    ``local_vision_row_map`` is ``local_vision_counts(...)``, ``.gather(group)``, ``.row_map(...)``;
+    call the three yourself to keep the all-gather outside a compiled or captured region.
+    Host-side ``cu_seqlens`` are validated here; nothing is read from the device.
+    """
+    mask = vision_mask.reshape(-1).to(torch.bool)
+    cu = cu_seqlens.reshape(-1)
+    if cu.device.type == "cpu":
+        check_host_cu_seqlens(cu, mask.numel(), cp)
+    cu = cu.to(mask.device, non_blocking=True)  # as given: a pinned host buffer stays capturable
+    pair, later = zigzag_tables(cu.numel() - 1, cp, cp_rank, mask.device)
+    return count_pieces(mask, zigzag_bounds(cu, cp, pair, mask.numel()), later, cu[-1], cp, cp_rank)
 
 
 def local_vision_row_map(
@@ -296,21 +336,13 @@ def local_vision_row_map(
 
     ``vision_mask`` is this rank's local bool mask ``[cu_seqlens[-1] // cp]`` (any shape that
     flattens to it); ``cu_seqlens`` are the global physical boundaries ``[S + 1]``. Exactly one
-    collective (an all-gather of ``[2S]`` counts) is issued on every rank. Host-side
-    ``cu_seqlens`` are validated here (free) and copied asynchronously; device-side ones are
-    validated by :meth:`VisionRowMap.check`, since reading them would sync.
+    collective (an ``all_gather_into_tensor`` of ``[2S]`` counts) is issued on every rank.
+    Host-side ``cu_seqlens`` are validated here (free) and copied asynchronously; device-side
+    ones are validated by :meth:`VisionRowMap.check`, since reading them would sync. Safe to
+    ``torch.compile(fullgraph=True)`` and to capture in a CUDA graph (README, Performance).
     """
-    cp = cp_group.size()
-    mask = vision_mask.reshape(-1).to(torch.bool)
-    cu = cu_seqlens.reshape(-1)
-    if cu.device.type == "cpu":
-        cu = cu.to(torch.long)
-        _check_host_cu_seqlens(cu, mask.numel(), cp)
-    cu = cu.to(device=mask.device, dtype=torch.long, non_blocking=True)
-    local_piece_len = zigzag_local_piece_len(cu, cp)
-    rank_pieces = zigzag_rank_pieces(cu.numel() - 1, cp, device=mask.device)
-    stages = _select(mask, local_piece_len, rank_pieces, cp_group)
-    return VisionRowMap(stages.selection, stages, cu[-1], cp)
+    counts = local_vision_counts(vision_mask, cu_seqlens, cp=cp_group.size(), cp_rank=cp_group.rank())
+    return counts.row_map(counts.gather(cp_group))
 
 
 def local_vision_rows(
@@ -334,7 +366,8 @@ def local_vision_rows(
     and :meth:`VisionRowMap.check`, or skip it); otherwise exactly one, which reads the gathered
     total and the local count together. The returned rows are in local token order.
     """
-    row_map = local_vision_row_map(vision_mask, cu_seqlens, cp_group=cp_group)
+    counts = local_vision_counts(vision_mask, cu_seqlens, cp=cp_group.size(), cp_rank=cp_group.rank())
+    row_map = VisionRowMap(counts, counts.gather(cp_group), counts.global_tokens, counts.cp, counts.cp_rank)
     if vision_embed_count is None:
         return row_map.rows(local_vision_count)
     total, global_tokens, local = row_map.host_values()

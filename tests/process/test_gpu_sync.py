@@ -5,6 +5,11 @@ performs (``.item()``, ``.tolist()``, ``nonzero``, blocking copies, stream syncs
 ``RuntimeError``. The mode is process-wide, so it also covers the simulated ranks' threads; the
 first test shows that it does, so the others cannot pass vacuously. Results are moved to the CPU
 only after the mode is switched off, and compared with the literal oracle. Skipped without CUDA.
+
+The last tests capture the row map in a CUDA graph (device and pinned host ``cu_seqlens``) and
+replay it on new batches of the same shape, under the same mode, through a replay group whose
+all-gather is one device copy from a captured buffer (the counts the literal oracle says every
+rank sends), and compile the two local stages with the all-gather between them.
 """
 
 from contextlib import contextmanager
@@ -12,10 +17,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from bench.replay import ReplayGroup
 from cpinspect.core import synth
 from cpinspect.core.selection import VisionCountMismatch, local_vision_row_map, local_vision_rows
 from cpinspect.groups.simulated import SpmdError, run_spmd
-from tests.literal import expected_rows, zigzag_indices
+from tests.literal import expected_rows, local_counts, zigzag_indices
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 VISION = (151655, 151656)
@@ -113,3 +119,77 @@ def test_default_call_with_the_count_check_matches_the_oracle_on_cuda():
         return local_vision_rows(masks[group.rank()], cu, cp_group=group, vision_embed_count=total).cpu().tolist()
 
     assert run_spmd(4, program, timeout=60.0) == expected
+
+
+def static_batches(cp, segments, tokens, seeds):
+    """Batches of one shape (``segments``, ``tokens``): cu_seqlens, per-rank masks, oracle rows, gathered counts."""
+    batches = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        unit = 2 * cp
+        cuts = torch.randperm(tokens // unit - 1, generator=g)[: segments - 1].add(1).sort().values * unit
+        cu = [0, *cuts.tolist(), tokens]
+        mask = (torch.rand(tokens, generator=g) < 0.4).tolist()
+        held = zigzag_indices(cu, cp)
+        gathered = [sum(local_counts(cu, cp, r, mask), []) for r in range(cp)]
+        batches.append((cu, [[mask[i] for i in h] for h in held], [expected_rows(mask, h) for h in held], gathered))
+    return batches
+
+
+def warm_up_then_capture(fn):
+    """Run ``fn`` once on a side stream (builds the cached tables), then capture it; returns (graph, output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+@pytest.mark.parametrize("cu_form", ["device", "pinned host"])
+def test_row_map_replays_from_a_cuda_graph_against_the_oracle_without_syncs(cp, cu_form):
+    batches = static_batches(cp, segments=5, tokens=2 * cp * 40, seeds=[cp, cp + 10, cp + 20])
+    cu0, masks0, _, gathered0 = batches[0]
+    for rank in range(cp):
+        mask = torch.tensor(masks0[rank], dtype=torch.bool, device="cuda")
+        gathered = torch.tensor(gathered0, dtype=torch.long, device="cuda")
+        cu = torch.tensor(cu0, dtype=torch.int32)
+        cu = cu.pin_memory() if cu_form == "pinned host" else cu.cuda()
+        group = ReplayGroup(rank, gathered)
+        def call(mask=mask, cu=cu, group=group):
+            return local_vision_row_map(mask, cu, cp_group=group).row_of_position
+
+        graph, out = warm_up_then_capture(call)
+        for cu_b, masks_b, expected_b, gathered_b in batches:  # new values in the captured buffers, then replay
+            mask.copy_(torch.tensor(masks_b[rank], dtype=torch.bool))
+            gathered.copy_(torch.tensor(gathered_b, dtype=torch.long))
+            cu.copy_(torch.tensor(cu_b, dtype=torch.int32))
+            with syncs_are_errors():
+                graph.replay()
+            torch.cuda.synchronize()
+            got, host_mask = out.cpu(), mask.cpu()
+            assert got[host_mask].tolist() == expected_b[rank]
+            assert (got[~host_mask] == -1).all()
+
+
+@pytest.mark.parametrize("cu_form", ["device", "pinned host"])
+def test_compiled_stages_match_the_oracle_on_cuda(cu_form):
+    from cpinspect.core.selection import LocalCounts, local_vision_counts
+
+    counts_fn = torch.compile(local_vision_counts, fullgraph=True, backend="aot_eager")
+    finish_fn = torch.compile(LocalCounts.row_map, fullgraph=True, backend="aot_eager")
+    cp = 4
+    for cu_list, masks, expected, gathered in static_batches(cp, segments=6, tokens=2 * cp * 50, seeds=[1, 2]):
+        cu = torch.tensor(cu_list, dtype=torch.int32)
+        cu = cu.pin_memory() if cu_form == "pinned host" else cu.cuda()
+        for rank in range(cp):
+            mask = torch.tensor(masks[rank], dtype=torch.bool, device="cuda")
+            group = ReplayGroup(rank, torch.tensor(gathered, dtype=torch.long, device="cuda"))
+            counts = counts_fn(mask, cu, cp=cp, cp_rank=rank)
+            got = finish_fn(counts, counts.gather(group)).row_of_position.cpu()
+            assert got[mask.cpu()].tolist() == expected[rank]
+            assert (got[~mask.cpu()] == -1).all()

@@ -12,7 +12,7 @@ import torch
 from cpinspect.core import synth
 from cpinspect.core.selection import VisionCountMismatch, local_vision_row_map, local_vision_rows
 from cpinspect.groups.simulated import SpmdError, execute_spmd, run_spmd
-from tests.literal import expected_rows, zigzag_indices
+from tests.literal import expected_rows, local_counts, zigzag_indices
 
 VISION = (151655, 151656)
 
@@ -76,7 +76,8 @@ def test_exactly_one_collective_per_rank_with_the_count_shape():
     states, failure = execute_spmd(4, lambda g: local_vision_rows(masks[g.rank()], cu, cp_group=g))
     assert failure is None
     for state in states:
-        assert [(c.op, c.shapes, c.dtypes) for c in state.calls] == [("all_gather", ((2 * segments,),), ("int64",))]
+        calls = [(c.op, c.shapes, c.dtypes) for c in state.calls]
+        assert calls == [("all_gather_into_tensor", ((2 * segments,),), ("int64",))]
 
 
 def test_deferred_check_raises_on_every_rank_together():
@@ -129,3 +130,79 @@ def test_sync_free_forms_are_public_names():
     assert cpinspect.local_vision_row_map is local_vision_row_map
     assert cpinspect.local_vision_rows is local_vision_rows
     assert "VisionRowMap" in dir(cpinspect)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_bucketed_shapes_keep_the_oracle_rows(cp):
+    """The static-shape recipe of the README: empty segments pad S, a text-only segment pads T."""
+    cu, masks, expected, _ = literal_case(17 + cp, cp)
+    extra_tokens = 2 * cp * 3
+    bucketed = torch.cat([cu, cu[-1:].repeat(3), cu[-1:] + extra_tokens])  # 3 empty segments, 1 padding segment
+    padded = [torch.cat([m, torch.zeros(extra_tokens // cp, dtype=torch.bool)]) for m in masks]
+
+    def program(group):
+        rank = group.rank()
+        return local_vision_row_map(padded[rank], bucketed, cp_group=group).row_of_position
+
+    for rank, row_map in enumerate(run_spmd(cp, program)):
+        assert row_map[padded[rank]].tolist() == expected[rank]
+        assert (row_map[~padded[rank]] == -1).all()
+
+
+def test_operators_per_call_do_not_grow_with_segments_or_cp():
+    """The profiler's top-level operators of one row-map call: the same count at every shape, and few."""
+    from bench.kernels import count_per_call
+    from bench.replay import ReplayGroup
+
+    counts = []
+    for seed, cp in ((1, 2), (2, 8)):
+        cu, masks, expected, _ = literal_case(seed, cp)
+        full = [t in VISION for t in synth.random_batch(seed, cp)["input_ids"].reshape(-1).tolist()]
+        gathered = torch.tensor([sum(local_counts(cu.tolist(), cp, r, full), []) for r in range(cp)])
+        group = ReplayGroup(0, gathered, check_inputs=True)
+
+        def call(mask=masks[0], cu=cu, group=group):
+            return local_vision_row_map(mask, cu, cp_group=group).row_of_position
+
+        assert call()[masks[0]].tolist() == expected[0]
+        counts.append(count_per_call(call, "cpu")[0])
+    assert counts[0] == counts[1] <= 20  # 13 on the device side (12 + the all-gather's copy), the rest host checks
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3])
+def test_bounds_are_the_chunk_starts_and_stay_inside_the_row_for_any_cu_seqlens(cp):
+    """The bounds formula against the chunk starts written out, and clamped for nonsense values."""
+    from cpinspect.core.selection_plan import zigzag_bounds, zigzag_tables
+
+    local_tokens = 10 * cp
+    for cu in ([0, 4 * cp, 10 * cp * cp], [0, 0, 2 * cp, 2 * cp, 10 * cp * cp], [0, -8, 10 ** 6], [3, 5, 7]):
+        pair, _ = zigzag_tables(len(cu) - 1, cp, 0, torch.device("cpu"))
+        got = zigzag_bounds(torch.tensor(cu, dtype=torch.int32), cp, pair, local_tokens).tolist()
+        want = []
+        for s in range(len(cu) - 1):
+            want += [cu[s] // cp, cu[s] // cp + (cu[s + 1] - cu[s]) // (2 * cp)]
+        want.append(cu[-1] // cp)
+        valid = cu == sorted(cu) and cu[-1] == cp * local_tokens and all(c % (2 * cp) == 0 for c in cu)
+        if valid:  # a valid layout: exactly the chunk starts
+            assert got == want
+        assert got == [min(max((cu[k // 2] + cu[(k + 1) // 2]) // (2 * cp), 0), local_tokens) for k in range(len(got))]
+
+
+def test_row_map_selection_holds_the_literal_counts_in_natural_order():
+    cp = 3
+    cu, masks, expected, total = literal_case(23, cp)
+    full = [t in VISION for t in synth.random_batch(23, cp)["input_ids"].reshape(-1).tolist()]
+    per_rank = [local_counts(cu.tolist(), cp, r, full) for r in range(cp)]
+    natural = []  # chunk c of segment s: rank c's first piece, or rank 2cp-1-c's second
+    for s in range(cu.numel() - 1):
+        natural += [per_rank[c][s][0] if c < cp else per_rank[2 * cp - 1 - c][s][1] for c in range(2 * cp)]
+
+    def program(group):
+        row_map = local_vision_row_map(masks[group.rank()], cu, cp_group=group)
+        return row_map.selection, row_map.row_of_position
+
+    for rank, (selection, dense) in enumerate(run_spmd(cp, program)):
+        assert selection.local_counts.view(-1, 2).tolist() == per_rank[rank]
+        assert selection.full_counts.tolist() == natural
+        assert selection.offsets.tolist() == [sum(natural[:i]) for i in range(len(natural))]
+        assert selection.row_map is dense and int(selection.full_counts.sum()) == total
