@@ -2,7 +2,7 @@
 # What to run on the GPU machine, from the repository root:  bash bench/gpu.sh
 #
 # Writes under $OUT (default bench/results/gpu-run): the machine and versions, the CUDA tests
-# (tests/test_gpu_sync.py: sync-free forms and CUDA-graph capture/replay under
+# (tests/process/test_gpu_sync.py: sync-free forms and CUDA-graph capture/replay under
 # torch.cuda.set_sync_debug_mode("error"), compiled stages on CUDA; plus the CPU row-map and
 # compile tests), and the selection benchmark tables for CPU and CUDA (eager / compiled /
 # graph replay, host and device times, kernels and syncs per call). Needs torch with CUDA,
@@ -24,10 +24,10 @@ cat "$OUT/machine.txt"
 
 status=0
 if "$PY" -c "import pytest" 2>/dev/null; then
-  "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu_sync.py tests/test_row_map.py tests/test_compile.py 2>&1 | tee "$OUT/gpu_sync_tests.txt"
+  "$PY" -m pytest -q -p no:cacheprovider -rs tests/process/test_gpu_sync.py tests/unit/test_row_map.py tests/capability/test_compile.py 2>&1 | tee "$OUT/gpu_sync_tests.txt"
   test "${PIPESTATUS[0]}" -eq 0 || status=1
 else
-  echo "pytest is not installed: tests/test_gpu_sync.py was not run (install pytest from a wheel and rerun)" \
+  echo "pytest is not installed: tests/process/test_gpu_sync.py was not run (install pytest from a wheel and rerun)" \
     | tee "$OUT/gpu_sync_tests.txt"
   status=1
 fi

@@ -8,7 +8,7 @@ before it is timed:
 * ``compiled``: ``torch.compile(..., fullgraph=True)`` of the two local stages,
   ``local_vision_counts`` and ``LocalCounts.row_map``, with the all-gather eager between them
   (the replay group is no registered c10d group, so the collective stays outside; with NCCL the
-  whole ``local_vision_row_map`` compiles, as ``tests/test_compile.py`` shows with gloo);
+  whole ``local_vision_row_map`` compiles, as ``tests/capability/test_compile.py`` shows with gloo);
 * ``graph replay`` (CUDA only): the eager call captured once in a ``torch.cuda.CUDAGraph``,
   then ``graph.replay()``.
 

@@ -59,7 +59,7 @@ job bug --bug-step 2
 if "$PY" -c "import pytest" 2>/dev/null; then
     echo "== CUDA and NCCL tests"
     set +e
-    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_capture.py tests/test_verify.py tests/test_torchrun.py \
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/capability/test_capture.py tests/capability/test_verify.py tests/process/test_torchrun.py \
         -k "cuda or nccl" 2>&1 | tee "$DEST/pytest_cuda.txt"
     set -e
 else

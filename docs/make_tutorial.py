@@ -4,7 +4,7 @@ Run from anywhere: ``python docs/make_tutorial.py`` rewrites both files; ``--che
 whether they are current (exit 1 if not). Every console block of the tutorial is a
 ``$ cpinspect ...`` line followed by exactly what that command prints at a fixed width without
 colour, and the few numbers quoted in the prose are computed with cpinspect's own API, so
-nothing in the tutorial is typed by hand. ``tests/test_tutorial.py`` re-runs every block.
+nothing in the tutorial is typed by hand. ``tests/capability/test_transcripts.py`` re-runs every block.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def sections(n: dict[str, str]) -> list[str | Command]:
         "This walk-through goes from *why a contiguous split is unbalanced* to *why pre-sharded vision rows "
         "need a count all-gather*. Every block below is a real `cpinspect` command followed by its real output "
         f"({WIDTH} columns, no colour); `python docs/make_tutorial.py` regenerates this file and "
-        "`tests/test_tutorial.py` re-runs every block, so what you read is what the tool prints. Run the same "
+        "`tests/capability/test_transcripts.py` re-runs every block, so what you read is what the tool prints. Run the same "
         "commands in a terminal to see each rank in its own colour.",
         "## 1. Why a contiguous split is unbalanced",
         "Causal attention lets the query at offset *k* of a sequence see *k + 1* keys: itself and everything "

@@ -10,7 +10,7 @@ patterns, as the README documents them:
   all-gather eager in between, which works with any group (here the simulated one).
 
 On the CPU, host and device ``cu_seqlens`` are the same thing (the mask lives on the host); the
-CUDA forms are in ``tests/test_gpu_sync.py``. Backend ``aot_eager``: dynamo and AOT autograd,
+CUDA forms are in ``tests/process/test_gpu_sync.py``. Backend ``aot_eager``: dynamo and AOT autograd,
 no code generation, so the tests take seconds.
 """
 
@@ -19,8 +19,8 @@ import torch
 
 from cpinspect.core.selection import LocalCounts, local_vision_counts, local_vision_row_map, local_vision_rows
 from cpinspect.groups.simulated import run_spmd
-from tests.test_row_map import literal_case
 from tests.threaded_gloo import run_gloo_threads
+from tests.unit.test_row_map import literal_case
 
 
 @pytest.fixture(autouse=True)
