@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cpinspect.core.errors import InputError
 from cpinspect.groups.callsite import call_site, error_site
 from cpinspect.groups.coordinator import (
     DEFAULT_TIMEOUT_S,
@@ -31,6 +32,7 @@ from cpinspect.groups.coordinator import (
     SpmdError,
     describe_tensors,
     reduce_op_name,
+    stall_limit,
 )
 
 # the coordinator's types are part of this module's API: execute_spmd returns them
@@ -176,9 +178,12 @@ def execute_spmd(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = D
                  **kwargs: Any) -> tuple[list[RankState], SpmdError | None]:
     """Run ``fn(group, *args, **kwargs)`` on ``cp`` threads; return every rank's state and any failure.
 
-    Never raises for what the ranks do and never waits past ``timeout`` (plus a short grace for
-    threads to unwind): a rank still stuck in user code after that is reported and left behind as
-    a daemon thread.
+    Never raises for what the ranks do. ``timeout`` bounds each wait inside a collective, counted
+    from the latest rank's arrival there (progress-based): ranks that are slow in their own code
+    between collectives are never a failure. Only when no collective is pending and nothing has
+    progressed for :func:`~cpinspect.groups.coordinator.stall_limit` seconds are the ranks still
+    running reported (stuck in their own code) and left behind as daemon threads. An invalid
+    ``timeout`` or threads that cannot be started raise :class:`~cpinspect.core.errors.InputError`.
     """
     if cp < 1:
         raise ValueError(f"cp must be at least 1, got {cp}")
@@ -200,18 +205,45 @@ def execute_spmd(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = D
 
     threads = [threading.Thread(target=body, args=(r,), name=f"cpinspect-rank{r}", daemon=True) for r in range(cp)]
     try:
+        _start_all(threads, coordinator)
+        _wait_for_ranks(coordinator, stall_limit(coordinator.timeout))
+        grace = time.monotonic() + _UNWIND_S  # ranks aborted out of a collective unwind at once
         for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + timeout + 1.0
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, grace - time.monotonic()))
         with coordinator.cond:
-            if any(t.is_alive() for t in threads):
-                coordinator.fail_overrun(("running",))
             return list(coordinator.states), coordinator.outcome()
     finally:
         for group in groups:
             registry.pop(group, None)
+
+
+_UNWIND_S = 2.0
+
+
+def _start_all(threads: list[threading.Thread], coordinator: Coordinator) -> None:
+    """Start every rank thread; if the system refuses one, abort those started and say so (exit 2)."""
+    for index, thread in enumerate(threads):
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": the per-user thread limit or memory
+            coordinator.fail("exception", f"only {index} of {len(threads)} rank threads could be started")
+            for started in threads[:index]:
+                started.join(_UNWIND_S)
+            raise InputError(
+                f"the simulated group needs one thread per rank, but the system refused to start thread "
+                f"{index + 1} of {len(threads)} ({exc})", where=f"--cp {len(threads)}",
+                fix="use a smaller --cp, or raise the limit on threads/processes (ulimit -u) and the memory "
+                    "available to this process") from None
+
+
+def _wait_for_ranks(coordinator: Coordinator, limit: float) -> None:
+    """Until every rank finished or the group failed; fail it if all live ranks stalled in their own code."""
+    with coordinator.cond:
+        while coordinator.failure is None and any(s.status in ("running", "waiting") for s in coordinator.states):
+            if coordinator.stalled(limit):
+                coordinator.fail_stall(limit)
+                break
+            coordinator.cond.wait(max(0.05, min(1.0, coordinator.progress + limit - time.monotonic())))
 
 
 def run_spmd(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S,
