@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from cpinspect.core.errors import InputError
 from cpinspect.groups.callsite import call_site, error_site
+from cpinspect.groups.collectives import ExtraCollectives, NotSimulatedError, reduce_stack, reducer
 from cpinspect.groups.coordinator import (
     DEFAULT_TIMEOUT_S,
     CollectiveAbort,
@@ -31,7 +32,6 @@ from cpinspect.groups.coordinator import (
     RankState,
     SpmdError,
     describe_tensors,
-    reduce_op_name,
     stall_limit,
 )
 
@@ -56,26 +56,7 @@ def _copy_all(outputs: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         out.copy_(src)
 
 
-_REDUCERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "SUM": lambda s: s.sum(0),
-    "AVG": lambda s: s.float().mean(0) if not s.is_floating_point() else s.mean(0),
-    "PRODUCT": lambda s: s.prod(0),
-    "MIN": lambda s: s.min(0).values,
-    "MAX": lambda s: s.max(0).values,
-    "BAND": lambda s: _fold(s, torch.bitwise_and),
-    "BOR": lambda s: _fold(s, torch.bitwise_or),
-    "BXOR": lambda s: _fold(s, torch.bitwise_xor),
-}
-
-
-def _fold(stacked: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    out = stacked[0].clone()
-    for t in stacked[1:]:
-        out = op(out, t)
-    return out
-
-
-class SimulatedProcessGroup(dist.ProcessGroup):
+class SimulatedProcessGroup(ExtraCollectives, dist.ProcessGroup):  # type: ignore[misc]  # torch overloads
     """One rank's view of a simulated CP group; collectives meet in a shared coordinator."""
 
     def __init__(self, coordinator: Coordinator, rank: int, size: int, name: str = "cp") -> None:
@@ -145,12 +126,10 @@ class SimulatedProcessGroup(dist.ProcessGroup):
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         (tensor,) = tensors
-        op = reduce_op_name(opts)
-        if op not in _REDUCERS:
-            raise NotImplementedError(f"all_reduce with {op} is not simulated by cpinspect")
+        op, reduce = reducer(opts, "all_reduce")
 
         def move(payloads: list[Any]) -> None:
-            reduced = _REDUCERS[op](torch.stack(payloads)).to(payloads[0].dtype)
+            reduced = reduce_stack(payloads, reduce)
             for t in payloads:
                 t.copy_(reduced)
 
@@ -196,7 +175,7 @@ def execute_spmd(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = D
     def body(rank: int) -> None:
         try:
             value = fn(groups[rank], *args, **kwargs)
-        except CollectiveAbort as exc:
+        except (CollectiveAbort, NotSimulatedError) as exc:  # not the user's line: no site
             coordinator.finish(rank, error=exc)
         except BaseException as exc:  # noqa: BLE001 - reported per rank, never swallowed silently
             coordinator.finish(rank, error=exc, site=error_site(exc))
