@@ -78,12 +78,15 @@ class RankState:
     error_site: str = ""
     value: Any = None
     died: str = ""  # how its process ended ("was killed by SIGKILL") when it died without a result
+    blocked: str = ""  # the send or receive it is blocked in, described
 
     def describe(self) -> str:
         done = len(self.calls)
         if self.died:
             last = f"; its last collective was {self.calls[-1].describe()}" if self.calls else ""
             return f"rank {self.rank} died: its process {self.died} after {done} collective(s){last}"
+        if self.status == "waiting" and self.blocked:
+            return f"rank {self.rank} is blocked in {self.blocked}"
         if self.status == "waiting":
             return f"rank {self.rank} is waiting in {self.calls[-1].describe()}"
         if self.status == "returned":

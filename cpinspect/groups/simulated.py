@@ -34,6 +34,7 @@ from cpinspect.groups.coordinator import (
     describe_tensors,
     stall_limit,
 )
+from cpinspect.groups.p2p import P2POp, P2PWork, PointToPoint
 
 # the coordinator's types are part of this module's API: execute_spmd returns them
 __all__ = ["DEFAULT_TIMEOUT_S", "CollectiveCall", "RankState", "SimulatedProcessGroup", "SpmdError", "execute_spmd",
@@ -59,9 +60,11 @@ def _copy_all(outputs: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
 class SimulatedProcessGroup(ExtraCollectives, dist.ProcessGroup):  # type: ignore[misc]  # torch overloads
     """One rank's view of a simulated CP group; collectives meet in a shared coordinator."""
 
-    def __init__(self, coordinator: Coordinator, rank: int, size: int, name: str = "cp") -> None:
+    def __init__(self, coordinator: Coordinator, rank: int, size: int, name: str = "cp",
+                 mailbox: PointToPoint | None = None) -> None:
         super().__init__(rank, size)
         self._coordinator = coordinator
+        self._mailbox = mailbox if mailbox is not None else PointToPoint(coordinator)
         self._group_label = name
         self._seq = 0
 
@@ -149,6 +152,18 @@ class SimulatedProcessGroup(ExtraCollectives, dist.ProcessGroup):  # type: ignor
     def barrier(self, opts: Any = None) -> dist.Work:
         return self._enter("barrier", [], "", None, lambda payloads: None)
 
+    def _post(self, kind: str, tensors: list[torch.Tensor], peer: int, tag: int) -> dist.Work:
+        (tensor,) = tensors
+        op = P2POp(kind, self.rank(), int(peer), int(tag), tensor, call_site(3))
+        self._mailbox.post(op)
+        return P2PWork(self._mailbox, op)
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
+        return self._post("send", tensors, dst, tag)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
+        return self._post("recv", tensors, src, tag)
+
     def __repr__(self) -> str:
         return f"SimulatedProcessGroup(rank={self.rank()}, size={self.size()})"
 
@@ -167,7 +182,8 @@ def execute_spmd(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = D
     if cp < 1:
         raise ValueError(f"cp must be at least 1, got {cp}")
     coordinator = Coordinator(cp, timeout)
-    groups = [SimulatedProcessGroup(coordinator, r, cp) for r in range(cp)]
+    mailbox = PointToPoint(coordinator)
+    groups = [SimulatedProcessGroup(coordinator, r, cp, mailbox=mailbox) for r in range(cp)]
     registry = dist.distributed_c10d._world.pg_group_ranks
     for group in groups:  # lets torch translate src=/dst= ranks (identity: the CP group is the world)
         registry[group] = {r: r for r in range(cp)}
