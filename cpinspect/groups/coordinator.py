@@ -135,10 +135,15 @@ class CollectiveAbort(Exception):
 class Coordinator:
     """Shared meeting point of one simulated group: matches calls by sequence number."""
 
-    def __init__(self, size: int, timeout: float) -> None:
+    def __init__(self, size: int, timeout: float, *, cond: threading.Condition | None = None,
+                 label: str = "", global_ranks: Sequence[int] | None = None,
+                 linked: list[Coordinator] | None = None) -> None:
         self.size = size
         self.timeout = validate_timeout(timeout)
-        self.cond = threading.Condition()  # re-entrant: fail() may be called with it held
+        self.cond = cond if cond is not None else threading.Condition()  # re-entrant: fail() may hold it
+        self.label = label  # a subgroup's name; "" for a group that is the whole world
+        self.global_ranks = list(global_ranks) if global_ranks is not None else list(range(size))
+        self.linked = linked if linked is not None else [self]  # every group of one run: they fail together
         self.states = [RankState(r) for r in range(size)]
         self.pending: dict[int, dict[int, tuple[CollectiveCall, Any]]] = {}
         self.last_arrival: dict[int, float] = {}  # seq -> when the latest rank arrived (progress)
@@ -283,7 +288,14 @@ class Coordinator:
         """Record the group's first failure and wake every waiting rank; later ones are ignored."""
         with self.cond:
             if self.failure is None:
-                self.failure = SpmdError(kind, message, self.states, slow_ranks)
+                if self.label:
+                    message = (f"in group {self.label} (its ranks 0..{self.size - 1} are global ranks "
+                               f"{self.global_ranks}): {message}")
+                self.failure = SpmdError(kind, message, self.states, [self.global_ranks[r] for r in slow_ranks])
+                for other in self.linked:  # ranks waiting in the run's other groups must not wait on
+                    if other.failure is None:
+                        other.failure = self.failure
+                        other.cond.notify_all()
             self.cond.notify_all()
 
     def outcome(self) -> SpmdError | None:

@@ -13,26 +13,21 @@ collective while others wait is reported at once, and every wait has a deadline:
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from cpinspect.core.errors import InputError
-from cpinspect.groups.callsite import call_site, error_site
-from cpinspect.groups.collectives import ExtraCollectives, NotSimulatedError, reduce_stack, reducer
+from cpinspect.groups.callsite import call_site
+from cpinspect.groups.collectives import ExtraCollectives, reduce_stack, reducer
 from cpinspect.groups.coordinator import (
     DEFAULT_TIMEOUT_S,
-    CollectiveAbort,
     CollectiveCall,
     Coordinator,
     RankState,
     SpmdError,
     describe_tensors,
-    stall_limit,
 )
 from cpinspect.groups.p2p import P2POp, P2PWork, PointToPoint
 
@@ -179,66 +174,9 @@ def execute_spmd(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = D
     running reported (stuck in their own code) and left behind as daemon threads. An invalid
     ``timeout`` or threads that cannot be started raise :class:`~cpinspect.core.errors.InputError`.
     """
-    if cp < 1:
-        raise ValueError(f"cp must be at least 1, got {cp}")
-    coordinator = Coordinator(cp, timeout)
-    mailbox = PointToPoint(coordinator)
-    groups = [SimulatedProcessGroup(coordinator, r, cp, mailbox=mailbox) for r in range(cp)]
-    registry = dist.distributed_c10d._world.pg_group_ranks
-    for group in groups:  # lets torch translate src=/dst= ranks (identity: the CP group is the world)
-        registry[group] = {r: r for r in range(cp)}
+    from cpinspect.groups.mesh import execute_world  # mesh builds on this module's group
 
-    def body(rank: int) -> None:
-        try:
-            value = fn(groups[rank], *args, **kwargs)
-        except (CollectiveAbort, NotSimulatedError) as exc:  # not the user's line: no site
-            coordinator.finish(rank, error=exc)
-        except BaseException as exc:  # noqa: BLE001 - reported per rank, never swallowed silently
-            coordinator.finish(rank, error=exc, site=error_site(exc))
-        else:
-            coordinator.finish(rank, value=value)
-
-    threads = [threading.Thread(target=body, args=(r,), name=f"cpinspect-rank{r}", daemon=True) for r in range(cp)]
-    try:
-        _start_all(threads, coordinator)
-        _wait_for_ranks(coordinator, stall_limit(coordinator.timeout))
-        grace = time.monotonic() + _UNWIND_S  # ranks aborted out of a collective unwind at once
-        for thread in threads:
-            thread.join(max(0.0, grace - time.monotonic()))
-        with coordinator.cond:
-            return list(coordinator.states), coordinator.outcome()
-    finally:
-        for group in groups:
-            registry.pop(group, None)
-
-
-_UNWIND_S = 2.0
-
-
-def _start_all(threads: list[threading.Thread], coordinator: Coordinator) -> None:
-    """Start every rank thread; if the system refuses one, abort those started and say so (exit 2)."""
-    for index, thread in enumerate(threads):
-        try:
-            thread.start()
-        except RuntimeError as exc:  # "can't start new thread": the per-user thread limit or memory
-            coordinator.fail("exception", f"only {index} of {len(threads)} rank threads could be started")
-            for started in threads[:index]:
-                started.join(_UNWIND_S)
-            raise InputError(
-                f"the simulated group needs one thread per rank, but the system refused to start thread "
-                f"{index + 1} of {len(threads)} ({exc})", where=f"--cp {len(threads)}",
-                fix="use a smaller --cp, or raise the limit on threads/processes (ulimit -u) and the memory "
-                    "available to this process") from None
-
-
-def _wait_for_ranks(coordinator: Coordinator, limit: float) -> None:
-    """Until every rank finished or the group failed; fail it if all live ranks stalled in their own code."""
-    with coordinator.cond:
-        while coordinator.failure is None and any(s.status in ("running", "waiting") for s in coordinator.states):
-            if coordinator.stalled(limit):
-                coordinator.fail_stall(limit)
-                break
-            coordinator.cond.wait(max(0.05, min(1.0, coordinator.progress + limit - time.monotonic())))
+    return execute_world(cp, fn, args, kwargs, timeout)
 
 
 def run_spmd(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S,
