@@ -1,0 +1,1 @@
+"""CP attention programs in plain torch.distributed, run unmodified by cpinspect's simulated group."""
