@@ -8,6 +8,7 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from cpinspect.groups.simulated import run_spmd
 from examples.cp_programs.attention import allgather_kv_attention, ulysses_attention, zigzag_indices
+from examples.cp_programs.ring import ring_attention
 
 HEADS, DIM = 4, 8
 
@@ -37,7 +38,8 @@ def rank_program(group, program, cu, q, k, v, weight):
     return held, out.detach(), *(x.grad for x in local)
 
 
-@pytest.mark.parametrize("program", [allgather_kv_attention, ulysses_attention], ids=["allgather-kv", "ulysses"])
+@pytest.mark.parametrize("program", [allgather_kv_attention, ulysses_attention, ring_attention],
+                         ids=["allgather-kv", "ulysses", "zigzag-ring"])
 @pytest.mark.parametrize("cp,seed", [(1, 0), (2, 1), (2, 2), (4, 3), (4, 4)])
 def test_cp_attention_matches_full_attention_outputs_and_gradients(program, cp, seed):
     cu, q, k, v, weight = random_row(seed, cp)
