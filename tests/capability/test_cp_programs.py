@@ -2,13 +2,23 @@
 match full attention on the unsharded row: outputs and gradients of q, k and v, on random packed
 rows. The oracle is torch's own scaled_dot_product_attention, one causal call per document."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from cpinspect.groups.simulated import run_spmd
-from examples.cp_programs.attention import allgather_kv_attention, ulysses_attention, zigzag_indices
-from examples.cp_programs.ring import ring_attention
+
+# loaded by path, not as `examples.…`: importing the examples namespace package would change how
+# other tests' examples/impls files resolve
+_spec = importlib.util.spec_from_file_location(
+    "cpinspect_example_cp_attention", Path(__file__).resolve().parents[2] / "examples" / "cp_programs" / "attention.py")
+attention = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(attention)
+allgather_kv_attention, ulysses_attention = attention.allgather_kv_attention, attention.ulysses_attention
+ring_attention, zigzag_indices = attention.ring_attention, attention.zigzag_indices
 
 HEADS, DIM = 4, 8
 
