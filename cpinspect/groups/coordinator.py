@@ -9,6 +9,7 @@ it is visible, and every wait has a deadline.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +18,31 @@ from typing import Any
 
 import torch
 
+from cpinspect.core.errors import InputError
+
 DEFAULT_TIMEOUT_S = 10.0
+STALL_FACTOR, STALL_MIN_S = 10.0, 60.0
+
+
+def validate_timeout(timeout: float) -> float:
+    """``timeout`` as a float when it is a positive, finite number of seconds; else an exit-2 InputError."""
+    try:
+        value = float(timeout)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"--timeout is {timeout!r}: the seconds a collective may wait must be a positive number",
+                         where="--timeout", fix="pass a positive number of seconds, e.g. --timeout 10")
+    return value
+
+
+def stall_limit(timeout: float) -> float:
+    """How long every unfinished rank may run its own code with no collective pending and no progress.
+
+    No collective is waiting then, so this is not the collective ``timeout``: slow compute must not
+    be called a divergence. The bound only keeps a function stuck in its own code from hanging forever.
+    """
+    return max(STALL_MIN_S, STALL_FACTOR * timeout)
 
 
 @dataclass(frozen=True)
@@ -52,9 +77,16 @@ class RankState:
     error: BaseException | None = None
     error_site: str = ""
     value: Any = None
+    died: str = ""  # how its process ended ("was killed by SIGKILL") when it died without a result
+    blocked: str = ""  # the send or receive it is blocked in, described
 
     def describe(self) -> str:
         done = len(self.calls)
+        if self.died:
+            last = f"; its last collective was {self.calls[-1].describe()}" if self.calls else ""
+            return f"rank {self.rank} died: its process {self.died} after {done} collective(s){last}"
+        if self.status == "waiting" and self.blocked:
+            return f"rank {self.rank} is blocked in {self.blocked}"
         if self.status == "waiting":
             return f"rank {self.rank} is waiting in {self.calls[-1].describe()}"
         if self.status == "returned":
@@ -68,18 +100,27 @@ class RankState:
         last = f"; its last collective was {self.calls[-1].describe()}" if self.calls else ""
         return f"rank {self.rank} is still running outside any collective after {done} collective(s){last}"
 
+    @property
+    def computing(self) -> bool:
+        """Running its own code (not waiting in a collective, not finished)."""
+        return self.status == "running"
+
 
 class SpmdError(RuntimeError):
     """The simulated ranks did not run the same program to completion.
 
     ``kind`` is ``"divergence"`` (different collectives, or a rank left while others waited),
-    ``"timeout"`` (a rank never arrived within the deadline) or ``"exception"`` (ranks raised
-    without a collective mismatch). ``ranks`` holds every rank's final :class:`RankState`.
+    ``"timeout"`` (no rank arrived at a pending collective for ``timeout`` seconds), ``"died"``
+    (a rank's process ended without a result: gloo only) or ``"exception"`` (ranks raised without
+    a collective mismatch). ``ranks`` holds every rank's final :class:`RankState`; for a timeout,
+    ``slow_ranks`` are the absent ranks that were running their own code (slow, or stuck, but not
+    seen in another collective) rather than waiting elsewhere.
     """
 
-    def __init__(self, kind: str, message: str, ranks: list[RankState]) -> None:
+    def __init__(self, kind: str, message: str, ranks: list[RankState], slow_ranks: Sequence[int] = ()) -> None:
         self.kind = kind
         self.ranks = ranks
+        self.slow_ranks = list(slow_ranks)
         super().__init__(message)
 
     @property
@@ -94,12 +135,19 @@ class CollectiveAbort(Exception):
 class Coordinator:
     """Shared meeting point of one simulated group: matches calls by sequence number."""
 
-    def __init__(self, size: int, timeout: float) -> None:
+    def __init__(self, size: int, timeout: float, *, cond: threading.Condition | None = None,
+                 label: str = "", global_ranks: Sequence[int] | None = None,
+                 linked: list[Coordinator] | None = None) -> None:
         self.size = size
-        self.timeout = timeout
-        self.cond = threading.Condition()  # re-entrant: fail() may be called with it held
+        self.timeout = validate_timeout(timeout)
+        self.cond = cond if cond is not None else threading.Condition()  # re-entrant: fail() may hold it
+        self.label = label  # a subgroup's name; "" for a group that is the whole world
+        self.global_ranks = list(global_ranks) if global_ranks is not None else list(range(size))
+        self.linked = linked if linked is not None else [self]  # every group of one run: they fail together
         self.states = [RankState(r) for r in range(size)]
         self.pending: dict[int, dict[int, tuple[CollectiveCall, Any]]] = {}
+        self.last_arrival: dict[int, float] = {}  # seq -> when the latest rank arrived (progress)
+        self.progress = time.monotonic()  # when any rank last arrived, completed or finished
         self.completed: set[int] = set()
         self.failure: SpmdError | None = None
         self._fingerprints: dict[int, tuple[Any, ...]] = {}  # seq -> what the first arrival called
@@ -112,6 +160,7 @@ class Coordinator:
         state.status = "waiting"
         arrivals = self.pending.setdefault(call.seq, {})
         arrivals[rank] = (call, payload)
+        self.progress = self.last_arrival[call.seq] = time.monotonic()
         self._check(call.seq)
         return self.failure is None and len(arrivals) == self.size
 
@@ -119,11 +168,20 @@ class Coordinator:
         """Collective ``seq`` ran on every rank (hold ``cond``)."""
         self.completed.add(seq)
         del self.pending[seq]
+        self.last_arrival.pop(seq, None)
         self._fingerprints.pop(seq, None)
+        self.progress = time.monotonic()
+
+    def wait_deadline(self, seq: int) -> float:
+        """When pending collective ``seq`` times out: ``timeout`` after its latest arrival (progress-based).
+
+        A collective fails only when no further rank arrived at it for ``timeout`` seconds, so ranks
+        arriving one by one (GIL-bound compute at high cp) never add up to a timeout.
+        """
+        return self.last_arrival.get(seq, time.monotonic()) + self.timeout
 
     def collective(self, rank: int, call: CollectiveCall, payload: Any, move: Callable[[list[Any]], None]) -> None:
-        """A rank thread's collective: wait for every rank, then ``move`` the payloads; never past the timeout."""
-        deadline = time.monotonic() + self.timeout
+        """A rank thread's collective: wait for every rank, then ``move`` the payloads; the wait has a deadline."""
         with self.cond:
             if self.failure is not None:
                 raise CollectiveAbort(str(self.failure))
@@ -137,7 +195,7 @@ class Coordinator:
                     self.complete(call.seq)
                 self.cond.notify_all()
             while self.failure is None and call.seq not in self.completed:
-                remaining = deadline - time.monotonic()
+                remaining = self.wait_deadline(call.seq) - time.monotonic()
                 if remaining <= 0:
                     self.fail_timeout(call)
                     break
@@ -153,6 +211,7 @@ class Coordinator:
             state.error = error
             state.error_site = site
             state.status = "raised" if error is not None else "returned"
+            self.progress = time.monotonic()
             self._departed.append(state)
             for seq in list(self.pending):
                 self._check(seq)
@@ -177,6 +236,14 @@ class Coordinator:
                 self.fail("divergence", f"ranks called different collectives at position #{seq}: " + "; ".join(lines))
                 return
         gone = [s for s in self._departed if len(s.calls) <= seq]
+        dead = [s for s in gone if s.died]
+        if arrivals and dead:
+            calls = sorted((r, c) for r, (c, _) in arrivals.items())
+            waiting = "; ".join(f"rank {r} entered {c.describe()}" for r, c in calls)
+            self.fail("died", f"{'; '.join(s.describe() for s in dead)}. Collective #{seq} can never complete: "
+                              f"{waiting}. This is not a divergence: the process ended (out of memory, a signal "
+                              "from outside, or a crash in native code)")
+            return
         if arrivals and gone:
             calls = sorted((r, c) for r, (c, _) in arrivals.items())
             waiting = "; ".join(f"rank {r} entered {c.describe()}" for r, c in calls)
@@ -188,26 +255,56 @@ class Coordinator:
             )
 
     def fail_timeout(self, call: CollectiveCall) -> None:
-        """``call`` waited ``timeout`` seconds for the ranks that never arrived."""
+        """``call`` waited ``timeout`` seconds after its latest arrival for the ranks that never arrived.
+
+        The message says which it was: absent ranks running their own code are slow (or stuck in it),
+        absent ranks waiting in another collective are a divergence across groups.
+        """
         absent = [s for s in self.states if len(s.calls) <= call.seq]
         lines = "; ".join(s.describe() for s in absent)
-        self.fail("timeout", f"{call.describe()} did not complete within {self.timeout:g} s: {lines}")
+        slow = [s.rank for s in absent if s.computing]
+        verdict = ""
+        if slow and len(slow) == len(absent):
+            verdict = (f". No rank waiting here was blocked by another collective: rank(s) {_ranks(slow)} were still "
+                       "computing, so they are slow or stuck in their own code, not diverged; if they are merely "
+                       "slow, raise --timeout")
+        self.fail("timeout", f"{call.describe()} did not complete within {self.timeout:g} s of its latest "
+                             f"arrival: {lines}{verdict}", slow)
 
-    def fail_overrun(self, stuck: Sequence[str]) -> None:
-        """The run passed its deadline; ranks whose status is in ``stuck`` are named."""
-        lines = "; ".join(s.describe() for s in self.states if s.status in stuck)
-        self.fail("timeout", f"ranks did not finish within {self.timeout:g} s: {lines}")
+    def fail_stall(self, limit: float) -> None:
+        """Every unfinished rank ran its own code for ``limit`` seconds with no collective pending."""
+        stuck = [s for s in self.states if s.computing]
+        lines = "; ".join(s.describe() for s in stuck)
+        self.fail("timeout", f"ranks did not finish: no collective was pending and nothing progressed for "
+                             f"{limit:g} s: {lines}. These ranks are stuck (or very slow) in their own code, "
+                             "not diverged", [s.rank for s in stuck])
 
-    def fail(self, kind: str, message: str) -> None:
+    def stalled(self, limit: float) -> bool:
+        """No collective pending, no progress for ``limit`` seconds, and some rank still computing (hold ``cond``)."""
+        return (not self.pending and any(s.computing for s in self.states)
+                and time.monotonic() - self.progress >= limit)
+
+    def fail(self, kind: str, message: str, slow_ranks: Sequence[int] = ()) -> None:
         """Record the group's first failure and wake every waiting rank; later ones are ignored."""
         with self.cond:
             if self.failure is None:
-                self.failure = SpmdError(kind, message, self.states)
+                if self.label:
+                    message = (f"in group {self.label} (its ranks 0..{self.size - 1} are global ranks "
+                               f"{self.global_ranks}): {message}")
+                self.failure = SpmdError(kind, message, self.states, [self.global_ranks[r] for r in slow_ranks])
+                for other in self.linked:  # ranks waiting in the run's other groups must not wait on
+                    if other.failure is None:
+                        other.failure = self.failure
+                        other.cond.notify_all()
             self.cond.notify_all()
 
     def outcome(self) -> SpmdError | None:
         """The failure, else the ranks' exceptions as one (None when every rank returned)."""
         return self.failure if self.failure is not None else exception_failure(self.states)
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return ", ".join(str(r) for r in ranks)
 
 
 def only_some_raised(raised: Sequence[int], size: int, waiting: Sequence[str] | None = None) -> str:

@@ -37,6 +37,8 @@ from cpinspect.groups.coordinator import (
     SpmdError,
     describe_tensors,
     reduce_op_name,
+    stall_limit,
+    validate_timeout,
 )
 from cpinspect.groups.watchdog import RankProcesses, Watchdog, supervise
 
@@ -130,9 +132,10 @@ def _join_gloo(rank: int, cp: int, port: int, start_timeout: float, timeout: flo
     if loopback:
         os.environ["GLOO_SOCKET_IFNAME"] = loopback
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=start_timeout))
-    # The watchdog enforces `timeout`; gloo's own deadline only backs it up if the watchdog is gone.
+    # The watchdog enforces `timeout` (progress-based, from a collective's latest arrival); gloo's own
+    # deadline counts from each rank's entry, so it is set beyond anything the watchdog allows.
     dist.init_process_group("gloo", store=store, rank=rank, world_size=cp,
-                            timeout=timedelta(seconds=max(start_timeout, timeout + 10.0)))
+                            timeout=timedelta(seconds=max(start_timeout, stall_limit(timeout) + timeout)))
     world = dist.group.WORLD
     assert world is not None  # init_process_group just created it
     return world
@@ -185,7 +188,7 @@ def rank_main(rank: int, cp: int, port: int, timeout: float, start_timeout: floa
         except BaseException as exc:  # noqa: BLE001 - reported per rank, never swallowed silently
             event = _raised_event(exc)
         report(event)
-        _message(conn, timeout + start_timeout)  # stay in the group until the watchdog says all are done
+        _message(conn, None)  # stay in the group until the watchdog says all are done (or is gone)
     world.pg_map.pop(group, None)
     world.pg_group_ranks.pop(group, None)
     dist.destroy_process_group()
@@ -204,6 +207,7 @@ def execute_gloo(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = D
     """
     if cp < 1:
         raise ValueError(f"cp must be at least 1, got {cp}")
+    timeout = validate_timeout(timeout)
     try:
         payload = pickle.dumps((fn, args, kwargs))
     except Exception as exc:  # noqa: BLE001 - say what the process backend needs

@@ -13,25 +13,23 @@ collective while others wait is reported at once, and every wait has a deadline:
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from cpinspect.groups.callsite import call_site, error_site
+from cpinspect.groups.callsite import call_site
+from cpinspect.groups.collectives import ExtraCollectives, reduce_stack, reducer
 from cpinspect.groups.coordinator import (
     DEFAULT_TIMEOUT_S,
-    CollectiveAbort,
     CollectiveCall,
     Coordinator,
     RankState,
     SpmdError,
     describe_tensors,
-    reduce_op_name,
 )
+from cpinspect.groups.p2p import P2POp, P2PWork, PointToPoint
 
 # the coordinator's types are part of this module's API: execute_spmd returns them
 __all__ = ["DEFAULT_TIMEOUT_S", "CollectiveCall", "RankState", "SimulatedProcessGroup", "SpmdError", "execute_spmd",
@@ -54,31 +52,14 @@ def _copy_all(outputs: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         out.copy_(src)
 
 
-_REDUCERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "SUM": lambda s: s.sum(0),
-    "AVG": lambda s: s.float().mean(0) if not s.is_floating_point() else s.mean(0),
-    "PRODUCT": lambda s: s.prod(0),
-    "MIN": lambda s: s.min(0).values,
-    "MAX": lambda s: s.max(0).values,
-    "BAND": lambda s: _fold(s, torch.bitwise_and),
-    "BOR": lambda s: _fold(s, torch.bitwise_or),
-    "BXOR": lambda s: _fold(s, torch.bitwise_xor),
-}
-
-
-def _fold(stacked: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    out = stacked[0].clone()
-    for t in stacked[1:]:
-        out = op(out, t)
-    return out
-
-
-class SimulatedProcessGroup(dist.ProcessGroup):
+class SimulatedProcessGroup(ExtraCollectives, dist.ProcessGroup):  # type: ignore[misc]  # torch overloads
     """One rank's view of a simulated CP group; collectives meet in a shared coordinator."""
 
-    def __init__(self, coordinator: Coordinator, rank: int, size: int, name: str = "cp") -> None:
+    def __init__(self, coordinator: Coordinator, rank: int, size: int, name: str = "cp",
+                 mailbox: PointToPoint | None = None) -> None:
         super().__init__(rank, size)
         self._coordinator = coordinator
+        self._mailbox = mailbox if mailbox is not None else PointToPoint(coordinator)
         self._group_label = name
         self._seq = 0
 
@@ -143,12 +124,10 @@ class SimulatedProcessGroup(dist.ProcessGroup):
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         (tensor,) = tensors
-        op = reduce_op_name(opts)
-        if op not in _REDUCERS:
-            raise NotImplementedError(f"all_reduce with {op} is not simulated by cpinspect")
+        op, reduce = reducer(opts, "all_reduce")
 
         def move(payloads: list[Any]) -> None:
-            reduced = _REDUCERS[op](torch.stack(payloads)).to(payloads[0].dtype)
+            reduced = reduce_stack(payloads, reduce)
             for t in payloads:
                 t.copy_(reduced)
 
@@ -168,6 +147,18 @@ class SimulatedProcessGroup(dist.ProcessGroup):
     def barrier(self, opts: Any = None) -> dist.Work:
         return self._enter("barrier", [], "", None, lambda payloads: None)
 
+    def _post(self, kind: str, tensors: list[torch.Tensor], peer: int, tag: int) -> dist.Work:
+        (tensor,) = tensors
+        op = P2POp(kind, self.rank(), int(peer), int(tag), tensor, call_site(3))
+        self._mailbox.post(op)
+        return P2PWork(self._mailbox, op)
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
+        return self._post("send", tensors, dst, tag)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
+        return self._post("recv", tensors, src, tag)
+
     def __repr__(self) -> str:
         return f"SimulatedProcessGroup(rank={self.rank()}, size={self.size()})"
 
@@ -176,42 +167,16 @@ def execute_spmd(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = D
                  **kwargs: Any) -> tuple[list[RankState], SpmdError | None]:
     """Run ``fn(group, *args, **kwargs)`` on ``cp`` threads; return every rank's state and any failure.
 
-    Never raises for what the ranks do and never waits past ``timeout`` (plus a short grace for
-    threads to unwind): a rank still stuck in user code after that is reported and left behind as
-    a daemon thread.
+    Never raises for what the ranks do. ``timeout`` bounds each wait inside a collective, counted
+    from the latest rank's arrival there (progress-based): ranks that are slow in their own code
+    between collectives are never a failure. Only when no collective is pending and nothing has
+    progressed for :func:`~cpinspect.groups.coordinator.stall_limit` seconds are the ranks still
+    running reported (stuck in their own code) and left behind as daemon threads. An invalid
+    ``timeout`` or threads that cannot be started raise :class:`~cpinspect.core.errors.InputError`.
     """
-    if cp < 1:
-        raise ValueError(f"cp must be at least 1, got {cp}")
-    coordinator = Coordinator(cp, timeout)
-    groups = [SimulatedProcessGroup(coordinator, r, cp) for r in range(cp)]
-    registry = dist.distributed_c10d._world.pg_group_ranks
-    for group in groups:  # lets torch translate src=/dst= ranks (identity: the CP group is the world)
-        registry[group] = {r: r for r in range(cp)}
+    from cpinspect.groups.mesh import execute_world  # mesh builds on this module's group
 
-    def body(rank: int) -> None:
-        try:
-            value = fn(groups[rank], *args, **kwargs)
-        except CollectiveAbort as exc:
-            coordinator.finish(rank, error=exc)
-        except BaseException as exc:  # noqa: BLE001 - reported per rank, never swallowed silently
-            coordinator.finish(rank, error=exc, site=error_site(exc))
-        else:
-            coordinator.finish(rank, value=value)
-
-    threads = [threading.Thread(target=body, args=(r,), name=f"cpinspect-rank{r}", daemon=True) for r in range(cp)]
-    try:
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + timeout + 1.0
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        with coordinator.cond:
-            if any(t.is_alive() for t in threads):
-                coordinator.fail_overrun(("running",))
-            return list(coordinator.states), coordinator.outcome()
-    finally:
-        for group in groups:
-            registry.pop(group, None)
+    return execute_world(cp, fn, args, kwargs, timeout)
 
 
 def run_spmd(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cpinspect.groups.coordinator import CollectiveCall, Coordinator
+from cpinspect.groups.coordinator import CollectiveCall, Coordinator, stall_limit
 
 
 class RankProcessError(RuntimeError):
@@ -28,15 +28,10 @@ class RankProcessError(RuntimeError):
 class Watchdog(Coordinator):
     """The thread backend's coordinator, fed by events from rank processes instead of threads."""
 
-    def __init__(self, size: int, timeout: float) -> None:
-        super().__init__(size, timeout)
-        self.first_entry: dict[int, tuple[float, CollectiveCall]] = {}
-
     def enter(self, rank: int, call: CollectiveCall) -> None:
         with self.cond:
             if self.failure is not None:
                 return
-            self.first_entry.setdefault(call.seq, (time.monotonic(), call))
             if self.arrive(rank, call, None):
                 self.complete(call.seq)
 
@@ -45,20 +40,32 @@ class Watchdog(Coordinator):
             if self.failure is None:
                 self.states[rank].status = "running"
 
-    def expire(self, run_deadline: float) -> None:
-        """Fail a collective that waited ``timeout`` seconds, or ranks that ran past the deadline."""
+    def died(self, rank: int, code: int | None) -> None:
+        """``rank``'s process ended without a result: ``RANK_DIED``, naming the signal and where the others wait."""
+        with self.cond:
+            state = self.states[rank]
+            state.died = _how(code)
+            self.finish(rank, error=RankProcessError(f"the process of rank {rank} {state.died} before reporting "
+                                                     "a result"))
+            others = "; ".join(s.describe() for s in self.states if s.rank != rank) or "no other rank"
+            self.fail("died", f"{state.describe()}. The other ranks: {others}. This is not a divergence: the process "
+                              "ended (out of memory, a signal from outside, or a crash in native code)")
+
+    def expire(self) -> None:
+        """Fail a collective that no rank arrived at for ``timeout`` seconds, or ranks stalled in their own code."""
         now = time.monotonic()
         with self.cond:
             for seq in sorted(self.pending):
-                started, call = self.first_entry[seq]
-                if self.failure is None and now - started >= self.timeout:
-                    self.fail_timeout(call)
-            if now >= run_deadline:
-                self.fail_overrun(("running", "waiting"))
+                if self.failure is None and now >= self.wait_deadline(seq):
+                    first = min(self.pending[seq].items())[1][0]
+                    self.fail_timeout(first)
+            limit = stall_limit(self.timeout)
+            if self.failure is None and self.stalled(limit):
+                self.fail_stall(limit)
 
-    def next_deadline(self, run_deadline: float) -> float:
-        starts = [self.first_entry[seq][0] + self.timeout for seq in self.pending]
-        return min([run_deadline, *starts])
+    def next_deadline(self) -> float:
+        starts = [self.wait_deadline(seq) for seq in self.pending]
+        return min([self.progress + stall_limit(self.timeout), time.monotonic() + 1.0, *starts])
 
     @property
     def finished(self) -> bool:
@@ -150,15 +157,18 @@ class RankProcesses:
             conn.close()
 
 
-def _died(rank: int, code: int | None) -> RankProcessError:
+def _how(code: int | None) -> str:
+    """How a process ended, from its exit code: ``was killed by SIGKILL`` or ``exited with code 3``."""
     if code is not None and code < 0:
         try:
-            how = f"was killed by {signal.Signals(-code).name}"
+            return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
-            how = f"was killed by signal {-code}"
-    else:
-        how = f"exited with code {code}"
-    return RankProcessError(f"the process of rank {rank} {how} before reporting a result")
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _died(rank: int, code: int | None) -> RankProcessError:
+    return RankProcessError(f"the process of rank {rank} {_how(code)} before reporting a result")
 
 
 def supervise(ranks: RankProcesses, watchdog: Watchdog, start_timeout: float) -> None:
@@ -167,7 +177,9 @@ def supervise(ranks: RankProcesses, watchdog: Watchdog, start_timeout: float) ->
     ranks.start()
     if _start(ranks, watchdog, watchdog.size, start_timeout):
         ranks.send_all(b"go")
-        _watch(ranks, watchdog, time.monotonic() + watchdog.timeout + 1.0)
+        with watchdog.cond:
+            watchdog.progress = time.monotonic()
+        _watch(ranks, watchdog)
 
 
 def _start(ranks: RankProcesses, watchdog: Watchdog, cp: int, start_timeout: float) -> bool:
@@ -198,7 +210,7 @@ def _start(ranks: RankProcesses, watchdog: Watchdog, cp: int, start_timeout: flo
 def _apply(watchdog: Watchdog, ranks: RankProcesses, rank: int, event: tuple[Any, ...] | None) -> None:
     if event is None:
         if watchdog.states[rank].status not in ("returned", "raised"):
-            watchdog.finish(rank, error=_died(rank, ranks.exit_code(rank)))
+            watchdog.died(rank, ranks.exit_code(rank))
         return
     kind = event[0]
     if kind == "enter":
@@ -211,11 +223,11 @@ def _apply(watchdog: Watchdog, ranks: RankProcesses, rank: int, event: tuple[Any
         watchdog.finish(rank, error=_remote_error(*event[1:4]), site=event[4])
 
 
-def _watch(ranks: RankProcesses, watchdog: Watchdog, run_deadline: float) -> None:
+def _watch(ranks: RankProcesses, watchdog: Watchdog) -> None:
     """Feed rank events to the watchdog until all ranks finished or it recorded a failure."""
     while watchdog.failure is None and not watchdog.finished:
-        for rank, event in ranks.poll(watchdog.next_deadline(run_deadline)):
+        for rank, event in ranks.poll(watchdog.next_deadline()):
             _apply(watchdog, ranks, rank, event)
             if watchdog.failure is not None:
                 return
-        watchdog.expire(run_deadline)
+        watchdog.expire()

@@ -10,6 +10,7 @@ from cpinspect.core.compare import NATURAL_ORDER_HINT, SCATTER_HINT, compare_row
 from cpinspect.core.findings import Finding
 
 if TYPE_CHECKING:
+    from cpinspect.groups.coordinator import SpmdError
     from cpinspect.simulation.run import RankResult, Result
 
 
@@ -20,8 +21,7 @@ def check(result: Result) -> list[Finding]:
         findings.append(Finding("SEGMENTS_PADDED", "info", result.notes[0],
                                 "frameworks pad each segment to a multiple of 2*cp before CP; your data should too"))
     if result.spmd_error is not None:
-        findings.append(Finding("COLLECTIVE_DIVERGENCE", "error", str(result.spmd_error),
-                                "every rank must reach the same collectives in the same order"))
+        findings.append(spmd_finding(result.spmd_error))
         return findings
     total_gathered = int(result.gathered_counts.sum())
     if total_gathered != result.vision_embed_count:
@@ -52,6 +52,19 @@ def check(result: Result) -> list[Finding]:
             "each vision embedding row must land on exactly one rank",
         ))
     return findings
+
+
+def spmd_finding(failure: SpmdError) -> Finding:
+    """The finding of a failed group: a rank that died, ranks too slow for --timeout, or a divergence."""
+    if failure.kind == "died":
+        return Finding("RANK_DIED", "error", str(failure),
+                       "a rank's process ended: look at its memory use and at who sends signals to the job")
+    if failure.kind == "timeout" and failure.slow_ranks:
+        return Finding("COLLECTIVE_TIMEOUT", "error", str(failure),
+                       "ranks ran their own code longer than --timeout while others waited: raise --timeout if "
+                       "they are merely slow, or find where they are stuck")
+    return Finding("COLLECTIVE_DIVERGENCE", "error", str(failure),
+                   "every rank must reach the same collectives in the same order")
 
 
 def _rows_mismatch(result: Result, rank: RankResult) -> Finding:

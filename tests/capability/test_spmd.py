@@ -165,15 +165,12 @@ def test_exception_message_gives_the_scope_then_each_raised_rank():
         f"rank 1 raised ValueError: rank 1 at {every} after 0 collective(s)")
 
 
-def test_a_rank_stuck_outside_any_collective_is_reported_after_the_deadline():
+def test_a_rank_slow_in_its_own_code_with_no_collective_pending_is_not_a_failure():
     def sleeps_on_rank1(group):
         if group.rank() == 1:
-            time.sleep(2.0)  # no collective is pending, so only the run's deadline can end this
+            time.sleep(1.5)  # no collective is pending: nobody waits for it, so the timeout does not apply
+        return group.rank()
 
-    start = time.monotonic()
     states, failure = execute_spmd(2, sleeps_on_rank1, timeout=0.3)
-    assert time.monotonic() - start < 1.9  # timeout + 1 s grace, not the sleep
-    assert failure is not None and failure.kind == "timeout"
-    assert str(failure) == ("ranks did not finish within 0.3 s: rank 1 is still running outside any collective "
-                            "after 0 collective(s)")
-    assert [s.status for s in states] == ["returned", "running"]
+    assert failure is None
+    assert [s.value for s in states] == [0, 1]

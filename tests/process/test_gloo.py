@@ -47,6 +47,15 @@ def stuck_in_user_code(group, pid_dir, stuck_rank):
     dist.all_gather([torch.empty_like(t) for _ in range(group.size())], t, group=group)
 
 
+def killed_after_one_gather(group, pid_dir):
+    note_pid(pid_dir, group.rank())
+    t = torch.tensor([group.rank()])
+    dist.all_gather([torch.empty_like(t) for _ in range(group.size())], t, group=group)
+    if group.rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_gather([torch.empty_like(t) for _ in range(group.size())], t, group=group)
+
+
 def gathers_ranks(group):
     t = torch.tensor([group.rank(), 10 * group.rank()])
     out = [torch.empty_like(t) for _ in range(group.size())]
@@ -161,6 +170,25 @@ def test_cp4_rank_stuck_outside_collectives_times_out_within_the_bound(tmp_path)
     assert len(pids(tmp_path)) == 4
     assert not any(alive(pid) for pid in pids(tmp_path))
     assert set(child_processes()) <= before  # no new child of this process is left
+
+
+@linux_only
+def test_a_rank_killed_by_sigkill_is_rank_died_not_a_divergence(tmp_path):
+    from cpinspect.simulation.checks import spmd_finding
+
+    before = set(child_processes())
+    states, failure = execute_gloo(2, killed_after_one_gather, str(tmp_path), timeout=120.0)
+    assert failure is not None and failure.kind == "died", str(failure)
+    text = str(failure)
+    assert text.startswith("rank 1 died: its process was killed by SIGKILL after 1 collective(s); its last "
+                           "collective was all_gather([1] int64) #0 at tests/process/test_gloo.py:")
+    assert ("Collective #1 can never complete: rank 0 entered all_gather([1] int64) #1 at "
+            "tests/process/test_gloo.py:") in text
+    assert "This is not a divergence" in text
+    assert spmd_finding(failure).code == "RANK_DIED"
+    assert states[1].status == "raised" and states[0].status in ("waiting", "raised")  # gloo may see the peer go
+    assert not any(alive(pid) for pid in pids(tmp_path))
+    assert set(child_processes()) <= before
 
 
 WATCHDOG_SCRIPT = """
