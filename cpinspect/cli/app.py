@@ -6,7 +6,6 @@ Command modules import torch inside the command only, so ``cpinspect --help`` st
 from __future__ import annotations
 
 import sys
-
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 

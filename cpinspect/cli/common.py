@@ -162,6 +162,12 @@ def progress_steps(enabled: bool) -> Iterator[Callable[[str], None]]:
 
 
 JSON_SLICE = 1 << 18
+JSON_BATCH = 4096
+
+
+def _flat(record: dict[str, Any]) -> bool:
+    """No tensor, dict or list inside: ``json.dumps`` writes it in one call."""
+    return not any(isinstance(item, (dict, list)) or hasattr(item, "dim") for item in record.values())
 
 
 def write_json(value: Any, stream: TextIO) -> None:
@@ -174,7 +180,9 @@ def write_json(value: Any, stream: TextIO) -> None:
     """
     import torch
 
-    if isinstance(value, dict):
+    if isinstance(value, dict) and _flat(value):
+        stream.write(json.dumps(value))  # a flat record (e.g. one chunk): one call, not one per key
+    elif isinstance(value, dict):
         stream.write("{")
         for index, (key, item) in enumerate(value.items()):
             stream.write((", " if index else "") + json.dumps(key) + ": ")
@@ -182,9 +190,14 @@ def write_json(value: Any, stream: TextIO) -> None:
         stream.write("}")
     elif isinstance(value, list) and value and isinstance(value[0], (dict, torch.Tensor)):
         stream.write("[")
-        for index, item in enumerate(value):
-            stream.write(", " if index else "")
-            write_json(item, stream)
+        for start in range(0, len(value), JSON_BATCH):
+            batch = value[start:start + JSON_BATCH]
+            if all(isinstance(item, dict) and _flat(item) for item in batch):  # e.g. a long chunk list
+                stream.write((", " if start else "") + json.dumps(batch)[1:-1])
+                continue
+            for index, item in enumerate(batch):
+                stream.write(", " if start or index else "")
+                write_json(item, stream)
         stream.write("]")
     elif isinstance(value, torch.Tensor) and value.dim() == 1 and not (
             value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
