@@ -104,6 +104,7 @@ def compare_layouts(cu_seqlens: torch.Tensor, cp: int) -> tuple[dict[str, Balanc
     The second dict maps a layout name to the one-paragraph reason it cannot cut this row (e.g. a
     segment not divisible by ``2*cp``); such a layout has no balance entry.
     """
+    check_row_size(cu_seqlens)  # the whole row's limit, not a reason one layout cannot cut it
     balances: dict[str, Balance] = {}
     impossible: dict[str, str] = {}
     for kind in LAYOUTS:
