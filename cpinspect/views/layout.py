@@ -204,7 +204,8 @@ def segment_heading(layout: Layout, cells: Sequence[Cell], segment: int, vision:
     if layout.kind == "zigzag" and layout.cp > 1:
         heading.append(f" = {2 * layout.cp} chunks of {length // (2 * layout.cp):,}")
     elif layout.kind != "zigzag":
-        heading.append(f" · holds parts of {len(cells)} {'piece' if len(cells) == 1 else 'pieces'} of the row")
+        pieces = _pieces_in(layout, start, end)  # all of them, also those of ranks not drawn
+        heading.append(f" · holds parts of {pieces} {'piece' if pieces == 1 else 'pieces'} of the row")
     if vision is not None:
         heading.append(f" · {int(vision[end] - vision[start]):,} vision tokens")
     return heading
@@ -235,6 +236,12 @@ def global_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
         out.append(Text(f"… {total_segments - len(shown)} more segments not drawn (--full draws all; --json lists all)",
                         style="dim"))
     return out
+
+
+def _pieces_in(layout: Layout, start: int, end: int) -> int:
+    """How many non-empty pieces overlap global tokens ``[start, end)``."""
+    ends = layout.piece_start + layout.piece_len
+    return int(((layout.piece_start < end) & (ends > start) & (layout.piece_len > 0)).sum())
 
 
 def _hidden_span(drawn: set[int], cp: int) -> str:
