@@ -5,13 +5,50 @@ Command modules import torch inside the command only, so ``cpinspect --help`` st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from cpinspect import __version__
 from cpinspect.cli import analyze, check, diagnose, explore, info, layout, simulate
+from cpinspect.cli.common import click_errors, quiet_broken_pipe, usage_error_paragraph
+from cpinspect.cli.options import EXIT_BAD_INPUT
+
+
+class PlainErrorsGroup(TyperGroup):
+    """The root group: a usage error is one plain what/where/fix paragraph on stderr, exit 2, no box.
+
+    Click's standalone handling is replaced by our own: the command runs with
+    ``standalone_mode=False`` and the exceptions click would have printed in a box are printed
+    as plain text here (a closed stdout is a quiet exit, like other CLIs).
+    """
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, windows_expand_args, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            typer.echo(usage_error_paragraph(exc), err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except click_errors.ClickException as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        except BrokenPipeError:
+            quiet_broken_pipe()
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="cpinspect",
@@ -19,6 +56,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=PlainErrorsGroup,
     rich_markup_mode="rich",
 )
 

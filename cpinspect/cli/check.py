@@ -5,7 +5,9 @@ Torch is imported inside the command only (``--help`` must stay torch-free).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -57,6 +59,23 @@ def token_flags(model: str, image_token_id: int | None, video_token_id: int | No
     return flags + (["--video-token-id", str(video_token_id)] if video_token_id is not None else [])
 
 
+def import_notice(target: str) -> str:
+    """The one stderr line said before the user's code is imported: importing runs its top level."""
+    module_part = target.rpartition(":")[0] or target
+    if module_part.endswith(".py") or "/" in module_part or os.sep in module_part:
+        where = module_part
+    else:
+        where = f"module {module_part}"
+        if "." not in module_part:  # find_spec of a dotted name would import (run) its parents
+            import importlib.util
+
+            with contextlib.suppress(Exception):
+                spec = importlib.util.find_spec(module_part)
+                if spec is not None and spec.origin:
+                    where += f" ({spec.origin})"
+    return f"note: importing {where} runs its top-level code, as Python's import does (check only code you trust)"
+
+
 @guarded
 def check(
     target: TargetArg,
@@ -97,6 +116,7 @@ def check(
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
     keys = parse_keys(key)
     batches = [load_batch(path, keys=keys) for path in batch or []]
+    make_console(no_color, stderr=True).print(import_notice(target), style="dim", markup=False, highlight=False)
     fn = load_function(target)
     with progress_steps(not json_out) as step:
         step(f"checking {target} on cp {', '.join(map(str, cps))}")

@@ -1,7 +1,9 @@
 """The plumbing every command shares: console, error guard, torch import, batch loading, JSON.
 
 Torch is imported inside the commands only, so ``cpinspect --help`` and usage errors stay fast.
-Exit codes: 0 consistent, 1 an inconsistency was found, 2 bad input or usage, 3 internal error.
+Exit codes: 0 consistent, 1 an inconsistency was found, 2 bad input or usage, 3 internal error;
+141 (128 + SIGPIPE, what a shell shows for ``cat`` in ``cat big | head``) when the reader of stdout
+closed it early: nothing is printed then, the output was simply not wanted any more.
 """
 
 from __future__ import annotations
@@ -20,16 +22,29 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cpinspect.cli.options import EXIT_INTERNAL
+from cpinspect.cli.options import EXIT_BROKEN_PIPE, EXIT_INTERNAL
 from cpinspect.core.errors import CpInspectError, InputError
 
+try:  # typer >= 0.22 carries its own copy of click; older typer uses click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class PipeQuietConsole(Console):
+    """A console whose closed stdout ends the command quietly with exit 141 (rich's own exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        quiet_broken_pipe()
 
 
 def make_console(no_color: bool, stderr: bool = False) -> Console:
     """Stdout for views; stderr (soft-wrapped: one paragraph, one line) for errors."""
     plain = no_color or bool(os.environ.get("NO_COLOR"))
-    return Console(color_system=None if plain else "auto", highlight=False, stderr=stderr, soft_wrap=stderr)
+    return PipeQuietConsole(color_system=None if plain else "auto", highlight=False, stderr=stderr, soft_wrap=stderr)
 
 
 def guarded(command: F) -> F:
@@ -50,6 +65,8 @@ def guarded(command: F) -> F:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            quiet_broken_pipe()
         except Exception as exc:  # noqa: BLE001 - a bug of ours: say so in one paragraph
             if debug:
                 raise
@@ -59,6 +76,31 @@ def guarded(command: F) -> F:
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def quiet_broken_pipe() -> None:
+    """Stdout's reader went away (``| head``): exit 141 quietly, as a CLI killed by SIGPIPE does.
+
+    Stdout is pointed at /dev/null first so that the interpreter's final flush of the buffered
+    rest cannot raise a second BrokenPipeError at exit.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(EXIT_BROKEN_PIPE)
+
+
+def usage_error_paragraph(exc: click_errors.UsageError) -> str:
+    """A click usage error as one plain paragraph: what, where (the option or command), fix (its --help)."""
+    what = exc.format_message().rstrip(".")
+    ctx = exc.ctx
+    command = ctx.command_path if ctx is not None else "cpinspect"
+    where = command
+    param = getattr(exc, "param", None)
+    if param is not None:
+        names = getattr(param, "opts", None) or [param.human_readable_name]
+        where = f"{command} {names[0]}"
+    return f"error: {what}. Where: {where}. Fix: see `{command} --help` for the options and their ranges."
 
 
 def import_torch() -> None:
@@ -120,6 +162,12 @@ def progress_steps(enabled: bool) -> Iterator[Callable[[str], None]]:
 
 
 JSON_SLICE = 1 << 18
+JSON_BATCH = 4096
+
+
+def _flat(record: dict[str, Any]) -> bool:
+    """No tensor, dict or list inside: ``json.dumps`` writes it in one call."""
+    return not any(isinstance(item, (dict, list)) or hasattr(item, "dim") for item in record.values())
 
 
 def write_json(value: Any, stream: TextIO) -> None:
@@ -132,7 +180,9 @@ def write_json(value: Any, stream: TextIO) -> None:
     """
     import torch
 
-    if isinstance(value, dict):
+    if isinstance(value, dict) and _flat(value):
+        stream.write(json.dumps(value))  # a flat record (e.g. one chunk): one call, not one per key
+    elif isinstance(value, dict):
         stream.write("{")
         for index, (key, item) in enumerate(value.items()):
             stream.write((", " if index else "") + json.dumps(key) + ": ")
@@ -140,9 +190,14 @@ def write_json(value: Any, stream: TextIO) -> None:
         stream.write("}")
     elif isinstance(value, list) and value and isinstance(value[0], (dict, torch.Tensor)):
         stream.write("[")
-        for index, item in enumerate(value):
-            stream.write(", " if index else "")
-            write_json(item, stream)
+        for start in range(0, len(value), JSON_BATCH):
+            batch = value[start:start + JSON_BATCH]
+            if all(isinstance(item, dict) and _flat(item) for item in batch):  # e.g. a long chunk list
+                stream.write((", " if start else "") + json.dumps(batch)[1:-1])
+                continue
+            for index, item in enumerate(batch):
+                stream.write(", " if start or index else "")
+                write_json(item, stream)
         stream.write("]")
     elif isinstance(value, torch.Tensor) and value.dim() == 1 and not (
             value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):

@@ -7,14 +7,13 @@ picture through rich's console export. Torch is imported inside the command only
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from cpinspect.cli.common import guarded, import_torch, load_cli_batch, make_console
+from cpinspect.cli.common import guarded, import_torch, load_cli_batch, make_console, write_json
 from cpinspect.cli.options import (
     EXIT_INCONSISTENT,
     EXIT_OK,
@@ -83,7 +82,7 @@ def layout(
     import_torch()
     from cpinspect.core.balance import compare_layouts
     from cpinspect.core.layout import make_layout
-    from cpinspect.core.layout_report import layout_document, seqlens_cu
+    from cpinspect.core.layout_report import check_layout_size, layout_document, seqlens_cu
     from cpinspect.views.layout_page import build_views, export_picture
 
     simulated = None
@@ -92,10 +91,12 @@ def layout(
     else:
         simulated, cu, source = _from_batch(batch, key, cp, layout, pad, vision, model, image_token_id,
                                             video_token_id)
+    check_layout_size(cu, cp, layout)
     drawn = simulated[0].layout if simulated is not None else make_layout(cu, cp, layout)
     balances, impossible = compare_layouts(drawn.cu_seqlens, cp)
     if json_out:
-        sys.stdout.write(json.dumps(layout_document(drawn, balances)) + "\n")
+        write_json(layout_document(drawn, balances), sys.stdout)
+        sys.stdout.write("\n")
     ok = simulated is None or simulated[0].ok
     if json_out and svg is None and html is None:
         raise typer.Exit(EXIT_OK if ok else EXIT_INCONSISTENT)

@@ -8,18 +8,26 @@ from typing import Annotated, Optional
 import typer
 
 EXIT_OK, EXIT_INCONSISTENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout's reader closed it (``| head``)
+
+# Stated limits (README "Reliability"): beyond them an option is a usage error (exit 2), never an overflow.
+MAX_CP = 1 << 20  # 1,048,576 ranks
+MAX_TOKEN_ID = (1 << 63) - 1  # token ids are compared inside int64 tensors
 
 BatchArg = Annotated[
     Optional[list[Path]],
     typer.Argument(help="Batch file (.pt/.safetensors), a directory of rank{r} files, or one file per rank "
                         "in rank order. Omit to use the built-in demo batch.", show_default=False),
 ]
-CpOpt = Annotated[int, typer.Option("--cp", help="Context-parallel size (number of simulated ranks).", min=1)]
+CpOpt = Annotated[int, typer.Option("--cp", help="Context-parallel size (number of simulated ranks).", min=1,
+                                    max=MAX_CP)]
 LayoutOpt = Annotated[str, typer.Option("--layout", help="zigzag (Megatron per-document THD), sequence-zigzag "
                                                           "(whole row as one sequence) or contiguous.")]
 ModelOpt = Annotated[str, typer.Option("--model", help="Token preset: qwen2-vl, qwen2.5-vl or qwen3-vl.")]
-ImageIdOpt = Annotated[Optional[int], typer.Option("--image-token-id", help="Override the image_pad token id.")]
-VideoIdOpt = Annotated[Optional[int], typer.Option("--video-token-id", help="Override the video_pad token id.")]
+ImageIdOpt = Annotated[Optional[int], typer.Option("--image-token-id", help="Override the image_pad token id.",
+                                                   min=0, max=MAX_TOKEN_ID)]
+VideoIdOpt = Annotated[Optional[int], typer.Option("--video-token-id", help="Override the video_pad token id.",
+                                                   min=0, max=MAX_TOKEN_ID)]
 KeyOpt = Annotated[Optional[list[str]], typer.Option("--key", help="Map a field to your key name: "
                                                                     "--key input_ids=tokens_local (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (complete lists).")]

@@ -24,6 +24,7 @@ from rich.text import Text
 
 from cpinspect.core.layout import Layout
 from cpinspect.core.layout_report import Cell, segment_cells
+from cpinspect.views.balance import shown_ranks
 from cpinspect.views.simulate import RANK_COLORS, contrast_text, density_glyph, rank_label
 
 MAX_SEGMENTS = 12
@@ -203,7 +204,8 @@ def segment_heading(layout: Layout, cells: Sequence[Cell], segment: int, vision:
     if layout.kind == "zigzag" and layout.cp > 1:
         heading.append(f" = {2 * layout.cp} chunks of {length // (2 * layout.cp):,}")
     elif layout.kind != "zigzag":
-        heading.append(f" · holds parts of {len(cells)} {'piece' if len(cells) == 1 else 'pieces'} of the row")
+        pieces = _pieces_in(layout, start, end)  # all of them, also those of ranks not drawn
+        heading.append(f" · holds parts of {pieces} {'piece' if pieces == 1 else 'pieces'} of the row")
     if vision is not None:
         heading.append(f" · {int(vision[end] - vision[start]):,} vision tokens")
     return heading
@@ -212,22 +214,41 @@ def segment_heading(layout: Layout, cells: Sequence[Cell], segment: int, vision:
 def global_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
                 full: bool = False) -> list[RenderableType]:
     """Every segment's cells in global order, one block per segment, proportional across segments."""
-    cells = segment_cells(layout)
     gutter = _gutter(layout)
-    lengths = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).tolist()
-    longest = max(lengths, default=0)
+    drawn = set(shown_ranks(layout.cp, full))
+    hidden = layout.cp - len(drawn)
+    # a terminal shows a few dozen cells a row: unless full, the first segments and the first and last ranks
+    cells = segment_cells(layout, None if full else MAX_SEGMENTS, sorted(drawn) if hidden else None)
+    total_segments = layout.num_segments
+    longest = max((sum(c.tokens for c in segment) for segment in cells), default=0)
     most_cells = max((len(c) for c in cells), default=0)
     scale = (width - gutter - most_cells - 1) / longest if longest else 1.0
-    shown = range(len(cells)) if full else range(min(len(cells), MAX_SEGMENTS))
+    shown = range(len(cells))
     vision = vision_prefix(mask) if mask is not None else None
     out: list[RenderableType] = []
     for segment in shown:
         out.append(segment_heading(layout, cells[segment], segment, vision))
         out.extend(draw_segment(cells[segment], gutter, width, scale, vision))
-    if len(shown) < len(cells):
-        out.append(Text(f"… {len(cells) - len(shown)} more segments not drawn (--full draws all; --json lists all)",
+    if hidden:
+        out.append(Text(f"… the chunks of {hidden:,} ranks ({_hidden_span(drawn, layout.cp)}) are not drawn "
+                        "(--full draws them; --json lists all)", style="dim"))
+    if len(shown) < total_segments:
+        out.append(Text(f"… {total_segments - len(shown)} more segments not drawn (--full draws all; --json lists all)",
                         style="dim"))
     return out
+
+
+def _pieces_in(layout: Layout, start: int, end: int) -> int:
+    """How many non-empty pieces overlap global tokens ``[start, end)``."""
+    ends = layout.piece_start + layout.piece_len
+    return int(((layout.piece_start < end) & (ends > start) & (layout.piece_len > 0)).sum())
+
+
+def _hidden_span(drawn: set[int], cp: int) -> str:
+    """``ranks 8-991``: the gap :func:`shown_ranks` leaves (it keeps a prefix and a suffix of the ranks)."""
+    first = next(r for r in range(cp) if r not in drawn)
+    last = next(r for r in range(cp - 1, -1, -1) if r not in drawn)
+    return f"ranks {first}-{last}" if first != last else f"rank {first}"
 
 
 def _gutter(layout: Layout) -> int:
@@ -277,7 +298,8 @@ def local_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
     """
     cut = layout.num_segments > MAX_SEGMENTS and not full and layout.kind == "zigzag"
     limit = int(layout.cu_seqlens[MAX_SEGMENTS]) if cut else None
-    rows = [local_boxes(layout, r, limit) for r in range(layout.cp)]
+    ranks = shown_ranks(layout.cp, full)
+    rows = [local_boxes(layout, r, limit) for r in ranks]
     gutter = _gutter(layout)
     count = len(rows[0])
     minimum = [max(len(label) for row in rows for label in row[i].labels) + 2 for i in range(count)]
@@ -287,7 +309,9 @@ def local_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
     vision = vision_prefix(mask) if mask is not None else None
     out: list[RenderableType] = []
     for group in wrap_groups(widths, width - gutter):
-        for rank, row in enumerate(rows):
+        for index, (rank, row) in enumerate(zip(ranks, rows)):
+            if index and rank != ranks[index - 1] + 1:
+                out.append(Text(f"… {rank - ranks[index - 1] - 1:,} more ranks (--full draws them)", style="dim"))
             label = f"rank {rank}".ljust(gutter)
             out.extend(draw_boxes([row[i] for i in group], [widths[i] for i in group], [label], compact=False,
                                   vision=vision))
@@ -310,10 +334,13 @@ def _offsets_line(layout: Layout) -> Text:
                 style="dim")
 
 
-def rank_key(cp: int) -> Text:
-    """A colour key: one swatch per rank, with the rank's digit/letter inside."""
+def rank_key(cp: int, full: bool = False) -> Text:
+    """A colour key: one swatch per rank (the first and last ones at a large cp), its digit/letter inside."""
     key = Text("ranks ", style="bold")
-    for rank in range(cp):
+    ranks = shown_ranks(cp, full)
+    for index, rank in enumerate(ranks):
+        if index and rank != ranks[index - 1] + 1:
+            key.append("… ")
         key.append(f" {rank_label(rank)} ", style=cell_style(rank))
         key.append(" ")
     return key
@@ -333,7 +360,7 @@ def layout_diagram(layout: Layout, width: int, *, mask: torch.Tensor | None = No
     """The whole picture of one layout: header, colour key, segments, then the local rows."""
     return Group(
         layout_header(layout),
-        rank_key(layout.cp),
+        rank_key(layout.cp, full),
         Text(""),
         *global_view(layout, width, mask=mask, full=full),
         Text(""),

@@ -47,7 +47,7 @@ def build_views(layout: Layout, balances: dict[str, Balance], impossible: dict[s
         views += [layout_diagram(drawn, width, mask=mask, full=full), Text("")]
         if vision is not None:
             views += [vision_view(drawn, vision[0].full_mask, items, full), Text("")]
-    views.append(balance_table(balances, impossible, layout.kind))
+    views.append(balance_table(balances, impossible, layout.kind, full))
     return views
 
 

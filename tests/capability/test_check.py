@@ -420,7 +420,7 @@ def test_cli_batch_files_and_json(tmp_path):
     result = runner.invoke(app, ["check", f"{IMPLS / 'mirrored_chunks.py'}:select_rows", "--batch",
                                  str(ROOT / "examples" / "presharded_cp2"), "--cases", "0", "--json", "--no-shrink"])
     assert result.exit_code == 1
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)  # stderr has the import note
     assert doc["cases"] == 1 and doc["ok"] is False and doc["verdicts"] == {WRONG_ROWS: 1}
     failing = doc["results"][0]
     assert failing["cp"] == 2 and failing["segments"] == [96, 48, 144, 48]

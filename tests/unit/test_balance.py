@@ -92,3 +92,33 @@ def test_empty_row_has_no_work_and_reports_balance_one():
     balance = Balance("zigzag", torch.zeros(2, dtype=torch.long))
     assert balance.percent == [0.0, 0.0] and balance.imbalance == 1.0
     assert balance.to_dict() == {"work": [0, 0], "imbalance": 1.0}
+
+
+def python_work(cu: list[int], pieces: list[tuple[int, int]]) -> int:
+    """Exact Python-int work of global ranges: each query at offset k of its segment adds k + 1."""
+    total = 0
+    for start, end in pieces:
+        for s in range(len(cu) - 1):
+            a, b = max(start, cu[s]), min(end, cu[s + 1])
+            if a < b:
+                first, last = a - cu[s] + 1, b - cu[s]
+                total += (first + last) * (last - first + 1) // 2
+    return total
+
+
+@pytest.mark.parametrize("cu", [[0, 4_000_000_000], [0, 2**32 - 1 - 8, 2**32 - 1],
+                                [0, 3_000_000_000, 3_000_000_008, 4_000_000_000]])
+def test_work_of_billions_of_tokens_is_exact_not_wrapped(cu):
+    balances, _ = compare_layouts(torch.tensor(cu), 2)
+    chunked = [[(r * cu[-1] // 2, (r + 1) * cu[-1] // 2)] for r in range(2)]
+    if "contiguous" in balances:
+        assert balances["contiguous"].work.tolist() == [python_work(cu, p) for p in chunked]
+    for balance in balances.values():
+        assert balance.total == python_work(cu, [(0, cu[-1])]) and min(balance.work.tolist()) >= 0
+
+
+def test_a_row_beyond_the_exact_limit_is_refused():
+    from cpinspect.core.errors import InputError
+
+    with pytest.raises(InputError, match="4,294,967,295"):
+        compare_layouts(torch.tensor([0, 2**32]), 1)
