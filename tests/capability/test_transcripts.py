@@ -9,6 +9,7 @@ must match; ``[exit code N]`` as the last shown line is the command's exit code.
 import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,19 @@ def test_the_documents_have_transcripts():
 @pytest.mark.parametrize("command, width, shown", [t[1:] for t in TRANSCRIPTS], ids=[t[0] for t in TRANSCRIPTS])
 def test_transcript_is_what_the_command_prints(command, width, shown, monkeypatch, workspace):
     monkeypatch.chdir(workspace)
+    # a fresh process imports the user's modules anew: neither other tests' cached ones nor ours may leak
+    for name in [n for n, m in sys.modules.items() if str(ROOT / "examples") in str(getattr(m, "__file__", ""))]:
+        monkeypatch.delitem(sys.modules, name)
+    before = set(sys.modules)
+    try:
+        _compare(command, width, shown)
+    finally:
+        for name in set(sys.modules) - before:
+            if str(workspace) in str(getattr(sys.modules[name], "__file__", "")):
+                del sys.modules[name]
+
+
+def _compare(command: str, width: int, shown: list[str]) -> None:
     words = shlex.split(command)
     result = CliRunner().invoke(app, words[1:], env={"COLUMNS": str(width), "LINES": "50", "NO_COLOR": "1",
                                                      "TERM": "dumb"})
