@@ -229,8 +229,8 @@ def test_correct_example_passes_every_generated_case_in_both_signatures():
 def test_early_return_diverges_naming_ranks_ops_and_lines():
     case = case_from_local_masks([0, 4], [[0, 0], [1, 0]])  # rank 0 holds no vision token
     start = time.monotonic()
-    result = run_case(impl("early_return.py"), case, timeout=5.0)
-    assert time.monotonic() - start < 2.0  # reported at once, not after the timeout
+    result = run_case(impl("early_return.py"), case, timeout=120.0)
+    assert time.monotonic() - start < 60.0  # reported when visible, not after the (long) timeout, even under load
     assert result.verdict == DIVERGENCE
     lines = result.detail_lines()
     returned = line_of("early_return.py", "return torch.empty(0")
