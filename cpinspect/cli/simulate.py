@@ -39,6 +39,9 @@ def simulate(
     image_token_id: ImageIdOpt = None,
     video_token_id: VideoIdOpt = None,
     key: KeyOpt = None,
+    layout_from: Annotated[Optional[str], typer.Option(
+        "--layout-from", help="A .pt/.safetensors file whose 'global_indices' entry holds each rank's global "
+                              "positions (in local order) from your framework; replaces --layout.")] = None,
     pad: Annotated[bool, typer.Option("--pad", help="Pad segments to a multiple of 2*cp like frameworks.")] = False,
     rank: Annotated[Optional[int], typer.Option("--rank", help="Show only this rank.", min=0)] = None,
     full: Annotated[bool, typer.Option("--full", help="Print long lists and tables in full.")] = False,
@@ -65,7 +68,13 @@ def simulate(
         step(f"simulating {cp} ranks")
         from cpinspect.simulation.run import simulate as run_simulation
 
-        result = run_simulation(loaded, cp, layout, tokens=tokens, pad=pad, timeout=timeout, backend=backend)
+        index_map = None
+        if layout_from is not None:
+            from cpinspect.core.layout_maps import load_index_map
+
+            index_map = load_index_map(layout_from, loaded.cu_seqlens)
+        result = run_simulation(loaded, cp, layout, tokens=tokens, pad=pad, timeout=timeout, backend=backend,
+                                index_map=index_map)
     if rank is not None and rank >= cp:
         raise InputError(f"--rank {rank} is out of range for cp={cp}", where="--rank", fix=f"pick 0..{cp - 1}")
     extras = _extensions(positions, vision_dp, loaded)

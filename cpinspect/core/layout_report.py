@@ -11,7 +11,7 @@ import torch
 
 from cpinspect.core.balance import Balance
 from cpinspect.core.errors import InputError
-from cpinspect.core.layout import Layout, padded_boundaries
+from cpinspect.core.layout import Layout, padded_boundaries, rule_of
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def layout_document(layout: Layout, balances: dict[str, Balance]) -> dict[str, A
     """The ``--json`` object: segments with their chunks (``end`` exclusive), ranks, balance."""
     cu = layout.cu_seqlens.tolist()
     total = layout.total_tokens
-    split = {"zigzag": None, "sequence-zigzag": 2 * layout.cp, "contiguous": layout.cp}[layout.kind]
+    split = {"zigzag": None, "sequence-zigzag": 2 * layout.cp, "contiguous": layout.cp}[rule_of(layout.kind)]
     segments = []
     for index, cells in enumerate(segment_cells(layout)):
         length = cu[index + 1] - cu[index]

@@ -16,7 +16,8 @@ import torch
 from cpinspect.core.batch import PackedBatch, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
-from cpinspect.core.layout import Layout, make_layout, pad_row, padded_boundaries
+from cpinspect.core.layout import Layout, check_cu_seqlens, make_layout, pad_row, padded_boundaries
+from cpinspect.core.layout_maps import check_index_map, layout_from_indices
 from cpinspect.core.oracle import expected_rows, global_positions
 from cpinspect.core.runs import mask_runs
 from cpinspect.core.selection import RankSelection, select_rank_rows
@@ -123,7 +124,7 @@ class Result:
                     "vision_positions": r.vision_positions,
                     "local_counts": (
                         r.selection.local_counts.view(-1, 2).tolist()
-                        if r.selection is not None and self.layout.kind != "contiguous"
+                        if r.selection is not None and self.layout.paired
                         else r.selection.local_counts.tolist() if r.selection is not None else None
                     ),
                     "selected_rows": r.selected_rows,
@@ -146,6 +147,7 @@ def simulate(
     pad: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     backend: str = "threads",
+    index_map: torch.Tensor | None = None,
 ) -> Result:
     """Shard ``batch`` over ``cp`` simulated ranks, run each rank's selection, check it.
 
@@ -157,6 +159,9 @@ def simulate(
     tokens = tokens or token_config()
     if cp < 1:
         raise InputError(f"cp is {cp}, but it must be at least 1", where="--cp", fix="pass --cp 1 or more")
+    if index_map is not None and pad:
+        raise InputError("--pad cannot be combined with --layout-from: the saved indices fix the row length",
+                         where="--pad", fix="save the index tensors of the padded row and drop --pad")
     form = _input_form(batch, cp)
     cu = batch.cu_seqlens
     full_ids, full_mask = _full_row(batch, form, tokens)
@@ -166,7 +171,16 @@ def simulate(
         full_ids, full_mask, cu, padded = _pad(batch, full_ids, full_mask, cu, cp, layout, form, tokens)
         if padded:
             notes.append(f"padded {padded} token(s) so every segment length divides 2*cp = {2 * cp}")
-    plan = make_layout(cu, cp, layout)
+    if index_map is not None:
+        layout = "file"
+        if index_map.dim() != 2 or index_map.shape[0] != cp:
+            raise InputError(f"--layout-from holds {index_map.shape[0] if index_map.dim() else 0} rank(s) of indices "
+                             f"but --cp is {cp}", where="--layout-from",
+                             fix=f"pass --cp {index_map.shape[0] if index_map.dim() else 1} (one index tensor per rank)")
+        plan = layout_from_indices("file", check_cu_seqlens(cu), cp, check_index_map(index_map, int(cu[-1]),
+                                                                                       where="--layout-from"))
+    else:
+        plan = make_layout(cu, cp, layout)
     if form == "full":
         all_indices = plan.all_global_indices()
         local_ids = list(full_ids[all_indices])
@@ -185,7 +199,7 @@ def simulate(
     states, failure = _executor(backend)(cp, rank_program, local_masks, local_piece_len, plan.rank_pieces, {},
                                          timeout=timeout)
     ranks = []
-    for rank, (state, expected) in enumerate(zip(states, _oracle_rows(full_mask, layout, cu, cp))):
+    for rank, (state, expected) in enumerate(zip(states, _oracle_rows(full_mask, layout, cu, cp, index_map))):
         selection = state.value if state.status == "returned" else None
         ranks.append(RankResult(rank, all_indices[rank], local_ids[rank], selection, expected))
     embed_count, images, videos = _vision_items(batch, full_mask, full_ids, cu, tokens)
@@ -198,13 +212,14 @@ def simulate(
     return result
 
 
-def _oracle_rows(full_mask: torch.Tensor, layout: str, cu: torch.Tensor, cp: int) -> list[torch.Tensor]:
+def _oracle_rows(full_mask: torch.Tensor, layout: str, cu: torch.Tensor, cp: int,
+                 index_map: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The oracle's rows for every rank, ranking all ranks' vision tokens in one call.
 
     One call over all ranks' global positions costs one pass over the row; a call per rank
     would rank the whole row ``cp`` times.
     """
-    positions = torch.stack([global_positions(layout, cu, cp, rank) for rank in range(cp)])
+    positions = torch.stack([global_positions(layout, cu, cp, rank, index_map) for rank in range(cp)])
     held = full_mask[positions].sum(1).tolist()
     return list(torch.split(expected_rows(full_mask, positions.reshape(-1)), held))
 

@@ -33,7 +33,14 @@ RULE_TEXT = {
     "sequence-zigzag": "the whole row is cut into 2·cp = {n} equal chunks, ignoring segment boundaries; "
                        "rank r holds chunks r and {last}-r",
     "contiguous": "the whole row is cut into cp = {n} equal pieces, ignoring segment boundaries; rank r holds piece r",
+    "head-tail": "PyTorch's head-tail balancer: the whole row is cut into 2·cp = {n} equal chunks, rearranged "
+                 "rank-major as (r, {last}-r) pairs, then sharded contiguously (the same map as sequence-zigzag)",
+    "per-document-head-tail": "PyTorch's per-document head-tail balancer: each document is cut into 2·cp = {n} "
+                              "chunks and rearranged document by document as (r, {last}-r) pairs, then the "
+                              "rearranged row is sharded contiguously; pieces are each rank's runs of positions",
+    "file": "the per-rank global indices given with --layout-from; pieces are each rank's runs of positions",
 }
+SEGMENT_LABELLED = ("zigzag", "per-document-head-tail", "file")
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ def local_boxes(layout: Layout, cp_rank: int, before: int | None = None) -> list
     boxes = []
     for start, end, seg, chunk in zip(starts, ends, segments, chunks):
         if end > start:
-            name = f"s{seg} c{chunk}" if layout.kind == "zigzag" else f"c{chunk}"
+            name = f"s{seg} c{chunk}" if layout.kind in SEGMENT_LABELLED else f"c{chunk}"
             boxes.append(Box((name, token_span(start, end)), str(chunk), cp_rank, start, end))
     return boxes
 
@@ -320,7 +327,7 @@ def rank_key(cp: int) -> Text:
 
 
 def layout_header(layout: Layout) -> Text:
-    parts = 2 * layout.cp if layout.kind != "contiguous" else layout.cp
+    parts = layout.cp if layout.kind == "contiguous" else 2 * layout.cp
     title = Text(f"{layout.kind} layout", style="bold")
     title.append(f" · cp {layout.cp} · {layout.num_segments:,} segment(s), {layout.total_tokens:,} tokens · "
                  f"{layout.local_tokens:,} tokens per rank\n")

@@ -108,13 +108,13 @@ def rank_block(result: Result, r: RankResult, full: bool, width: int) -> Group:
 
 
 def _counts_label(result: Result) -> str:
-    return "  local counts [S,2]" if result.layout.kind != "contiguous" else "  local count"
+    return "  local counts [S,2]" if result.layout.paired else "  local count"
 
 
 def _counts_text(counts: torch.Tensor | None, result: Result, full: bool) -> str:
     if counts is None:
         return "-"
-    pairs = counts.view(-1, 2).tolist() if result.layout.kind != "contiguous" else counts.tolist()
+    pairs = counts.view(-1, 2).tolist() if result.layout.paired else counts.tolist()
     if not full and len(pairs) > 8:
         shown = ", ".join(str(p) for p in pairs[:6])
         return f"[{shown}, ... ({len(pairs) - 6} more segments)]"
@@ -127,7 +127,7 @@ def counts_table(result: Result, full: bool, width: int) -> RenderableType:
     columns = counts.shape[1]
     owner = result.layout.owner_of_piece().view(-1, columns)
     title = ("gathered vision counts per segment x chunk (natural order; colour = owning rank)"
-             if result.layout.kind != "contiguous" else "gathered vision counts per piece (colour = owning rank)")
+             if result.layout.paired else "gathered vision counts per piece (colour = owning rank)")
     table = Table()
     table.add_column("seg", justify="right")
     shown_cols = _shown(columns, max(2, (width - 12) // 6), full)
