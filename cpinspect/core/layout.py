@@ -32,6 +32,12 @@ LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous", "head-tail", "per-document
 RULES = {"zigzag": "zigzag", "sequence-zigzag": "sequence-zigzag", "contiguous": "contiguous",
          "head-tail": "sequence-zigzag", "per-document-head-tail": "zigzag", "file": "contiguous"}
 PAIRED = ("zigzag", "sequence-zigzag", "head-tail")
+# Layouts whose maps differ in general; head-tail is left out, its map is sequence-zigzag's. Searches over
+# "the other layouts" (diagnose, position checks) use these, so one map is never two explanations.
+DISTINCT_LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous", "per-document-head-tail")
+# The cuts diagnose tries as "the data was cut another way": more candidates make more numbers ambiguous,
+# so it keeps to the three frameworks' cuts (a run with another layout passes it with --layout).
+SEARCHED_LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous")
 
 
 def rule_of(kind: str) -> str:

@@ -173,12 +173,12 @@ def simulate(
             notes.append(f"padded {padded} token(s) so every segment length divides 2*cp = {2 * cp}")
     if index_map is not None:
         layout = "file"
-        if index_map.dim() != 2 or index_map.shape[0] != cp:
-            raise InputError(f"--layout-from holds {index_map.shape[0] if index_map.dim() else 0} rank(s) of indices "
-                             f"but --cp is {cp}", where="--layout-from",
-                             fix=f"pass --cp {index_map.shape[0] if index_map.dim() else 1} (one index tensor per rank)")
-        plan = layout_from_indices("file", check_cu_seqlens(cu), cp, check_index_map(index_map, int(cu[-1]),
-                                                                                       where="--layout-from"))
+        held_by = index_map.shape[0] if index_map.dim() else 1
+        if index_map.dim() != 2 or held_by != cp:
+            raise InputError(f"--layout-from holds {held_by} rank(s) of indices but --cp is {cp}",
+                             where="--layout-from", fix=f"pass --cp {held_by} (one index tensor per rank)")
+        checked = check_index_map(index_map, int(cu[-1]), where="--layout-from")
+        plan = layout_from_indices("file", check_cu_seqlens(cu), cp, checked)
     else:
         plan = make_layout(cu, cp, layout)
     if form == "full":

@@ -286,19 +286,23 @@ def local_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
     limit = int(layout.cu_seqlens[MAX_SEGMENTS]) if cut else None
     rows = [local_boxes(layout, r, limit) for r in range(layout.cp)]
     gutter = _gutter(layout)
-    count = len(rows[0])
-    minimum = [max(len(label) for row in rows for label in row[i].labels) + 2 for i in range(count)]
-    tokens = [b.tokens for b in rows[0]]
-    widths = fit_widths(tokens, minimum, width - gutter - count - 1) or minimum
-    marks = _local_marks(layout, rows[0])
     vision = vision_prefix(mask) if mask is not None else None
+    shapes = {tuple(b.tokens for b in row) for row in rows}
+    # maps whose ranks hold runs of different sizes (per-document-head-tail, file) get one ruler per rank
+    blocks = [list(range(layout.cp))] if len(shapes) == 1 else [[rank] for rank in range(layout.cp)]
     out: list[RenderableType] = []
-    for group in wrap_groups(widths, width - gutter):
-        for rank, row in enumerate(rows):
-            label = f"rank {rank}".ljust(gutter)
-            out.extend(draw_boxes([row[i] for i in group], [widths[i] for i in group], [label], compact=False,
-                                  vision=vision))
-        out.append(_ruler(widths, group, marks, gutter, width))
+    for block in blocks:
+        first = rows[block[0]]
+        count = len(first)
+        minimum = [max(len(label) for r in block for label in rows[r][i].labels) + 2 for i in range(count)]
+        widths = fit_widths([b.tokens for b in first], minimum, width - gutter - count - 1) or minimum
+        marks = _local_marks(layout, first)
+        for group in wrap_groups(widths, width - gutter):
+            for rank in block:
+                label = f"rank {rank}".ljust(gutter)
+                out.extend(draw_boxes([rows[rank][i] for i in group], [widths[i] for i in group], [label],
+                                      compact=False, vision=vision))
+            out.append(_ruler(widths, group, marks, gutter, width))
     if cut:
         out.append(Text(f"… the local rows continue with {layout.num_segments - MAX_SEGMENTS} more segments "
                         "(--full draws them)", style="dim"))

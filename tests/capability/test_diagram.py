@@ -27,7 +27,7 @@ from cpinspect.views.layout import (
     vision_prefix,
     vision_strip,
 )
-from tests.literal import contiguous_indices, expected_rows, zigzag_indices
+from tests.literal import expected_rows, layout_indices, zigzag_indices
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 runner = CliRunner()
@@ -39,11 +39,7 @@ def run(*args, env=None):
 
 
 def literal_holdings(kind, cu, cp):
-    if kind == "zigzag":
-        return zigzag_indices(cu, cp)
-    if kind == "sequence-zigzag":
-        return zigzag_indices([0, cu[-1]], cp)
-    return contiguous_indices(cu[-1], cp)
+    return layout_indices(kind, cu, cp)
 
 
 def plain_text(renderable, width):
@@ -125,7 +121,7 @@ def test_json_of_contiguous_clips_pieces_to_segments():
     doc = json.loads(run("layout", "--cp", 2, "--seqlens", "10,6", "--layout", "contiguous", "--json").output)
     assert [[(c["rank"], c["start"], c["end"]) for c in s["chunks"]] for s in doc["segments"]] == [
         [(0, 0, 8), (1, 8, 10)], [(1, 10, 16)]]
-    assert set(doc["balance"]) == {"contiguous", "sequence-zigzag"}  # zigzag cannot cut 10 into 4 chunks
+    assert set(doc["balance"]) == {"contiguous", "sequence-zigzag", "head-tail"}  # zigzag cannot cut 10 in 4
 
 
 def _cell_labels(line):
