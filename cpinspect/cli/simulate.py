@@ -54,6 +54,9 @@ def simulate(
                                                                 "the batch's position_ids.")] = False,
     vision_dp: Annotated[bool, typer.Option("--vision-dp", help="Simulate the vision-DP split and its "
                                                                 "embedding all-gather.")] = False,
+    scheme: Annotated[Optional[list[str]], typer.Option(
+        "--scheme", help="Also run each rank's program of a selection scheme and compare: count (Megatron-Bridge), "
+                         "token-ids (slime), full-row (HF/verl) or all; repeatable.")] = None,
     json_out: JsonOpt = False,
     no_color: NoColorOpt = False,
     debug: DebugOpt = False,
@@ -79,6 +82,12 @@ def simulate(
         raise InputError(f"--rank {rank} is out of range for cp={cp}", where="--rank", fix=f"pick 0..{cp - 1}")
     extras = _extensions(positions, vision_dp, loaded)
     ok = result.ok
+    runs = []
+    if scheme:
+        from cpinspect.simulation.schemes import parse_schemes, run_scheme
+
+        runs = [run_scheme(result, name, timeout=timeout) for name in parse_schemes(scheme)]
+        ok = ok and all(run.all_ok for run in runs)
     for ext, _ in extras:
         ext.run(result)
         ok = ok and ext.ok
@@ -86,6 +95,8 @@ def simulate(
         document = result.document()
         for ext, _ in extras:
             ext.add_json(document)
+        if runs:
+            document["schemes"] = [run.to_dict(cp) for run in runs]
         document["ok"] = ok
         if rank is not None:
             document["ranks"] = [document["ranks"][rank]]
@@ -98,6 +109,10 @@ def simulate(
         render_result(result, console, source=source, rank=rank, full=full)
         for ext, render in extras:
             render(ext, console, rank=rank, full=full)
+        if runs:
+            from cpinspect.views.simulate import render_schemes
+
+            render_schemes(runs, cp, console)
         if explain:
             from cpinspect.views.explain import render_explain
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from rich.console import Console, Group, RenderableType
@@ -206,3 +207,26 @@ if __name__ == "__main__":  # pragma: no cover - a demo for eyeballing the view
     from cpinspect.simulation.run import simulate
 
     render_result(simulate(demo_batch(), 2), Console(), source="built-in demo batch")
+
+
+def render_schemes(runs: list[Any], cp: int, console: Console) -> None:
+    """The selection schemes side by side: rows vs the oracle, collectives, bytes per rank, host syncs."""
+    table = Table(title="selection schemes (each rank's program through the simulated group)")
+    for name in ("scheme", "rows", "collectives per rank", "bytes sent / received", "syncs"):
+        table.add_column(name)
+    for run in runs:
+        rows = (f"✓ oracle's, all {cp}" if run.all_ok else
+                f"✗ {sum(not ok for ok in run.ok)} rank(s) differ" + (f" ({run.failure})" if run.failure else ""))
+        calls = sorted({", ".join(_short_call(c) for c in ranks) or "none" for ranks in run.calls})
+        moved = sorted({(run.bytes_sent(r), run.bytes_received(r, cp)) for r in range(cp)})
+        table.add_row(f"{run.scheme}\n({USED_BY_TEXT.get(run.scheme, '')})", rows, "; ".join(calls),
+                      "; ".join(f"{sent:,} B / {got:,} B" for sent, got in moved), str(run.host_syncs))
+    console.print(table)
+
+
+USED_BY_TEXT = {"count": "Megatron-Bridge", "token-ids": "slime #2251", "full-row": "HF / verl"}
+
+
+def _short_call(call: Any) -> str:
+    shapes = ", ".join(f"{list(s)} {d}" for s, d in zip(call.shapes, call.dtypes))
+    return f"{call.op}({shapes})"
