@@ -140,7 +140,7 @@ def run_scheme(result: Result, scheme: str, *, timeout: float = DEFAULT_TIMEOUT_
 
 def parse_schemes(names: list[str]) -> list[str]:
     """``--scheme`` values (repeatable, ``all`` for every scheme) in :data:`SCHEMES` order."""
-    wanted = set()
+    wanted: set[str] = set()
     for name in names:
         for part in name.split(","):
             part = part.strip()
