@@ -42,6 +42,10 @@ def simulate(
     layout_from: Annotated[Optional[str], typer.Option(
         "--layout-from", help="A .pt/.safetensors file whose 'global_indices' entry holds each rank's global "
                               "positions (in local order) from your framework; replaces --layout.")] = None,
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size (with --sequence-parallel: the sequence is "
+                                                 "also split over tp after the CP split).", min=1)] = 1,
+    sequence_parallel: Annotated[bool, typer.Option("--sequence-parallel", help="Megatron sequence parallelism: "
+                                                    "--pad aligns segments to 2*cp*tp.")] = False,
     pad: Annotated[bool, typer.Option("--pad", help="Pad segments to a multiple of 2*cp like frameworks.")] = False,
     rank: Annotated[Optional[int], typer.Option("--rank", help="Show only this rank.", min=0)] = None,
     full: Annotated[bool, typer.Option("--full", help="Print long lists and tables in full.")] = False,
@@ -77,7 +81,7 @@ def simulate(
 
             index_map = load_index_map(layout_from, loaded.cu_seqlens)
         result = run_simulation(loaded, cp, layout, tokens=tokens, pad=pad, timeout=timeout, backend=backend,
-                                index_map=index_map)
+                                index_map=index_map, tp=tp, sequence_parallel=sequence_parallel)
     if rank is not None and rank >= cp:
         raise InputError(f"--rank {rank} is out of range for cp={cp}", where="--rank", fix=f"pick 0..{cp - 1}")
     extras = _extensions(positions, vision_dp, loaded)

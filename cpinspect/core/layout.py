@@ -298,15 +298,16 @@ def zigzag_rank_pieces(num_segments: int, cp: int, device: torch.device | str | 
     return torch.stack([head, tail], dim=-1).reshape(cp, 2 * num_segments)
 
 
-def pad_multiple(cp: int, kind: str) -> int:
-    """What each padded unit must divide by: ``2*cp`` for zigzag layouts (1 at cp 1), ``cp`` for contiguous."""
+def pad_multiple(cp: int, kind: str, sp: int = 1) -> int:
+    """What each padded unit must divide by: ``2*cp`` for zigzag layouts (1 at cp 1), ``cp`` for contiguous;
+    times ``sp`` (tp under sequence parallelism: Megatron-Bridge pads to ``2*cp*tp``)."""
     kind = rule_of(kind)
-    return cp if kind == "contiguous" else (2 * cp if cp > 1 else 1)
+    return (cp if kind == "contiguous" else (2 * cp if cp > 1 else 1)) * sp
 
 
-def padded_boundaries(cu_seqlens: torch.Tensor, cp: int, kind: str) -> torch.Tensor:
+def padded_boundaries(cu_seqlens: torch.Tensor, cp: int, kind: str, sp: int = 1) -> torch.Tensor:
     """The boundaries ``--pad`` gives: every segment padded for zigzag, only the row's end otherwise."""
-    multiple = pad_multiple(cp, kind)
+    multiple = pad_multiple(cp, kind, sp)
     if rule_of(kind) == "zigzag":
         return padded_cu_seqlens(cu_seqlens, multiple)
     total = int(cu_seqlens[-1])

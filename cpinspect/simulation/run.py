@@ -16,7 +16,15 @@ import torch
 from cpinspect.core.batch import PackedBatch, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
-from cpinspect.core.layout import Layout, check_cu_seqlens, make_layout, pad_row, padded_boundaries
+from cpinspect.core.layout import (
+    Layout,
+    check_cu_seqlens,
+    make_layout,
+    pad_multiple,
+    pad_row,
+    padded_boundaries,
+    rule_of,
+)
 from cpinspect.core.layout_maps import check_index_map, layout_from_indices
 from cpinspect.core.oracle import expected_rows, global_positions
 from cpinspect.core.runs import mask_runs
@@ -75,6 +83,8 @@ class Result:
     padded_tokens: int = 0
     spmd_error: SpmdError | None = None
     notes: list[str] = field(default_factory=list)
+    tp: int = 1
+    sequence_parallel: bool = False
 
     @property
     def ok(self) -> bool:
@@ -117,6 +127,9 @@ class Result:
             "images": self.images,
             "videos": self.videos,
             "gathered_counts": self.gathered_counts.tolist(),
+            "tp": self.tp,
+            "sequence_parallel": self.sequence_parallel,
+            "tokens_per_tp_rank": self.layout.local_tokens // (self.tp if self.sequence_parallel else 1),
             "ranks": [
                 {
                     "rank": r.rank,
@@ -148,6 +161,8 @@ def simulate(
     timeout: float = DEFAULT_TIMEOUT_S,
     backend: str = "threads",
     index_map: torch.Tensor | None = None,
+    tp: int = 1,
+    sequence_parallel: bool = False,
 ) -> Result:
     """Shard ``batch`` over ``cp`` simulated ranks, run each rank's selection, check it.
 
@@ -157,6 +172,9 @@ def simulate(
     inconsistencies as findings on the returned :class:`Result`.
     """
     tokens = tokens or token_config()
+    sp = tp if sequence_parallel else 1
+    if tp < 1:
+        raise InputError(f"tp is {tp}, but it must be at least 1", where="--tp", fix="pass --tp 1 or more")
     if cp < 1:
         raise InputError(f"cp is {cp}, but it must be at least 1", where="--cp", fix="pass --cp 1 or more")
     if index_map is not None and pad:
@@ -168,9 +186,12 @@ def simulate(
     padded = 0
     notes: list[str] = []
     if pad:
-        full_ids, full_mask, cu, padded = _pad(batch, full_ids, full_mask, cu, cp, layout, form, tokens)
+        full_ids, full_mask, cu, padded = _pad(batch, full_ids, full_mask, cu, cp, layout, form, tokens, sp)
         if padded:
-            notes.append(f"padded {padded} token(s) so every segment length divides 2*cp = {2 * cp}")
+            unit = pad_multiple(cp, layout, sp)
+            what = "every segment length" if rule_of(layout) == "zigzag" else "the row length"
+            notes.append(f"padded {padded} token(s) so {what} divides {unit}"
+                         + (" (2*cp*tp, as Megatron-Bridge pads under sequence parallelism)" if sp > 1 else ""))
     if index_map is not None:
         layout = "file"
         held_by = index_map.shape[0] if index_map.dim() else 1
@@ -181,6 +202,15 @@ def simulate(
         plan = layout_from_indices("file", check_cu_seqlens(cu), cp, checked)
     else:
         plan = make_layout(cu, cp, layout)
+    if plan.local_tokens % sp:
+        raise InputError(
+            f"each rank holds {plan.local_tokens} tokens, which sequence parallelism cannot scatter over tp = {tp}",
+            where="--tp / --sequence-parallel",
+            fix=f"pad segments to a multiple of 2*cp*tp = {pad_multiple(cp, layout, sp)} as Megatron-Bridge does "
+                "(--pad), or drop --sequence-parallel")
+    if sp > 1:
+        notes.append(f"tp {tp} with sequence parallelism: each rank's {plan.local_tokens:,} tokens are scattered "
+                     f"over its TP group as {tp} x {plan.local_tokens // tp:,} (the CP split first, then SP)")
     if form == "full":
         all_indices = plan.all_global_indices()
         local_ids = list(full_ids[all_indices])
@@ -206,7 +236,7 @@ def simulate(
     result = Result(
         cp=cp, layout=plan, input_form=form, full_ids=full_ids, full_mask=full_mask, tokens=tokens,
         ranks=ranks, findings=[], vision_embed_count=embed_count, images=images, videos=videos,
-        padded_tokens=padded, spmd_error=failure, notes=notes,
+        padded_tokens=padded, spmd_error=failure, notes=notes, tp=tp, sequence_parallel=sequence_parallel,
     )
     result.findings = check(result)
     return result
@@ -315,7 +345,7 @@ def _full_row(batch: PackedBatch, form: str, tokens: TokenConfig) -> tuple[torch
 
 
 def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Tensor, cp: int, layout: str,
-         form: str, tokens: TokenConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+         form: str, tokens: TokenConfig, sp: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     if form != "full":
         raise InputError(
             "--pad applies to a full row; this batch is already pre-sharded, so its segments were padded (or not) "
@@ -323,11 +353,11 @@ def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Te
             where=batch.source,
             fix="drop --pad; if segment lengths are not divisible by 2*cp, the framework's padding is the bug",
         )
-    new_cu = padded_boundaries(cu, cp, layout)
+    new_cu = padded_boundaries(cu, cp, layout, sp)
     added = int(new_cu[-1] - cu[-1])
     if not added:
         return ids, mask, cu, 0
-    if layout != "zigzag":
+    if rule_of(layout) != "zigzag":
         fill = ids.new_full((added,), tokens.pad_token_id)
         return torch.cat([ids, fill]), torch.cat([mask, mask.new_zeros(added)]), new_cu, added
     return pad_row(ids, cu, new_cu, tokens.pad_token_id), pad_row(mask, cu, new_cu, False), new_cu, added

@@ -61,3 +61,25 @@ def test_missing_splits_against_the_hand_arithmetic(cp, tp):
 def test_alignment_is_two_cp_tp_with_sequence_parallelism():
     assert alignment(2, 4, True) == 16 and alignment(2, 4, False) == 4 and alignment(1, 1) == 1
     assert alignment(1, 4, True) == 4 and alignment(8, 2, True) == 32
+
+
+def test_simulate_with_sequence_parallelism_pads_to_two_cp_tp(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cpinspect.cli.app import app
+
+    ids = torch.full((1, 36), 100)
+    ids[0, 3:9] = 151655
+    torch.save({"input_ids": ids, "cu_seqlens": torch.tensor([0, 12, 36], dtype=torch.int32)}, tmp_path / "b.pt")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["simulate", str(tmp_path / "b.pt"), "--cp", "2", "--tp", "4", "--sequence-parallel"])
+    assert refused.exit_code == 2 and "cannot scatter over tp = 4" in " ".join(refused.output.split())
+    padded = runner.invoke(app, ["simulate", str(tmp_path / "b.pt"), "--cp", "2", "--tp", "4", "--sequence-parallel",
+                                 "--pad", "--json"])
+    assert padded.exit_code == 0, padded.output
+    doc = json.loads(padded.output)
+    assert doc["tokens"] == 16 + 32  # 12 -> 16 and 24 -> 32: multiples of 2*cp*tp = 16
+    assert doc["tp"] == 4 and doc["sequence_parallel"] is True and doc["tokens_per_tp_rank"] == 48 // 2 // 4
+    assert all(r["ok"] for r in doc["ranks"])
