@@ -18,7 +18,8 @@ CpOpt = Annotated[int, typer.Option("--cp", help="Context-parallel size (number 
 LayoutOpt = Annotated[str, typer.Option("--layout", help="zigzag (Megatron per-document THD), sequence-zigzag "
                                                           "(whole row as one sequence), contiguous, head-tail or "
                                                           "per-document-head-tail (PyTorch's balancers).")]
-ModelOpt = Annotated[str, typer.Option("--model", help="Token preset: qwen2-vl, qwen2.5-vl or qwen3-vl.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Token preset: qwen2-vl, qwen2.5-vl, qwen3-vl, "
+                                                        "qwen2.5-omni or qwen3-omni (audio placeholders too).")]
 ImageIdOpt = Annotated[Optional[int], typer.Option("--image-token-id", help="Override the image_pad token id.")]
 VideoIdOpt = Annotated[Optional[int], typer.Option("--video-token-id", help="Override the video_pad token id.")]
 KeyOpt = Annotated[Optional[list[str]], typer.Option("--key", help="Map a field to your key name: "

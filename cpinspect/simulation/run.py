@@ -102,6 +102,13 @@ class Result:
             return torch.zeros(0, self.layout.chunks_per_segment, dtype=torch.long)
         return selection.full_counts.view(-1, self.layout.chunks_per_segment)
 
+    def modalities(self) -> list[dict[str, int]]:
+        """Per rank, the placeholder tokens it holds of each modality (image, video, and audio for Omni presets)."""
+        ids = {"image": self.tokens.image_token_id, "video": self.tokens.video_token_id}
+        if self.tokens.audio_token_id is not None:
+            ids["audio"] = self.tokens.audio_token_id
+        return [{name: int((r.input_ids == token).sum()) for name, token in ids.items()} for r in self.ranks]
+
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` document as plain Python values."""
         document = self.document()
@@ -116,7 +123,11 @@ class Result:
         On a million-token batch these lists hold millions of numbers; the CLI streams them to
         JSON a slice at a time instead of building Python lists of all of them at once.
         """
+        extra: dict[str, Any] = {}
+        if self.tokens.audio_token_id is not None:
+            extra["modalities"] = self.modalities()
         return {
+            **extra,
             "cp": self.cp,
             "layout": self.layout.kind,
             "input": self.input_form,
@@ -208,6 +219,9 @@ def simulate(
             where="--tp / --sequence-parallel",
             fix=f"pad segments to a multiple of 2*cp*tp = {pad_multiple(cp, layout, sp)} as Megatron-Bridge does "
                 "(--pad), or drop --sequence-parallel")
+    if tokens.audio_token_id is not None and bool((full_ids == tokens.audio_token_id).any()):
+        notes.append("audio placeholders are selected and counted like image and video ones; their mRoPE positions "
+                     "(the Omni models' time-aligned rule) are not modelled: --positions treats them as text")
     if sp > 1:
         notes.append(f"tp {tp} with sequence parallelism: each rank's {plan.local_tokens:,} tokens are scattered "
                      f"over its TP group as {tp} x {plan.local_tokens // tp:,} (the CP split first, then SP)")
@@ -366,7 +380,8 @@ def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Te
 def _vision_items(batch: PackedBatch, full_mask: torch.Tensor, full_ids: torch.Tensor, cu: torch.Tensor,
                   tokens: TokenConfig) -> tuple[int, int, int]:
     """Vision embedding rows expected, and the number of images and videos."""
-    count = batch_embedding_rows(batch, full_mask, tokens.merge_area)
+    audio = int((full_ids == tokens.audio_token_id).sum()) if tokens.audio_token_id is not None else 0
+    count = batch_embedding_rows(batch, full_mask, tokens.merge_area, audio)
     images = batch.image_grid_thw.shape[0] if batch.image_grid_thw is not None else _run_count(
         full_ids == tokens.image_token_id, cu)
     videos = batch.video_grid_thw.shape[0] if batch.video_grid_thw is not None else _run_count(

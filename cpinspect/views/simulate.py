@@ -100,6 +100,10 @@ def rank_block(result: Result, r: RankResult, full: bool, width: int) -> Group:
     title.append(f"  {r.global_indices.numel():,} tokens, {int(r.local_mask.sum()):,} vision  ")
     title.append_text(verdict)
     grid.add_row("  vision at (local)", format_ranges(r.vision_positions, limit=limit))
+    if result.tokens.audio_token_id is not None:
+        held = result.modalities()[r.rank]
+        grid.add_row("  by modality", ", ".join(f"{name}: {count:,} tokens" for name, count in held.items())
+                     + f"; {len(r.selected_rows):,} rows selected")
     grid.add_row("  mask", mask_strip(r.local_mask, max(8, width - 24)))
     grid.add_row(_counts_label(result), _counts_text(r.selection.local_counts if r.selection else None, result, full))
     grid.add_row("  selected rows", format_ranges(r.selected_rows, limit=limit))
