@@ -40,6 +40,12 @@ DISTINCT_LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous", "per-document-hea
 SEARCHED_LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous")
 
 
+def compared_layouts(kind: str) -> tuple[str, ...]:
+    """The layouts ``layout`` compares (drawing with ``--compare``, balance numbers): the three framework
+    cuts, plus ``kind`` when it is another one (PyTorch's balancers are shown when asked for)."""
+    return SEARCHED_LAYOUTS if kind in SEARCHED_LAYOUTS else (*SEARCHED_LAYOUTS, kind)
+
+
 def rule_of(kind: str) -> str:
     """The cutting rule (``zigzag``, ``sequence-zigzag`` or ``contiguous``) that ``kind`` pads and divides by."""
     return RULES.get(kind, "contiguous")

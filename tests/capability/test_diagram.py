@@ -16,7 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from cpinspect.cli.app import app
-from cpinspect.core.layout import LAYOUTS, make_layout
+from cpinspect.core.layout import LAYOUTS, SEARCHED_LAYOUTS, make_layout
 from cpinspect.core.layout_report import segment_cells
 from cpinspect.core.synth import demo_batch_dict
 from cpinspect.core.vision_items import row_items
@@ -111,7 +111,7 @@ def test_json_has_exactly_the_documented_schema():
                                  "end": 8}, {"chunk": 2, "rank": 1, "start": 8, "end": 12},
                                  {"chunk": 3, "rank": 0, "start": 12, "end": 16}]
     assert [set(r) for r in doc["ranks"]] == [{"rank", "global_indices"}] * 2
-    assert set(doc["balance"]) == set(LAYOUTS)
+    assert set(doc["balance"]) == set(SEARCHED_LAYOUTS)  # the three framework cuts (+ the drawn one)
     assert all(set(b) == {"work", "imbalance"} for b in doc["balance"].values())
     assert doc["balance"]["contiguous"]["work"] == [36, 100]
     assert doc["balance"]["zigzag"] == {"work": [68, 68], "imbalance": 1.0}
@@ -121,7 +121,7 @@ def test_json_of_contiguous_clips_pieces_to_segments():
     doc = json.loads(run("layout", "--cp", 2, "--seqlens", "10,6", "--layout", "contiguous", "--json").output)
     assert [[(c["rank"], c["start"], c["end"]) for c in s["chunks"]] for s in doc["segments"]] == [
         [(0, 0, 8), (1, 8, 10)], [(1, 10, 16)]]
-    assert set(doc["balance"]) == {"contiguous", "sequence-zigzag", "head-tail"}  # zigzag cannot cut 10 in 4
+    assert set(doc["balance"]) == {"contiguous", "sequence-zigzag"}  # zigzag cannot cut 10 into 4 chunks
 
 
 def _cell_labels(line):
@@ -261,9 +261,11 @@ def _expand(part):
 
 def test_compare_draws_all_three_layouts_and_one_balance_table():
     text = run("layout", "--cp", 4, "--seqlens", "64", "--compare", "--no-color").output
-    for kind in LAYOUTS:
+    for kind in SEARCHED_LAYOUTS:
         assert f"{kind} layout · cp 4" in text
     assert text.count("causal attention work per rank") == 1
+    torch_style = run("layout", "--cp", 4, "--seqlens", "64", "--compare", "--layout", "head-tail", "--no-color")
+    assert "head-tail layout · cp 4" in torch_style.output and "zigzag layout · cp 4" in torch_style.output
     # contiguous: rank 3 holds queries 48..63, i.e. 49+...+64 = 904 pairs of 64*65/2 = 2080; mean 520
     assert re.search(r"max/mean │ +1\.00 │ +1\.00 │ +1\.74 │", text)
     assert "904   43.5%" in text
