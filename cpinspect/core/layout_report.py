@@ -11,7 +11,7 @@ import torch
 
 from cpinspect.core.balance import Balance
 from cpinspect.core.errors import InputError
-from cpinspect.core.layout import Layout, compared_layouts, padded_boundaries, rule_of
+from cpinspect.core.layout import Layout, padded_boundaries, rule_of
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,7 @@ def layout_document(layout: Layout, balances: dict[str, Balance]) -> dict[str, A
         "layout": layout.kind,
         "segments": segments,
         "ranks": [{"rank": rank, "global_indices": held} for rank, held in enumerate(indices)],
-        "balance": {kind: balance.to_dict() for kind, balance in balances.items()
-                    if kind in compared_layouts(layout.kind)},
+        "balance": {kind: balance.to_dict() for kind, balance in balances.items()},
     }
 
 
