@@ -46,3 +46,43 @@ def local_counts(cu: list[int], cp: int, rank: int, mask: list[bool]) -> list[li
             pair.append(sum(mask[start:start + c]))
         out.append(pair)
     return out
+
+
+def head_tail_indices(total: int, cp: int) -> list[list[int]]:
+    """PyTorch head-tail: chunks (r, 2cp-1-r) of the whole row put rank after rank, then cut in cp equal shares."""
+    c = total // (2 * cp)
+    chunks = [list(range(i * c, (i + 1) * c)) for i in range(2 * cp)]
+    rearranged: list[int] = []
+    for r in range(cp):
+        rearranged += chunks[r] + chunks[2 * cp - 1 - r]
+    return shares(rearranged, cp)
+
+
+def per_document_head_tail_indices(cu: list[int], cp: int) -> list[list[int]]:
+    """PyTorch per-document head-tail: per document, for each rank its head then tail chunk; then cp equal shares."""
+    rearranged: list[int] = []
+    for s in range(len(cu) - 1):
+        c = (cu[s + 1] - cu[s]) // (2 * cp)
+        for r in range(cp):
+            rearranged += list(range(cu[s] + r * c, cu[s] + (r + 1) * c))
+            rearranged += list(range(cu[s] + (2 * cp - 1 - r) * c, cu[s] + (2 * cp - r) * c))
+    return shares(rearranged, cp)
+
+
+def shares(rearranged: list[int], cp: int) -> list[list[int]]:
+    """Cut a rearranged row into cp contiguous equal shares (what Shard(seq_dim) does)."""
+    n = len(rearranged) // cp
+    return [rearranged[r * n:(r + 1) * n] for r in range(cp)]
+
+
+def layout_indices(kind: str, cu: list[int], cp: int) -> list[list[int]]:
+    """The literal per-rank global indices of a named layout."""
+    if kind == "zigzag":
+        return zigzag_indices(cu, cp)
+    if kind == "sequence-zigzag":
+        return zigzag_indices([0, cu[-1]], cp)
+    if kind == "head-tail":
+        return head_tail_indices(cu[-1], cp)
+    if kind == "per-document-head-tail":
+        return per_document_head_tail_indices(cu, cp) if cp > 1 else [list(range(cu[-1]))]
+    return contiguous_indices(cu[-1], cp)

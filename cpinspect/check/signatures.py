@@ -68,24 +68,98 @@ Adapter = Callable[[Callable[..., Any], RankInputs, "dist.ProcessGroup"], Any]
 
 @dataclass(frozen=True)
 class Signature:
-    """A named calling convention: ``call(fn, inputs, cp_group)`` returns what ``fn`` returned."""
+    """A named calling convention: ``call(fn, inputs, cp_group)`` returns what ``fn`` returned.
+
+    ``positional`` and ``keywords`` are how the adapter calls (for the fit check before any case
+    runs); ``first`` names the first parameter as the stacks spell it (for inferring the signature).
+    """
 
     name: str
     summary: str
     call: Adapter
+    positional: int = 2
+    keywords: tuple[str, ...] = ()
+    first: tuple[str, ...] = ()
 
 
 SIGNATURES: dict[str, Signature] = {}
+MASK_NAMES = ("vision_mask", "mask", "image_mask", "visual_pos_masks", "local_mask")
+IDS_NAMES = ("input_ids", "tokens", "token_ids", "local_input_ids")
 
 
-def register_signature(name: str, summary: str) -> Callable[[Adapter], Adapter]:
+def register_signature(name: str, summary: str, *, keywords: tuple[str, ...] = (),
+                       first: tuple[str, ...] = ()) -> Callable[[Adapter], Adapter]:
     """Decorator: make ``adapter`` available as ``--signature name``."""
 
     def add(adapter: Adapter) -> Adapter:
-        SIGNATURES[name] = Signature(name, summary, adapter)
+        SIGNATURES[name] = Signature(name, summary, adapter, 2, keywords, first)
         return adapter
 
     return add
+
+
+def fits(fn: Callable[..., Any], signature: Signature) -> bool:
+    """Whether ``fn``'s parameters accept the call ``signature`` makes (unknown parameters: assume yes)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        params.bind(*([None] * signature.positional), **{k: None for k in signature.keywords})
+    except TypeError:
+        return False
+    return True
+
+
+def infer_signature(fn: Callable[..., Any]) -> Signature:
+    """The one signature ``fn``'s parameters fit (by the call each makes, then by the first parameter's name);
+    the exit-2 error, before any case runs, when none or several fit."""
+    import inspect
+
+    fitting = [sig for sig in SIGNATURES.values() if fits(fn, sig)]
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        names = []
+    if len(fitting) > 1 and names:
+        named = [sig for sig in fitting if names[0] in sig.first and (len(names) < 2 or _second_fits(sig, names[1]))]
+        fitting = named or fitting
+    if len(fitting) == 1:
+        return fitting[0]
+    shown = f"({', '.join(names)})" if names else "(unknown parameters)"
+    what = "fit no signature" if not fitting else f"fit several signatures ({', '.join(s.name for s in fitting)})"
+    raise InputError(
+        f"the parameters {shown} of {getattr(fn, '__qualname__', fn)!r} {what} cpinspect knows, so no case was run",
+        where="the function given to check",
+        fix="pass --signature NAME, or give the function one of these: "
+            + "; ".join(f"{s.name}: {s.summary.split(' -> ')[0]}" for s in SIGNATURES.values()),
+    )
+
+
+def _second_fits(sig: Signature, name: str) -> bool:
+    return ("packed_seq_params" in name) == (sig.name != "default")
+
+
+def check_fits(fn: Callable[..., Any], signature: Signature) -> None:
+    """The exit-2 error, before any case runs, when ``fn`` cannot take the call ``signature`` makes."""
+    if fits(fn, signature):
+        return
+    import inspect
+
+    try:
+        shown = "(" + ", ".join(inspect.signature(fn).parameters) + ")"
+    except (TypeError, ValueError):
+        shown = "(unknown)"
+    others = [s.name for s in SIGNATURES.values() if s is not signature and fits(fn, s)]
+    raise InputError(
+        f"the parameters {shown} of {getattr(fn, '__qualname__', fn)!r} cannot take the {signature.name!r} call "
+        f"({signature.summary.split(' -> ')[0]}), so no case was run",
+        where="--signature",
+        fix=(f"the parameters fit --signature {' or '.join(others)}" if others else
+             f"give the function the {signature.name} parameters or another --signature ({', '.join(SIGNATURES)})"),
+    )
 
 
 def get_signature(name: str) -> Signature:
@@ -103,6 +177,7 @@ def get_signature(name: str) -> Signature:
     "default",
     "fn(vision_mask, cu_seqlens, *, vision_embed_count, cp_group) -> LongTensor; vision_mask is the local "
     "bool mask [local_T], cu_seqlens the global physical boundaries",
+    keywords=("vision_embed_count", "cp_group"), first=MASK_NAMES,
 )
 def _call_default(fn: Callable[..., Any], inputs: RankInputs, cp_group: dist.ProcessGroup) -> Any:
     return fn(inputs.vision_mask, inputs.cu_seqlens, vision_embed_count=inputs.vision_embed_count, cp_group=cp_group)
@@ -112,19 +187,22 @@ def _call_default(fn: Callable[..., Any], inputs: RankInputs, cp_group: dist.Pro
     "megatron-bridge",
     "fn(vision_mask, packed_seq_params, *, vision_embed_count, cp_group, embed_device) -> LongTensor; "
     "vision_mask is [1, local_T] as Qwen3VLModel.forward passes it, packed_seq_params a PackedSeqParams "
-    "(qkv_format='thd', logical cu_seqlens_q/kv, physical cu_seqlens_q/kv_padded, max_seqlen_q/kv)",
+    "(qkv_format='thd'; padded batches: logical cu_seqlens_q/kv, physical cu_seqlens_q/kv_padded; unpadded "
+    "batches, as Bridge builds them: physical cu_seqlens_q/kv and cu_seqlens_q/kv_padded=None; max_seqlen_q/kv)",
+    keywords=("vision_embed_count", "cp_group", "embed_device"), first=MASK_NAMES,
 )
 def _call_megatron_bridge(fn: Callable[..., Any], inputs: RankInputs, cp_group: dist.ProcessGroup) -> Any:
     import torch
 
     physical, logical = inputs.cu_seqlens, inputs.logical_cu_seqlens
+    padded = not torch.equal(physical, logical)
     longest = int((physical[1:] - physical[:-1]).max()) if physical.numel() > 1 else 0
     params = PackedSeqParams(
         qkv_format="thd",
-        cu_seqlens_q=logical,
-        cu_seqlens_kv=logical.clone(),
-        cu_seqlens_q_padded=physical,
-        cu_seqlens_kv_padded=physical.clone(),
+        cu_seqlens_q=logical if padded else physical,
+        cu_seqlens_kv=(logical if padded else physical).clone(),
+        cu_seqlens_q_padded=physical if padded else None,
+        cu_seqlens_kv_padded=physical.clone() if padded else None,
         max_seqlen_q=longest,
         max_seqlen_kv=longest,
     )
@@ -135,3 +213,30 @@ def _call_megatron_bridge(fn: Callable[..., Any], inputs: RankInputs, cp_group: 
         cp_group=cp_group,
         embed_device=torch.device("cpu"),
     )
+
+
+@register_signature(
+    "physical-cu",
+    "fn(input_ids, packed_seq_params, *, image_token_id, vision_embed_count, cp_group) -> LongTensor; "
+    "slime / miles / AReaL: input_ids is the rank's local [1, local_T] token ids (vision placeholders are "
+    "image_token_id), packed_seq_params holds the physical boundaries in cu_seqlens_q/kv and "
+    "cu_seqlens_q/kv_padded=None",
+    keywords=("image_token_id", "vision_embed_count", "cp_group"), first=IDS_NAMES,
+)
+def _call_physical_cu(fn: Callable[..., Any], inputs: RankInputs, cp_group: dist.ProcessGroup) -> Any:
+    import torch
+
+    from cpinspect.core.tokens import token_config
+
+    image = token_config().image_token_id
+    physical = inputs.cu_seqlens
+    longest = int((physical[1:] - physical[:-1]).max()) if physical.numel() > 1 else 0
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=physical, cu_seqlens_kv=physical.clone(),
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    text = torch.full(inputs.vision_mask.shape, TEXT_TOKEN_ID, dtype=torch.long)
+    ids = torch.where(inputs.vision_mask.to(torch.bool), torch.full_like(text, image), text)
+    return fn(ids.view(1, -1), params, image_token_id=image, vision_embed_count=inputs.vision_embed_count,
+              cp_group=cp_group)
+
+
+TEXT_TOKEN_ID = 1000  # any id that is not a vision placeholder

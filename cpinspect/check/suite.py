@@ -18,7 +18,7 @@ from cpinspect.check.loading import target_name
 from cpinspect.check.report import CheckReport, ShrunkFailure
 from cpinspect.check.run import DEFAULT_TIMEOUT_S, run_case
 from cpinspect.check.shrink import ShrinkResult, replay_commands, save_case, shrink_case
-from cpinspect.check.signatures import Signature, get_signature
+from cpinspect.check.signatures import Signature, get_signature, infer_signature
 from cpinspect.check.uniformity import Uniformity, check_uniformity
 from cpinspect.check.verdicts import RANK_DEPENDENT, TIMEOUT, CaseResult
 from cpinspect.core.batch import PackedBatch
@@ -45,7 +45,7 @@ def run_check(
     cp: Sequence[int] | int = DEFAULT_CPS,
     cases: int = 100,
     seed: int = 0,
-    signature: str = "default",
+    signature: str | None = "default",
     batches: Sequence[BatchInput] = (),
     timeout: float = DEFAULT_TIMEOUT_S,
     max_seconds: float = 120.0,
@@ -67,7 +67,7 @@ def run_check(
     started = time.monotonic()
     deadline = started + max_seconds
     cps = [cp] if isinstance(cp, int) else list(cp)
-    sig = get_signature(signature)
+    sig = infer_signature(fn) if signature is None else get_signature(signature)  # None: from the parameter names
     tokens = tokens or token_config()
     _validate(cps, cases, timeout)
     todo, notes = _batch_cases(batches, cps, tokens)
@@ -85,7 +85,7 @@ def run_check(
     hung = bool(results) and results[-1].verdict == TIMEOUT
     uniformity = Uniformity() if hung else check_uniformity(
         fn, sig, results, timeout=timeout, strict_apply=strict_apply, deadline=deadline)
-    report = CheckReport(target or target_name(fn), signature, cps, seed, results, uniformity, notes=notes)
+    report = CheckReport(target or target_name(fn), sig.name, cps, seed, results, uniformity, notes=notes)
     if shrink:
         floor = 1 if 1 in cps else min(2, min(cps))
         apply_flag = () if strict_apply else ("--allow-apply-keywords",)

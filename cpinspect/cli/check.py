@@ -33,8 +33,9 @@ TargetArg = Annotated[str, typer.Argument(
     metavar="IMPLEMENTATION",
     help="Your function: path/to/file.py:function or package.module:function.", show_default=False)]
 CpListOpt = Annotated[str, typer.Option("--cp", help="Comma-separated cp values to generate cases for.")]
-SignatureOpt = Annotated[str, typer.Option("--signature", help=f"How your function is called: {', '.join(SIGNATURES)} "
-                                                               "(see the README).")]
+SignatureOpt = Annotated[Optional[str], typer.Option(
+    "--signature", help=f"How your function is called: {', '.join(SIGNATURES)} (see the README); omitted: "
+                        "inferred from the function's parameter names.", show_default=False)]
 DEFAULT_OUT = Path("cpinspect-failures")  # in .gitignore
 BatchesOpt = Annotated[Optional[list[Path]], typer.Option(
     "--batch", help="A batch file or rank directory to check as well (repeatable).", show_default=False)]
@@ -80,7 +81,7 @@ def import_notice(target: str) -> str:
 def check(
     target: TargetArg,
     cp: CpListOpt = "2,3,4,8",
-    signature: SignatureOpt = "default",
+    signature: SignatureOpt = None,
     batch: BatchesOpt = None,
     cases: Annotated[int, typer.Option("--cases", help="Generated cases (spread over the cp values).", min=0)] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated cases.")] = 0,
@@ -112,12 +113,17 @@ def check(
     from cpinspect.core.tokens import token_config
     from cpinspect.views.check import render_report
 
-    get_signature(signature)
+    if signature is not None:
+        get_signature(signature)
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
     keys = parse_keys(key)
     batches = [load_batch(path, keys=keys) for path in batch or []]
     make_console(no_color, stderr=True).print(import_notice(target), style="dim", markup=False, highlight=False)
     fn = load_function(target)
+    if signature is not None:
+        from cpinspect.check.signatures import check_fits
+
+        check_fits(fn, get_signature(signature))  # exit 2 before any case runs
     with progress_steps(not json_out) as step:
         step(f"checking {target} on cp {', '.join(map(str, cps))}")
         report = run_check(

@@ -22,8 +22,10 @@ BatchArg = Annotated[
 CpOpt = Annotated[int, typer.Option("--cp", help="Context-parallel size (number of simulated ranks).", min=1,
                                     max=MAX_CP)]
 LayoutOpt = Annotated[str, typer.Option("--layout", help="zigzag (Megatron per-document THD), sequence-zigzag "
-                                                          "(whole row as one sequence) or contiguous.")]
-ModelOpt = Annotated[str, typer.Option("--model", help="Token preset: qwen2-vl, qwen2.5-vl or qwen3-vl.")]
+                                                          "(whole row as one sequence), contiguous, head-tail or "
+                                                          "per-document-head-tail (PyTorch's balancers).")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Token preset: qwen2-vl, qwen2.5-vl, qwen3-vl, "
+                                                        "qwen2.5-omni or qwen3-omni (audio placeholders too).")]
 ImageIdOpt = Annotated[Optional[int], typer.Option("--image-token-id", help="Override the image_pad token id.",
                                                    min=0, max=MAX_TOKEN_ID)]
 VideoIdOpt = Annotated[Optional[int], typer.Option("--video-token-id", help="Override the video_pad token id.",

@@ -39,6 +39,13 @@ def simulate(
     image_token_id: ImageIdOpt = None,
     video_token_id: VideoIdOpt = None,
     key: KeyOpt = None,
+    layout_from: Annotated[Optional[str], typer.Option(
+        "--layout-from", help="A .pt/.safetensors file whose 'global_indices' entry holds each rank's global "
+                              "positions (in local order) from your framework; replaces --layout.")] = None,
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size (with --sequence-parallel: the sequence is "
+                                                 "also split over tp after the CP split).", min=1)] = 1,
+    sequence_parallel: Annotated[bool, typer.Option("--sequence-parallel", help="Megatron sequence parallelism: "
+                                                    "--pad aligns segments to 2*cp*tp.")] = False,
     pad: Annotated[bool, typer.Option("--pad", help="Pad segments to a multiple of 2*cp like frameworks.")] = False,
     rank: Annotated[Optional[int], typer.Option("--rank", help="Show only this rank.", min=0)] = None,
     full: Annotated[bool, typer.Option("--full", help="Print long lists and tables in full.")] = False,
@@ -51,6 +58,9 @@ def simulate(
                                                                 "the batch's position_ids.")] = False,
     vision_dp: Annotated[bool, typer.Option("--vision-dp", help="Simulate the vision-DP split and its "
                                                                 "embedding all-gather.")] = False,
+    scheme: Annotated[Optional[list[str]], typer.Option(
+        "--scheme", help="Also run each rank's program of a selection scheme and compare: count (Megatron-Bridge), "
+                         "token-ids (slime), full-row (HF/verl) or all; repeatable.")] = None,
     json_out: JsonOpt = False,
     no_color: NoColorOpt = False,
     debug: DebugOpt = False,
@@ -65,11 +75,23 @@ def simulate(
         step(f"simulating {cp} ranks")
         from cpinspect.simulation.run import simulate as run_simulation
 
-        result = run_simulation(loaded, cp, layout, tokens=tokens, pad=pad, timeout=timeout, backend=backend)
+        index_map = None
+        if layout_from is not None:
+            from cpinspect.core.layout_maps import load_index_map
+
+            index_map = load_index_map(layout_from, loaded.cu_seqlens)
+        result = run_simulation(loaded, cp, layout, tokens=tokens, pad=pad, timeout=timeout, backend=backend,
+                                index_map=index_map, tp=tp, sequence_parallel=sequence_parallel)
     if rank is not None and rank >= cp:
         raise InputError(f"--rank {rank} is out of range for cp={cp}", where="--rank", fix=f"pick 0..{cp - 1}")
     extras = _extensions(positions, vision_dp, loaded)
     ok = result.ok
+    runs = []
+    if scheme:
+        from cpinspect.simulation.schemes import parse_schemes, run_scheme
+
+        runs = [run_scheme(result, name, timeout=timeout) for name in parse_schemes(scheme)]
+        ok = ok and all(run.all_ok for run in runs)
     for ext, _ in extras:
         ext.run(result)
         ok = ok and ext.ok
@@ -77,6 +99,8 @@ def simulate(
         document = result.document()
         for ext, _ in extras:
             ext.add_json(document)
+        if runs:
+            document["schemes"] = [run.to_dict(cp) for run in runs]
         document["ok"] = ok
         if rank is not None:
             document["ranks"] = [document["ranks"][rank]]
@@ -89,6 +113,10 @@ def simulate(
         render_result(result, console, source=source, rank=rank, full=full)
         for ext, render in extras:
             render(ext, console, rank=rank, full=full)
+        if runs:
+            from cpinspect.views.simulate import render_schemes
+
+            render_schemes(runs, cp, console)
         if explain:
             from cpinspect.views.explain import render_explain
 

@@ -8,9 +8,14 @@ pieces it holds in local-memory order:
   rank ``r`` holds chunks ``r`` and ``2*cp-1-r`` of every segment. Piece id = ``seg*2cp + chunk``.
 * ``sequence-zigzag`` (BSHD / per-sequence): the same, with the whole row as one segment.
 * ``contiguous`` (verl Ulysses, picotron, "allgather CP"): rank ``r`` holds ``[r*T/cp, (r+1)*T/cp)``.
+* ``head-tail`` (PyTorch ``_HeadTailLoadBalancer``): the row is rearranged rank-major into chunk pairs
+  ``(r, 2cp-1-r)`` of the whole row, then cut contiguously: the same map as ``sequence-zigzag``.
+* ``per-document-head-tail`` (PyTorch ``_PerDocumentHeadTailLoadBalancer``) and ``file`` (per-rank
+  global index tensors from the user's framework) are built from their per-rank index map by
+  :mod:`cpinspect.core.layout_maps`: the pieces are the maximal runs of consecutive positions.
 
-Because every rank holds the same number of pieces, the per-rank count exchange is one
-fixed-shape all-gather, whatever the layout.
+Because every rank holds the same number of pieces (maps with fewer runs on some ranks get empty
+pieces), the per-rank count exchange is one fixed-shape all-gather, whatever the layout.
 """
 
 from __future__ import annotations
@@ -22,7 +27,30 @@ import torch
 from cpinspect.core.errors import InputError
 from cpinspect.core.runs import expand_runs
 
-LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous")
+LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous", "head-tail", "per-document-head-tail")
+# The cutting rule each layout's divisibility and padding follow (``file`` maps only need equal shares).
+RULES = {"zigzag": "zigzag", "sequence-zigzag": "sequence-zigzag", "contiguous": "contiguous",
+         "head-tail": "sequence-zigzag", "per-document-head-tail": "zigzag", "file": "contiguous"}
+PAIRED = ("zigzag", "sequence-zigzag", "head-tail")
+# Layouts whose maps differ in general; head-tail is left out, its map is sequence-zigzag's. Searches over
+# "the other layouts" (diagnose, position checks) use these, so one map is never two explanations.
+DISTINCT_LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous", "per-document-head-tail")
+# The cuts diagnose tries as "the data was cut another way": more candidates make more numbers ambiguous,
+# so it keeps to the three frameworks' cuts (a run with another layout passes it with --layout).
+SEARCHED_LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous")
+
+
+def compared_layouts(kind: str) -> tuple[str, ...]:
+    """The layouts ``layout`` compares (drawing with ``--compare``, balance numbers): the three framework
+    cuts, plus ``kind`` when it is another one (PyTorch's balancers are shown when asked for)."""
+    return SEARCHED_LAYOUTS if kind in SEARCHED_LAYOUTS else (*SEARCHED_LAYOUTS, kind)
+
+
+def rule_of(kind: str) -> str:
+    """The cutting rule (``zigzag``, ``sequence-zigzag`` or ``contiguous``) that ``kind`` pads and divides by."""
+    return RULES.get(kind, "contiguous")
+
+MAX_MAPPED_TOKENS = 1 << 26  # layouts built token by token (per-document-head-tail) stay within ~2 GB
 
 
 @dataclass(frozen=True)
@@ -73,8 +101,13 @@ class Layout:
 
     @property
     def chunks_per_segment(self) -> int:
-        """Columns of the gathered count table: ``2*cp`` for zigzag layouts, ``cp`` otherwise."""
-        return 2 * self.cp if self.kind != "contiguous" else self.cp
+        """Columns of the gathered count table: ``2*cp`` per segment for zigzag, all pieces in one row otherwise."""
+        return 2 * self.cp if self.kind == "zigzag" else self.piece_start.numel()
+
+    @property
+    def paired(self) -> bool:
+        """Whether each rank holds (head, tail) chunk pairs, so its local counts read as ``[rows, 2]``."""
+        return self.kind in PAIRED
 
     def local_piece_len(self, cp_rank: int) -> torch.Tensor:
         """``[pieces_per_rank]`` lengths of the pieces rank ``cp_rank`` holds, in local order."""
@@ -113,8 +146,6 @@ class Layout:
         owner = torch.empty(self.piece_start.numel(), dtype=torch.long)
         owner[self.rank_pieces.reshape(-1)] = torch.arange(self.cp).repeat_interleave(self.pieces_per_rank)
         return owner
-
-
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, *, name: str = "cu_seqlens") -> torch.Tensor:
@@ -159,6 +190,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, *, name: str = "cu_seqlens") -> t
 
 def check_cp_fits(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> None:
     """Raise the exit-2 error for a cp so large that a non-empty segment has fewer tokens than pieces."""
+    kind = rule_of(kind)
     if cp == 1 and kind != "contiguous":
         return
     pieces = 2 * cp if kind != "contiguous" else cp
@@ -183,6 +215,7 @@ def check_cp_fits(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> No
 
 def check_divisible(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> None:
     """Raise the exit-2 error naming the first segment a layout cannot cut evenly."""
+    name, kind = kind, rule_of(kind)
     if cp == 1 and kind != "contiguous":
         return
     check_cp_fits(cu_seqlens, cp, kind)
@@ -207,7 +240,7 @@ def check_divisible(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> 
         nxt = -(-total // multiple) * multiple
         rule = "2*cp" if kind == "sequence-zigzag" else "cp"
         raise InputError(
-            f"the row has {total} tokens, which is not divisible by {rule} = {multiple} for the {kind} "
+            f"the row has {total} tokens, which is not divisible by {rule} = {multiple} for the {name} "
             f"layout; the next multiple is {nxt}",
             where="the whole packed row",
             fix="pad the row (--pad pads each segment) or pick a cp that divides the row length",
@@ -222,6 +255,16 @@ def make_layout(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> Layo
         raise InputError(f"cp is {cp}, but it must be at least 1", where="--cp", fix="pass --cp 1 or more")
     cu = check_cu_seqlens(cu_seqlens)
     check_divisible(cu, cp, kind)
+    if kind == "per-document-head-tail":
+        from cpinspect.core.layout_maps import layout_from_indices, per_document_head_tail_indices
+
+        if int(cu[-1]) > MAX_MAPPED_TOKENS:
+            raise InputError(
+                f"the {kind} layout is built from its per-token index map, and this row has {int(cu[-1]):,} tokens, "
+                f"more than the {MAX_MAPPED_TOKENS:,} such a map may hold (several int64 tensors of that length)",
+                where="--layout", fix="use a layout with closed-form pieces (zigzag, sequence-zigzag, contiguous, "
+                "head-tail) for rows this long, or check a shorter row")
+        return layout_from_indices(kind, cu, cp, per_document_head_tail_indices(cu, cp))
     total = int(cu[-1])
     if kind == "contiguous":
         local = total // cp
@@ -230,7 +273,7 @@ def make_layout(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> Layo
             kind, cp, cu, starts, torch.full((cp,), local), torch.zeros(cp, dtype=torch.long),
             torch.arange(cp), torch.arange(cp).view(cp, 1),
         )
-    split_cu = cu if kind == "zigzag" else torch.tensor([0, total])
+    split_cu = cu if kind == "zigzag" else torch.tensor([0, total])  # head-tail cuts the row like sequence-zigzag
     starts, lengths, segment, chunk = _zigzag_pieces(split_cu, cp)
     return Layout(kind, cp, cu, starts, lengths, segment, chunk, zigzag_rank_pieces(split_cu.numel() - 1, cp))
 
@@ -269,15 +312,17 @@ def zigzag_rank_pieces(num_segments: int, cp: int, device: torch.device | str | 
     return torch.stack([head, tail], dim=-1).reshape(cp, 2 * num_segments)
 
 
-def pad_multiple(cp: int, kind: str) -> int:
-    """What each padded unit must divide by: ``2*cp`` for zigzag layouts (1 at cp 1), ``cp`` for contiguous."""
-    return cp if kind == "contiguous" else (2 * cp if cp > 1 else 1)
+def pad_multiple(cp: int, kind: str, sp: int = 1) -> int:
+    """What each padded unit must divide by: ``2*cp`` for zigzag layouts (1 at cp 1), ``cp`` for contiguous;
+    times ``sp`` (tp under sequence parallelism: Megatron-Bridge pads to ``2*cp*tp``)."""
+    kind = rule_of(kind)
+    return (cp if kind == "contiguous" else (2 * cp if cp > 1 else 1)) * sp
 
 
-def padded_boundaries(cu_seqlens: torch.Tensor, cp: int, kind: str) -> torch.Tensor:
+def padded_boundaries(cu_seqlens: torch.Tensor, cp: int, kind: str, sp: int = 1) -> torch.Tensor:
     """The boundaries ``--pad`` gives: every segment padded for zigzag, only the row's end otherwise."""
-    multiple = pad_multiple(cp, kind)
-    if kind == "zigzag":
+    multiple = pad_multiple(cp, kind, sp)
+    if rule_of(kind) == "zigzag":
         return padded_cu_seqlens(cu_seqlens, multiple)
     total = int(cu_seqlens[-1])
     padded = -(-total // multiple) * multiple

@@ -11,7 +11,7 @@ import torch
 
 from cpinspect.core.balance import MAX_TOKENS, Balance
 from cpinspect.core.errors import InputError
-from cpinspect.core.layout import Layout, padded_boundaries
+from cpinspect.core.layout import Layout, padded_boundaries, rule_of
 
 # Stated limits of ``cpinspect layout`` (README "Reliability"); beyond them: exit 2, never a wrapped number
 # or an allocation the machine cannot make.
@@ -107,7 +107,7 @@ def layout_document(layout: Layout, balances: dict[str, Balance],
     """
     cu = layout.cu_seqlens.tolist()
     total = layout.total_tokens
-    split = {"zigzag": None, "sequence-zigzag": 2 * layout.cp, "contiguous": layout.cp}[layout.kind]
+    split = {"zigzag": None, "sequence-zigzag": 2 * layout.cp, "contiguous": layout.cp}[rule_of(layout.kind)]
     segments = []
     for index, cells in enumerate(segment_cells(layout)):
         length = cu[index + 1] - cu[index]

@@ -14,7 +14,7 @@ import torch
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
-from cpinspect.core.layout import LAYOUTS, Layout, make_layout
+from cpinspect.core.layout import DISTINCT_LAYOUTS, Layout, make_layout
 from cpinspect.core.mrope import CONVENTIONS, row_positions
 from cpinspect.core.tokens import TokenConfig, token_config
 
@@ -268,7 +268,7 @@ def _sliced_with(rows: torch.Tensor, cand: _Candidates, others: dict[str, Layout
 def _other_layouts(plan: Layout) -> dict[str, Layout]:
     """The layouts other than ``plan`` that can cut this row (a wrong slice may match one)."""
     others = {}
-    for kind in LAYOUTS:
+    for kind in DISTINCT_LAYOUTS:
         if kind == plan.kind:
             continue
         try:

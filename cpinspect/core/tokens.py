@@ -2,6 +2,9 @@
 
 Qwen2-VL, Qwen2.5-VL and Qwen3-VL share the special token ids; they differ in patch size and
 in how videos are laid out (Qwen3-VL gives every temporal patch its own vision_start/end span).
+Qwen2.5-Omni and Qwen3-Omni add audio placeholders (``audio_token_id`` 151646 in both thinker
+configs of transformers 5.24), one per audio-encoder output frame; :func:`audio_tokens` is the
+per-item length rule each model's ``_get_feat_extract_output_lengths`` implements.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ VISION_START = 151652
 VISION_END = 151653
 VISION_PAD = 151654
 ENDOFTEXT = 151643
+AUDIO_PAD = 151646
+AUDIO_START = 151647
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,14 @@ class TokenConfig:
     pad_token_id: int = ENDOFTEXT
     spatial_merge_size: int = 2
     patch_size: int = 14
+    audio_token_id: int | None = None  # set for the Omni presets: audio placeholders are selected too
+    audio_start_token_id: int | None = None
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """Every placeholder id whose positions take encoder rows: image, video, then audio if the model has it."""
+        ids = (self.image_token_id, self.video_token_id)
+        return ids + (self.audio_token_id,) if self.audio_token_id is not None else ids
 
     @property
     def merge_area(self) -> int:
@@ -39,7 +52,28 @@ MODELS: dict[str, TokenConfig] = {
     "qwen2-vl": TokenConfig("qwen2-vl", patch_size=14),
     "qwen2.5-vl": TokenConfig("qwen2.5-vl", patch_size=14),
     "qwen3-vl": TokenConfig("qwen3-vl", patch_size=16),
+    "qwen2.5-omni": TokenConfig("qwen2.5-omni", patch_size=14, audio_token_id=AUDIO_PAD,
+                                audio_start_token_id=AUDIO_START),
+    "qwen3-omni": TokenConfig("qwen3-omni", patch_size=16, audio_token_id=AUDIO_PAD, audio_start_token_id=AUDIO_START),
 }
+QWEN3_OMNI_WINDOW = 50  # the audio encoder's n_window (Qwen3OmniMoeAudioEncoderConfig default)
+
+
+def audio_tokens(model: str, feature_length: int) -> int:
+    """Audio placeholder tokens for one audio item of ``feature_length`` mel frames.
+
+    Qwen2.5-Omni: two stride-2 steps, ``((L - 1) // 2 + 1 - 2) // 2 + 1``. Qwen3-Omni: the audio is cut
+    into chunks of ``2 * n_window`` = 100 frames; each whole chunk gives 13 tokens and the remainder
+    ``r`` goes through three stride-2 convolutions, ``(((r - 1) // 2 + 1 - 1) // 2 + 1 - 1) // 2 + 1``.
+    """
+    if model == "qwen2.5-omni":
+        return ((feature_length - 1) // 2 + 1 - 2) // 2 + 1
+    if model == "qwen3-omni":
+        chunk = 2 * QWEN3_OMNI_WINDOW
+        rest = feature_length % chunk
+        after = (((rest - 1) // 2 + 1 - 1) // 2 + 1 - 1) // 2 + 1
+        return after + feature_length // chunk * 13
+    raise ValueError(f"{model} has no audio rule")
 DEFAULT_MODEL = "qwen3-vl"
 
 

@@ -71,8 +71,10 @@ class VisionItems:
 
 
 def placeholder_mask(ids: torch.Tensor, tokens: TokenConfig) -> torch.Tensor:
-    """Vision placeholders of an id row: the image or video pad token (the one mask rule)."""
-    return (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
+    """Placeholders of an id row: the image or video pad token, and the audio pad token for the Omni
+    presets (the one mask rule)."""
+    mask = (ids == tokens.image_token_id) | (ids == tokens.video_token_id)
+    return mask | (ids == tokens.audio_token_id) if tokens.audio_token_id is not None else mask
 
 
 def embedding_rows(grids: Sequence[torch.Tensor | None], merge_area: int) -> int:
@@ -80,16 +82,13 @@ def embedding_rows(grids: Sequence[torch.Tensor | None], merge_area: int) -> int
     return int(sum(int((g.prod(dim=1) // merge_area).sum()) for g in grids if g is not None))
 
 
-def batch_embedding_rows(batch: PackedBatch, full_mask: torch.Tensor, merge_area: int) -> int:
-    """Rows a batch's encoder produced: its ``vision_embed_count``, else its grids' rows, else one per placeholder."""
+def batch_embedding_rows(batch: PackedBatch, full_mask: torch.Tensor, merge_area: int, audio: int = 0) -> int:
+    """Rows a batch's encoders produced: its ``vision_embed_count``, else its grids' rows (plus one per audio
+    placeholder, ``audio``, for the Omni presets: no audio feature lengths are read), else one per placeholder."""
     if batch.vision_embed_count is not None:
         return batch.vision_embed_count
     grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None]
-    return embedding_rows(grids, merge_area) if grids else int(full_mask.sum())
-
-
-
-
+    return embedding_rows(grids, merge_area) + audio if grids else int(full_mask.sum())
 
 
 def _grid(grid: torch.Tensor | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from cpinspect.core.findings import Finding
 from cpinspect.diagnose.audits import embed_mismatch
 from cpinspect.diagnose.errortext import ObservedError
+from cpinspect.diagnose.parallel_sizes import parallel_size_predictions
 from cpinspect.diagnose.prediction import NOT_SELECTED_HINT, Prediction
 from cpinspect.diagnose.report import cause, info
 from cpinspect.diagnose.scene import Scene
@@ -98,6 +99,7 @@ def _explain_sizes(scene: Scene, observed: ObservedError) -> list[Prediction]:
                 "PRESHARDED_ROWS_NOT_SELECTED", held, rows,
                 f"{rows} = every vision embedding row and {held} = the vision tokens rank {rank} holds: all rows met "
                 "one rank's positions", NOT_SELECTED_HINT, rank=rank if rank >= 0 else None))
+    predictions += parallel_size_predictions(scene, observed)  # CP_SPLIT_MISSING / SP_SPLIT_MISSING
     return [dataclasses.replace(p, tokens=expected, rows=got) for p in predictions]
 
 

@@ -16,7 +16,7 @@ import torch
 from cpinspect.core.batch import PackedBatch, check_grid_merge, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
-from cpinspect.core.layout import LAYOUTS, Layout, check_cp_fits, make_layout, padded_cu_seqlens
+from cpinspect.core.layout import SEARCHED_LAYOUTS, Layout, check_cp_fits, make_layout, padded_cu_seqlens
 from cpinspect.core.loading import stacked_shape
 from cpinspect.core.tokens import TokenConfig
 from cpinspect.core.vision_items import VisionItem, embedding_rows, expected_items, placeholder_mask
@@ -39,6 +39,9 @@ LAYOUT_WORDS = {
     "zigzag": "per-document zigzag (Megatron THD: every segment cut into 2·cp chunks)",
     "sequence-zigzag": "per-sequence zigzag (the whole row cut as one sequence, BSHD-style)",
     "contiguous": "contiguous (the row cut into cp equal pieces)",
+    "head-tail": "PyTorch head-tail (the whole row as 2·cp chunks, rank-major pairs, then cut contiguously)",
+    "per-document-head-tail": "PyTorch per-document head-tail (each document's chunk pairs in document order, "
+                              "then the row cut contiguously)",
 }
 
 
@@ -308,7 +311,7 @@ def _validate_grids(batch: PackedBatch, tokens: TokenConfig) -> None:
 
 def _choose_data_layout(scene: Scene) -> list[Finding]:
     """Pre-sharded rows: find the layout under which they reassemble into whole vision spans."""
-    counted = {kind: _broken_spans(scene, kind) for kind in LAYOUTS}
+    counted = {kind: _broken_spans(scene, kind) for kind in SEARCHED_LAYOUTS}
     broken = {kind: value for kind, value in counted.items() if value is not None}
     mine = broken.get(scene.layout)
     if mine is None or mine[0] == 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from cpinspect.core.layout import LAYOUTS
+from cpinspect.core.layout import SEARCHED_LAYOUTS as LAYOUTS
 from cpinspect.core.ranges import format_ranges
 from cpinspect.diagnose.prediction import NOT_SELECTED_HINT, OTHER_CPS, Prediction
 from cpinspect.diagnose.scene import LAYOUT_WORDS, Scene

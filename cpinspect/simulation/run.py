@@ -16,7 +16,16 @@ import torch
 from cpinspect.core.batch import PackedBatch, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
-from cpinspect.core.layout import Layout, make_layout, pad_row, padded_boundaries
+from cpinspect.core.layout import (
+    Layout,
+    check_cu_seqlens,
+    make_layout,
+    pad_multiple,
+    pad_row,
+    padded_boundaries,
+    rule_of,
+)
+from cpinspect.core.layout_maps import check_index_map, layout_from_indices
 from cpinspect.core.oracle import expected_rows, global_positions
 from cpinspect.core.runs import mask_runs
 from cpinspect.core.selection import RankSelection, select_rank_rows
@@ -74,6 +83,8 @@ class Result:
     padded_tokens: int = 0
     spmd_error: SpmdError | None = None
     notes: list[str] = field(default_factory=list)
+    tp: int = 1
+    sequence_parallel: bool = False
 
     @property
     def ok(self) -> bool:
@@ -91,6 +102,13 @@ class Result:
             return torch.zeros(0, self.layout.chunks_per_segment, dtype=torch.long)
         return selection.full_counts.view(-1, self.layout.chunks_per_segment)
 
+    def modalities(self) -> list[dict[str, int]]:
+        """Per rank, the placeholder tokens it holds of each modality (image, video, and audio for Omni presets)."""
+        ids = {"image": self.tokens.image_token_id, "video": self.tokens.video_token_id}
+        if self.tokens.audio_token_id is not None:
+            ids["audio"] = self.tokens.audio_token_id
+        return [{name: int((r.input_ids == token).sum()) for name, token in ids.items()} for r in self.ranks]
+
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` document as plain Python values."""
         document = self.document()
@@ -105,7 +123,11 @@ class Result:
         On a million-token batch these lists hold millions of numbers; the CLI streams them to
         JSON a slice at a time instead of building Python lists of all of them at once.
         """
+        extra: dict[str, Any] = {}
+        if self.tokens.audio_token_id is not None:
+            extra["modalities"] = self.modalities()
         return {
+            **extra,
             "cp": self.cp,
             "layout": self.layout.kind,
             "input": self.input_form,
@@ -116,6 +138,9 @@ class Result:
             "images": self.images,
             "videos": self.videos,
             "gathered_counts": self.gathered_counts.tolist(),
+            "tp": self.tp,
+            "sequence_parallel": self.sequence_parallel,
+            "tokens_per_tp_rank": self.layout.local_tokens // (self.tp if self.sequence_parallel else 1),
             "ranks": [
                 {
                     "rank": r.rank,
@@ -123,7 +148,7 @@ class Result:
                     "vision_positions": r.vision_positions,
                     "local_counts": (
                         r.selection.local_counts.view(-1, 2).tolist()
-                        if r.selection is not None and self.layout.kind != "contiguous"
+                        if r.selection is not None and self.layout.paired
                         else r.selection.local_counts.tolist() if r.selection is not None else None
                     ),
                     "selected_rows": r.selected_rows,
@@ -146,6 +171,9 @@ def simulate(
     pad: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     backend: str = "threads",
+    index_map: torch.Tensor | None = None,
+    tp: int = 1,
+    sequence_parallel: bool = False,
 ) -> Result:
     """Shard ``batch`` over ``cp`` simulated ranks, run each rank's selection, check it.
 
@@ -155,18 +183,48 @@ def simulate(
     inconsistencies as findings on the returned :class:`Result`.
     """
     tokens = tokens or token_config()
+    sp = tp if sequence_parallel else 1
+    if tp < 1:
+        raise InputError(f"tp is {tp}, but it must be at least 1", where="--tp", fix="pass --tp 1 or more")
     if cp < 1:
         raise InputError(f"cp is {cp}, but it must be at least 1", where="--cp", fix="pass --cp 1 or more")
+    if index_map is not None and pad:
+        raise InputError("--pad cannot be combined with --layout-from: the saved indices fix the row length",
+                         where="--pad", fix="save the index tensors of the padded row and drop --pad")
     form = _input_form(batch, cp)
     cu = batch.cu_seqlens
     full_ids, full_mask = _full_row(batch, form, tokens)
     padded = 0
     notes: list[str] = []
     if pad:
-        full_ids, full_mask, cu, padded = _pad(batch, full_ids, full_mask, cu, cp, layout, form, tokens)
+        full_ids, full_mask, cu, padded = _pad(batch, full_ids, full_mask, cu, cp, layout, form, tokens, sp)
         if padded:
-            notes.append(f"padded {padded} token(s) so every segment length divides 2*cp = {2 * cp}")
-    plan = make_layout(cu, cp, layout)
+            unit = pad_multiple(cp, layout, sp)
+            what = "every segment length" if rule_of(layout) == "zigzag" else "the row length"
+            notes.append(f"padded {padded} token(s) so {what} divides {unit}"
+                         + (" (2*cp*tp, as Megatron-Bridge pads under sequence parallelism)" if sp > 1 else ""))
+    if index_map is not None:
+        layout = "file"
+        held_by = index_map.shape[0] if index_map.dim() else 1
+        if index_map.dim() != 2 or held_by != cp:
+            raise InputError(f"--layout-from holds {held_by} rank(s) of indices but --cp is {cp}",
+                             where="--layout-from", fix=f"pass --cp {held_by} (one index tensor per rank)")
+        checked = check_index_map(index_map, int(cu[-1]), where="--layout-from")
+        plan = layout_from_indices("file", check_cu_seqlens(cu), cp, checked)
+    else:
+        plan = make_layout(cu, cp, layout)
+    if plan.local_tokens % sp:
+        raise InputError(
+            f"each rank holds {plan.local_tokens} tokens, which sequence parallelism cannot scatter over tp = {tp}",
+            where="--tp / --sequence-parallel",
+            fix=f"pad segments to a multiple of 2*cp*tp = {pad_multiple(cp, layout, sp)} as Megatron-Bridge does "
+                "(--pad), or drop --sequence-parallel")
+    if tokens.audio_token_id is not None and bool((full_ids == tokens.audio_token_id).any()):
+        notes.append("audio placeholders are selected and counted like image and video ones; their mRoPE positions "
+                     "(the Omni models' time-aligned rule) are not modelled: --positions treats them as text")
+    if sp > 1:
+        notes.append(f"tp {tp} with sequence parallelism: each rank's {plan.local_tokens:,} tokens are scattered "
+                     f"over its TP group as {tp} x {plan.local_tokens // tp:,} (the CP split first, then SP)")
     if form == "full":
         all_indices = plan.all_global_indices()
         local_ids = list(full_ids[all_indices])
@@ -185,26 +243,27 @@ def simulate(
     states, failure = _executor(backend)(cp, rank_program, local_masks, local_piece_len, plan.rank_pieces, {},
                                          timeout=timeout)
     ranks = []
-    for rank, (state, expected) in enumerate(zip(states, _oracle_rows(full_mask, layout, cu, cp))):
+    for rank, (state, expected) in enumerate(zip(states, _oracle_rows(full_mask, layout, cu, cp, index_map))):
         selection = state.value if state.status == "returned" else None
         ranks.append(RankResult(rank, all_indices[rank], local_ids[rank], selection, expected))
     embed_count, images, videos = _vision_items(batch, full_mask, full_ids, cu, tokens)
     result = Result(
         cp=cp, layout=plan, input_form=form, full_ids=full_ids, full_mask=full_mask, tokens=tokens,
         ranks=ranks, findings=[], vision_embed_count=embed_count, images=images, videos=videos,
-        padded_tokens=padded, spmd_error=failure, notes=notes,
+        padded_tokens=padded, spmd_error=failure, notes=notes, tp=tp, sequence_parallel=sequence_parallel,
     )
     result.findings = check(result)
     return result
 
 
-def _oracle_rows(full_mask: torch.Tensor, layout: str, cu: torch.Tensor, cp: int) -> list[torch.Tensor]:
+def _oracle_rows(full_mask: torch.Tensor, layout: str, cu: torch.Tensor, cp: int,
+                 index_map: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The oracle's rows for every rank, ranking all ranks' vision tokens in one call.
 
     One call over all ranks' global positions costs one pass over the row; a call per rank
     would rank the whole row ``cp`` times.
     """
-    positions = torch.stack([global_positions(layout, cu, cp, rank) for rank in range(cp)])
+    positions = torch.stack([global_positions(layout, cu, cp, rank, index_map) for rank in range(cp)])
     held = full_mask[positions].sum(1).tolist()
     return list(torch.split(expected_rows(full_mask, positions.reshape(-1)), held))
 
@@ -300,7 +359,7 @@ def _full_row(batch: PackedBatch, form: str, tokens: TokenConfig) -> tuple[torch
 
 
 def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Tensor, cp: int, layout: str,
-         form: str, tokens: TokenConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+         form: str, tokens: TokenConfig, sp: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     if form != "full":
         raise InputError(
             "--pad applies to a full row; this batch is already pre-sharded, so its segments were padded (or not) "
@@ -308,11 +367,11 @@ def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Te
             where=batch.source,
             fix="drop --pad; if segment lengths are not divisible by 2*cp, the framework's padding is the bug",
         )
-    new_cu = padded_boundaries(cu, cp, layout)
+    new_cu = padded_boundaries(cu, cp, layout, sp)
     added = int(new_cu[-1] - cu[-1])
     if not added:
         return ids, mask, cu, 0
-    if layout != "zigzag":
+    if rule_of(layout) != "zigzag":
         fill = ids.new_full((added,), tokens.pad_token_id)
         return torch.cat([ids, fill]), torch.cat([mask, mask.new_zeros(added)]), new_cu, added
     return pad_row(ids, cu, new_cu, tokens.pad_token_id), pad_row(mask, cu, new_cu, False), new_cu, added
@@ -321,7 +380,8 @@ def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Te
 def _vision_items(batch: PackedBatch, full_mask: torch.Tensor, full_ids: torch.Tensor, cu: torch.Tensor,
                   tokens: TokenConfig) -> tuple[int, int, int]:
     """Vision embedding rows expected, and the number of images and videos."""
-    count = batch_embedding_rows(batch, full_mask, tokens.merge_area)
+    audio = int((full_ids == tokens.audio_token_id).sum()) if tokens.audio_token_id is not None else 0
+    count = batch_embedding_rows(batch, full_mask, tokens.merge_area, audio)
     images = batch.image_grid_thw.shape[0] if batch.image_grid_thw is not None else _run_count(
         full_ids == tokens.image_token_id, cu)
     videos = batch.video_grid_thw.shape[0] if batch.video_grid_thw is not None else _run_count(

@@ -40,12 +40,14 @@ def _counts_shape(result: Result) -> str:
     kind = result.layout.kind
     if kind == "zigzag":
         return f"[S, 2] = [{result.layout.num_segments}, 2]"
-    return "[1, 2] (one sequence)" if kind == "sequence-zigzag" else "[1] (one piece)"
+    if result.layout.paired:
+        return "[1, 2] (one sequence)"
+    return "[1] (one piece)" if kind == "contiguous" else f"[{result.layout.pieces_per_rank}] (pieces)"
 
 
 def _as_rows(flat: torch.Tensor, result: Result) -> list[list[int]] | list[int]:
     """A rank's flat per-piece counts shown the way the model holds them ([S, 2] for zigzag)."""
-    return flat.tolist() if result.layout.kind == "contiguous" else flat.view(-1, 2).tolist()
+    return flat.view(-1, 2).tolist() if result.layout.paired else flat.tolist()
 
 
 def step_local_mask(result: Result, r: RankResult, width: int) -> Group:
@@ -129,7 +131,7 @@ def step_table(result: Result, r: RankResult) -> Group:
     assert r.selection is not None
     layout = result.layout
     rule = ("rank q's first column goes to chunk q, its second to chunk 2cp-1-q"
-            if layout.kind != "contiguous" else "rank q's count goes to piece q")
+            if layout.paired else "rank q's count for its local piece i goes to the piece it holds there")
     total = int(r.selection.full_counts.sum())
     verdict = ("equals" if total == result.vision_embed_count else "DIFFERS FROM")
     note = Text(f"Σ = {total:,} vision tokens, which {verdict} the {result.vision_embed_count:,} rows the encoder "

@@ -34,7 +34,14 @@ RULE_TEXT = {
     "sequence-zigzag": "the whole row is cut into 2·cp = {n} equal chunks, ignoring segment boundaries; "
                        "rank r holds chunks r and {last}-r",
     "contiguous": "the whole row is cut into cp = {n} equal pieces, ignoring segment boundaries; rank r holds piece r",
+    "head-tail": "PyTorch's head-tail balancer: the whole row is cut into 2·cp = {n} equal chunks, rearranged "
+                 "rank-major as (r, {last}-r) pairs, then sharded contiguously (the same map as sequence-zigzag)",
+    "per-document-head-tail": "PyTorch's per-document head-tail balancer: each document is cut into 2·cp = {n} "
+                              "chunks and rearranged document by document as (r, {last}-r) pairs, then the "
+                              "rearranged row is sharded contiguously; pieces are each rank's runs of positions",
+    "file": "the per-rank global indices given with --layout-from; pieces are each rank's runs of positions",
 }
+SEGMENT_LABELLED = ("zigzag", "per-document-head-tail", "file")
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ def local_boxes(layout: Layout, cp_rank: int, before: int | None = None) -> list
     boxes = []
     for start, end, seg, chunk in zip(starts, ends, segments, chunks):
         if end > start:
-            name = f"s{seg} c{chunk}" if layout.kind == "zigzag" else f"c{chunk}"
+            name = f"s{seg} c{chunk}" if layout.kind in SEGMENT_LABELLED else f"c{chunk}"
             boxes.append(Box((name, token_span(start, end)), str(chunk), cp_rank, start, end))
     return boxes
 
@@ -301,21 +308,27 @@ def local_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
     ranks = shown_ranks(layout.cp, full)
     rows = [local_boxes(layout, r, limit) for r in ranks]
     gutter = _gutter(layout)
-    count = len(rows[0])
-    minimum = [max(len(label) for row in rows for label in row[i].labels) + 2 for i in range(count)]
-    tokens = [b.tokens for b in rows[0]]
-    widths = fit_widths(tokens, minimum, width - gutter - count - 1) or minimum
-    marks = _local_marks(layout, rows[0])
     vision = vision_prefix(mask) if mask is not None else None
+    shapes = {tuple(b.tokens for b in row) for row in rows}
+    # maps whose ranks hold runs of different sizes (per-document-head-tail, file) get one ruler per rank;
+    # a block lists indices into the drawn ranks
+    blocks = [list(range(len(ranks)))] if len(shapes) == 1 else [[index] for index in range(len(ranks))]
     out: list[RenderableType] = []
-    for group in wrap_groups(widths, width - gutter):
-        for index, (rank, row) in enumerate(zip(ranks, rows)):
-            if index and rank != ranks[index - 1] + 1:
-                out.append(Text(f"… {rank - ranks[index - 1] - 1:,} more ranks (--full draws them)", style="dim"))
-            label = f"rank {rank}".ljust(gutter)
-            out.extend(draw_boxes([row[i] for i in group], [widths[i] for i in group], [label], compact=False,
-                                  vision=vision))
-        out.append(_ruler(widths, group, marks, gutter, width))
+    for block in blocks:
+        first = rows[block[0]]
+        count = len(first)
+        minimum = [max(len(label) for r in block for label in rows[r][i].labels) + 2 for i in range(count)]
+        widths = fit_widths([b.tokens for b in first], minimum, width - gutter - count - 1) or minimum
+        marks = _local_marks(layout, first)
+        for group in wrap_groups(widths, width - gutter):
+            for index in block:
+                rank = ranks[index]
+                if index and rank != ranks[index - 1] + 1 and (len(block) > 1 or group.start == 0):
+                    out.append(Text(f"… {rank - ranks[index - 1] - 1:,} more ranks (--full draws them)", style="dim"))
+                label = f"rank {rank}".ljust(gutter)
+                out.extend(draw_boxes([rows[index][i] for i in group], [widths[i] for i in group], [label],
+                                      compact=False, vision=vision))
+            out.append(_ruler(widths, group, marks, gutter, width))
     if cut:
         out.append(Text(f"… the local rows continue with {layout.num_segments - MAX_SEGMENTS} more segments "
                         "(--full draws them)", style="dim"))
@@ -347,7 +360,7 @@ def rank_key(cp: int, full: bool = False) -> Text:
 
 
 def layout_header(layout: Layout) -> Text:
-    parts = 2 * layout.cp if layout.kind != "contiguous" else layout.cp
+    parts = layout.cp if layout.kind == "contiguous" else 2 * layout.cp
     title = Text(f"{layout.kind} layout", style="bold")
     title.append(f" · cp {layout.cp} · {layout.num_segments:,} segment(s), {layout.total_tokens:,} tokens · "
                  f"{layout.local_tokens:,} tokens per rank\n")

@@ -15,7 +15,7 @@ from rich.text import Text
 from cpinspect.core.balance import Balance
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
-from cpinspect.core.layout import LAYOUTS, Layout, make_layout
+from cpinspect.core.layout import Layout, compared_layouts, make_layout
 from cpinspect.core.vision_items import VisionItem, row_items
 from cpinspect.simulation.run import Result
 from cpinspect.views.balance import balance_table
@@ -38,7 +38,7 @@ def build_views(layout: Layout, balances: dict[str, Balance], impossible: dict[s
                                         style="dim")]
     mask = vision[0].full_mask if vision is not None else None
     items = _items(*vision) if vision is not None else []
-    kinds = LAYOUTS if compare else (layout.kind,)
+    kinds = compared_layouts(layout.kind) if compare else (layout.kind,)
     for kind in kinds:
         if kind in impossible:
             views.append(Text(f"{kind} layout: cannot cut this row: {impossible[kind]}", style="yellow"))
@@ -47,7 +47,9 @@ def build_views(layout: Layout, balances: dict[str, Balance], impossible: dict[s
         views += [layout_diagram(drawn, width, mask=mask, full=full), Text("")]
         if vision is not None:
             views += [vision_view(drawn, vision[0].full_mask, items, full), Text("")]
-    views.append(balance_table(balances, impossible, layout.kind, full))
+    shown = compared_layouts(layout.kind)
+    views.append(balance_table({k: b for k, b in balances.items() if k in shown},
+                               {k: r for k, r in impossible.items() if k in shown}, layout.kind, full))
     return views
 
 

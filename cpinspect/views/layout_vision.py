@@ -39,7 +39,7 @@ def piece_rows(layout: Layout, full_mask: torch.Tensor) -> PieceRows:
     first = csum[layout.piece_start]
     count = csum[layout.piece_start + layout.piece_len] - first
     chunks = layout.piece_chunk.tolist()
-    if layout.kind == "zigzag":
+    if layout.kind in ("zigzag", "per-document-head-tail", "file"):
         names = [f"s{seg} c{chunk}" for seg, chunk in zip(layout.piece_segment.tolist(), chunks)]
     else:
         names = [f"c{chunk}" for chunk in chunks]
@@ -48,7 +48,8 @@ def piece_rows(layout: Layout, full_mask: torch.Tensor) -> PieceRows:
 
 def piece_name(layout: Layout, piece: int) -> str:
     chunk = int(layout.piece_chunk[piece])
-    return f"s{int(layout.piece_segment[piece])} c{chunk}" if layout.kind == "zigzag" else f"c{chunk}"
+    per_segment = layout.kind in ("zigzag", "per-document-head-tail", "file")
+    return f"s{int(layout.piece_segment[piece])} c{chunk}" if per_segment else f"c{chunk}"
 
 
 def items_table(rows: PieceRows, items: Sequence[VisionItem], full: bool) -> Table:

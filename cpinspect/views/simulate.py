@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from rich.console import Console, Group, RenderableType
@@ -99,6 +100,10 @@ def rank_block(result: Result, r: RankResult, full: bool, width: int) -> Group:
     title.append(f"  {r.global_indices.numel():,} tokens, {int(r.local_mask.sum()):,} vision  ")
     title.append_text(verdict)
     grid.add_row("  vision at (local)", format_ranges(r.vision_positions, limit=limit))
+    if result.tokens.audio_token_id is not None:
+        held = result.modalities()[r.rank]
+        grid.add_row("  by modality", ", ".join(f"{name}: {count:,} tokens" for name, count in held.items())
+                     + f"; {len(r.selected_rows):,} rows selected")
     grid.add_row("  mask", mask_strip(r.local_mask, max(8, width - 24)))
     grid.add_row(_counts_label(result), _counts_text(r.selection.local_counts if r.selection else None, result, full))
     grid.add_row("  selected rows", format_ranges(r.selected_rows, limit=limit))
@@ -108,13 +113,13 @@ def rank_block(result: Result, r: RankResult, full: bool, width: int) -> Group:
 
 
 def _counts_label(result: Result) -> str:
-    return "  local counts [S,2]" if result.layout.kind != "contiguous" else "  local count"
+    return "  local counts [S,2]" if result.layout.paired else "  local count"
 
 
 def _counts_text(counts: torch.Tensor | None, result: Result, full: bool) -> str:
     if counts is None:
         return "-"
-    pairs = counts.view(-1, 2).tolist() if result.layout.kind != "contiguous" else counts.tolist()
+    pairs = counts.view(-1, 2).tolist() if result.layout.paired else counts.tolist()
     if not full and len(pairs) > 8:
         shown = ", ".join(str(p) for p in pairs[:6])
         return f"[{shown}, ... ({len(pairs) - 6} more segments)]"
@@ -127,7 +132,7 @@ def counts_table(result: Result, full: bool, width: int) -> RenderableType:
     columns = counts.shape[1]
     owner = result.layout.owner_of_piece().view(-1, columns)
     title = ("gathered vision counts per segment x chunk (natural order; colour = owning rank)"
-             if result.layout.kind != "contiguous" else "gathered vision counts per piece (colour = owning rank)")
+             if result.layout.paired else "gathered vision counts per piece (colour = owning rank)")
     table = Table()
     table.add_column("seg", justify="right")
     shown_cols = _shown(columns, max(2, (width - 12) // 6), full)
@@ -206,3 +211,26 @@ if __name__ == "__main__":  # pragma: no cover - a demo for eyeballing the view
     from cpinspect.simulation.run import simulate
 
     render_result(simulate(demo_batch(), 2), Console(), source="built-in demo batch")
+
+
+def render_schemes(runs: list[Any], cp: int, console: Console) -> None:
+    """The selection schemes side by side: rows vs the oracle, collectives, bytes per rank, host syncs."""
+    table = Table(title="selection schemes (each rank's program through the simulated group)")
+    for name in ("scheme", "rows", "collectives per rank", "bytes sent / received", "syncs"):
+        table.add_column(name)
+    for run in runs:
+        rows = (f"✓ oracle's, all {cp}" if run.all_ok else
+                f"✗ {sum(not ok for ok in run.ok)} rank(s) differ" + (f" ({run.failure})" if run.failure else ""))
+        calls = sorted({", ".join(_short_call(c) for c in ranks) or "none" for ranks in run.calls})
+        moved = sorted({(run.bytes_sent(r), run.bytes_received(r, cp)) for r in range(cp)})
+        table.add_row(f"{run.scheme}\n({USED_BY_TEXT.get(run.scheme, '')})", rows, "; ".join(calls),
+                      "; ".join(f"{sent:,} B / {got:,} B" for sent, got in moved), str(run.host_syncs))
+    console.print(table)
+
+
+USED_BY_TEXT = {"count": "Megatron-Bridge", "token-ids": "slime #2251", "full-row": "HF / verl"}
+
+
+def _short_call(call: Any) -> str:
+    shapes = ", ".join(f"{list(s)} {d}" for s, d in zip(call.shapes, call.dtypes))
+    return f"{call.op}({shapes})"

@@ -16,7 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from cpinspect.cli.app import app
-from cpinspect.core.layout import LAYOUTS, make_layout
+from cpinspect.core.layout import LAYOUTS, SEARCHED_LAYOUTS, make_layout
 from cpinspect.core.layout_report import segment_cells
 from cpinspect.core.synth import demo_batch_dict
 from cpinspect.core.vision_items import row_items
@@ -27,7 +27,7 @@ from cpinspect.views.layout import (
     vision_prefix,
     vision_strip,
 )
-from tests.literal import contiguous_indices, expected_rows, zigzag_indices
+from tests.literal import expected_rows, layout_indices, zigzag_indices
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 runner = CliRunner()
@@ -39,11 +39,7 @@ def run(*args, env=None):
 
 
 def literal_holdings(kind, cu, cp):
-    if kind == "zigzag":
-        return zigzag_indices(cu, cp)
-    if kind == "sequence-zigzag":
-        return zigzag_indices([0, cu[-1]], cp)
-    return contiguous_indices(cu[-1], cp)
+    return layout_indices(kind, cu, cp)
 
 
 def plain_text(renderable, width):
@@ -125,7 +121,7 @@ def test_json_of_contiguous_clips_pieces_to_segments():
     doc = json.loads(run("layout", "--cp", 2, "--seqlens", "10,6", "--layout", "contiguous", "--json").output)
     assert [[(c["rank"], c["start"], c["end"]) for c in s["chunks"]] for s in doc["segments"]] == [
         [(0, 0, 8), (1, 8, 10)], [(1, 10, 16)]]
-    assert set(doc["balance"]) == {"contiguous", "sequence-zigzag"}  # zigzag cannot cut 10 into 4 chunks
+    assert set(doc["balance"]) == {"contiguous", "sequence-zigzag", "head-tail"}  # zigzag cannot cut 10 in 4
 
 
 def _cell_labels(line):
@@ -265,9 +261,11 @@ def _expand(part):
 
 def test_compare_draws_all_three_layouts_and_one_balance_table():
     text = run("layout", "--cp", 4, "--seqlens", "64", "--compare", "--no-color").output
-    for kind in LAYOUTS:
+    for kind in SEARCHED_LAYOUTS:
         assert f"{kind} layout · cp 4" in text
     assert text.count("causal attention work per rank") == 1
+    torch_style = run("layout", "--cp", 4, "--seqlens", "64", "--compare", "--layout", "head-tail", "--no-color")
+    assert "head-tail layout · cp 4" in torch_style.output and "zigzag layout · cp 4" in torch_style.output
     # contiguous: rank 3 holds queries 48..63, i.e. 49+...+64 = 904 pairs of 64*65/2 = 2080; mean 520
     assert re.search(r"max/mean │ +1\.00 │ +1\.00 │ +1\.74 │", text)
     assert "904   43.5%" in text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cpinspect.core.balance import Balance, compare_layouts, prefix_work
-from tests.literal import contiguous_indices, zigzag_indices
+from tests.literal import contiguous_indices, layout_indices, zigzag_indices
 
 
 def brute_force_work(cu: list[int], held: list[list[int]]) -> list[int]:
@@ -18,11 +18,7 @@ def brute_force_work(cu: list[int], held: list[list[int]]) -> list[int]:
 
 
 def literal_holdings(kind: str, cu: list[int], cp: int) -> list[list[int]]:
-    if kind == "zigzag":
-        return zigzag_indices(cu, cp)
-    if kind == "sequence-zigzag":
-        return zigzag_indices([0, cu[-1]], cp)
-    return contiguous_indices(cu[-1], cp)
+    return layout_indices(kind, cu, cp)
 
 
 def test_sixteen_tokens_cp2_contiguous_is_26_5_to_73_5_and_zigzag_is_even():
@@ -76,7 +72,7 @@ def test_worked_example_8_16_per_document_zigzag_is_even_but_whole_row_zigzag_is
 def test_layout_that_cannot_cut_the_row_is_reported_not_balanced():
     balances, impossible = compare_layouts(torch.tensor([0, 10, 18]), 2)
     assert set(balances) == {"contiguous"}
-    assert set(impossible) == {"zigzag", "sequence-zigzag"}
+    assert set(impossible) == {"zigzag", "sequence-zigzag", "head-tail", "per-document-head-tail"}
     assert "segment 0 has physical length 10" in impossible["zigzag"]
     assert balances["contiguous"].work.tolist() == brute_force_work([0, 10, 18], contiguous_indices(18, 2))
 

@@ -84,6 +84,15 @@ const LAYOUTS = {
     padMultiple: (cp) => cp,
     padPerSegment: false,
   },
+  "head-tail": {
+    about: "PyTorch _HeadTailLoadBalancer: chunk pairs (r, 2cp−1−r) of the whole row, rank-major, then cut " +
+      "contiguously (the same map as sequence-zigzag)",
+    check: (cu, cp) => cp === 1 ? null :
+      divisibleReason([cu[cu.length - 1]], 2 * cp, () => "the packed row", "head-tail"),
+    pieces: (cu, cp) => zigzagPieces([0, cu[cu.length - 1]], cp),
+    padMultiple: (cp) => (cp > 1 ? 2 * cp : 1),
+    padPerSegment: false,
+  },
 };
 
 /* core.layout.padded_boundaries / simulate --pad: per segment for zigzag, the row's end otherwise. */
