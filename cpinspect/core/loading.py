@@ -23,6 +23,7 @@ from cpinspect.core.batch import (
 from cpinspect.core.errors import InputError
 from cpinspect.core.files import Part, read_source, source_name
 from cpinspect.core.layout import check_cu_seqlens
+from cpinspect.core.nested import by_name, flatten
 
 Stacked = Literal["refuse", "concatenate"]
 
@@ -75,8 +76,9 @@ def _flatten_ids(raw: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]
 
 
 def _found(raw: Mapping[str, Any]) -> list[FieldInfo]:
-    return [FieldInfo(str(k), tuple(v.shape) if isinstance(v, torch.Tensor) else (), _dtype_name(v))
-            for k, v in raw.items()]
+    leaves, _ = flatten(raw)
+    return [FieldInfo(k, tuple(v.shape) if isinstance(v, torch.Tensor) else (), _dtype_name(v))
+            for k, v in leaves.items()]
 
 
 def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> PackedBatch:
@@ -84,9 +86,9 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
     first_name, first = parts[0][0], fields[0]
     rows = [_as_row(f["input_ids"], name, keys.get("input_ids", f.get("_input_ids_key", "input_ids")))
             for (name, _), f in zip(parts, fields)]
-    cu = check_cu_seqlens(_as_tensor(first["cu_seqlens"], first_name, first["_cu_key"]), name=first["_cu_key"])
+    cu = _checked_cu(_as_tensor(first["cu_seqlens"], first_name, first["_cu_key"]), first_name, first["_cu_key"])
     for (name, _), f in zip(parts[1:], fields[1:]):
-        other = check_cu_seqlens(_as_tensor(f["cu_seqlens"], name, f["_cu_key"]), name=f["_cu_key"])
+        other = _checked_cu(_as_tensor(f["cu_seqlens"], name, f["_cu_key"]), name, f["_cu_key"])
         if other.shape != cu.shape or not torch.equal(other, cu):
             raise InputError(
                 f"per-rank files disagree on {first['_cu_key']}: {_short(cu)} in {first_name} but "
@@ -104,13 +106,13 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
         )
     batch = PackedBatch(rows=rows, cu_seqlens=cu, source=source)
     batch.keys = dict(first["_keys"])
-    batch.extra = [{str(k): v.detach().to("cpu").clone() for k, v in raw.items()
+    batch.extra = [{k: _own(v, name) for k, v in f["_leaves"].items()
                     if isinstance(v, torch.Tensor) and k not in f["_keys"].values()}
-                   for (_, raw), f in zip(parts, fields)]
+                   for (name, _), f in zip(parts, fields)]
     if first.get("logical_cu_seqlens") is not None:
-        batch.logical_cu_seqlens = check_cu_seqlens(
+        batch.logical_cu_seqlens = _checked_cu(
             _as_tensor(first["logical_cu_seqlens"], first_name, first["_keys"]["logical_cu_seqlens"]),
-            name=first["_keys"]["logical_cu_seqlens"],
+            first_name, first["_keys"]["logical_cu_seqlens"],
         )
         _check_logical(batch.logical_cu_seqlens, cu, first_name)
     for grid in ("image_grid_thw", "video_grid_thw"):
@@ -132,40 +134,35 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
 
 
 def _pick_fields(name: str, raw: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
-    """Resolve aliases: which key of ``raw`` holds each cpinspect field."""
+    """Resolve aliases and dotted paths: which path of ``raw`` (nested dicts/objects flattened) holds each field."""
+    leaves, _ = flatten(raw)
     chosen: dict[str, str] = {}
-    for field_name, aliases in FIELD_ALIASES.items():
-        candidates = (keys[field_name],) if field_name in keys else aliases
-        for key in candidates:
-            if key in raw:
-                chosen[field_name] = key
-                break
-        else:
-            if field_name in keys:
-                raise InputError(
-                    f"--key maps {field_name} to {keys[field_name]!r}, but the batch has no such key "
-                    f"(keys: {', '.join(sorted(map(str, raw))) or 'none'})",
-                    where=name,
-                    fix="check the spelling of the key",
-                )
-    if "cu_seqlens" in keys:
-        if keys["cu_seqlens"] not in raw:
+    for field_name in FIELDS:
+        if field_name not in keys:
+            continue
+        path = keys[field_name]
+        if leaves.get(path) is None:
             raise InputError(
-                f"--key maps cu_seqlens to {keys['cu_seqlens']!r}, but the batch has no such key",
+                f"--key maps {field_name} to {path!r}, but the batch has no such key or path "
+                f"(paths: {', '.join(sorted(leaves)) or 'none'})",
                 where=name,
-                fix=f"keys present: {', '.join(sorted(map(str, raw)))}",
+                fix="check the spelling; nested fields take dotted paths (--key cu_seqlens=packed_seq_params.cu_seqlens_q)",
             )
-        chosen["cu_seqlens"] = keys["cu_seqlens"]
-    else:
-        present = [k for k in PHYSICAL_CU_KEYS if k in raw]
-        if present:
-            chosen["cu_seqlens"] = present[0]
-    if "logical_cu_seqlens" in keys:
-        chosen["logical_cu_seqlens"] = keys["logical_cu_seqlens"]
-    elif chosen.get("cu_seqlens") in PADDED_CU_KEYS:
-        logical = [k for k in LOGICAL_CU_KEYS if k in raw]
-        if logical:
-            chosen["logical_cu_seqlens"] = logical[0]
+        chosen[field_name] = path
+    for field_name, aliases in FIELD_ALIASES.items():
+        if field_name not in chosen:
+            found = next((p for p in (by_name(leaves, a) for a in aliases) if p), None)
+            if found:
+                chosen[field_name] = found
+    if "cu_seqlens" not in chosen:
+        found = next((p for p in (by_name(leaves, k) for k in PHYSICAL_CU_KEYS) if p), None)
+        if found:
+            chosen["cu_seqlens"] = found
+    if "logical_cu_seqlens" not in chosen and chosen.get("cu_seqlens", "").rsplit(".", 1)[-1] in PADDED_CU_KEYS:
+        container = chosen["cu_seqlens"].rpartition(".")[0]
+        found = next((p for p in (by_name(leaves, k, prefer=container) for k in LOGICAL_CU_KEYS) if p), None)
+        if found:
+            chosen["logical_cu_seqlens"] = found
     missing = [f for f in ("input_ids", "cu_seqlens") if f not in chosen]
     if missing:
         want = {
@@ -174,14 +171,16 @@ def _pick_fields(name: str, raw: dict[str, Any], keys: Mapping[str, str]) -> dic
         }
         raise InputError(
             f"the batch has no {' and no '.join(want[m] for m in missing)} (keys found: "
-            f"{', '.join(sorted(map(str, raw))) or 'none'})",
+            f"{', '.join(sorted(leaves)) or 'none'})",
             where=name,
-            fix="save these keys, or map your names with --key input_ids=NAME / --key cu_seqlens=NAME",
+            fix="save these keys, or map your names with --key input_ids=NAME / --key cu_seqlens=NAME "
+            "(dotted paths reach nested fields: packed_seq_params.cu_seqlens_q)",
         )
-    out: dict[str, Any] = {f: raw[k] for f, k in chosen.items()}
+    out: dict[str, Any] = {f: leaves[k] for f, k in chosen.items()}
     out["_keys"] = chosen
     out["_cu_key"] = chosen["cu_seqlens"]
     out["_input_ids_key"] = chosen["input_ids"]
+    out["_leaves"] = leaves
     return out
 
 
@@ -191,9 +190,23 @@ def _dtype_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _checked_cu(cu: torch.Tensor, name: str, key: str) -> torch.Tensor:
+    """``check_cu_seqlens`` with the file named in ``Where``."""
+    try:
+        return check_cu_seqlens(cu, name=key)
+    except InputError as exc:
+        raise InputError(exc.what, where=f"{name}, key {exc.where or key}", fix=exc.fix) from None
+
+
+def _own(value: torch.Tensor, name: str) -> torch.Tensor:
+    """A CPU tensor the batch owns: a file's tensors are already ours (no copy); a caller's dict is copied."""
+    value = value.detach().to("cpu")
+    return value.clone() if name.startswith("<") else value
+
+
 def _as_tensor(value: Any, name: str, key: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu").clone()
+        return _own(value, name)
     if isinstance(value, (list, tuple, int)):
         try:
             return torch.tensor(value)
