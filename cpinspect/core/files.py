@@ -44,8 +44,8 @@ def read_source(source: BatchSource, *, max_bytes: int | None = None) -> list[Pa
     items = list(source)
     if not items:
         raise InputError("an empty list of batch files was given", fix="pass one file per rank, in rank order")
-    return [(f"<rank {r} dict>", dict(p)) if isinstance(p, Mapping) else (str(p), read_file(Path(p), max_bytes=max_bytes))
-            for r, p in enumerate(items)]
+    return [(f"<rank {r} dict>", dict(p)) if isinstance(p, Mapping)
+            else (str(p), read_file(Path(p), max_bytes=max_bytes)) for r, p in enumerate(items)]
 
 
 def source_name(source: BatchSource) -> str:

@@ -146,7 +146,8 @@ def _pick_fields(name: str, raw: dict[str, Any], keys: Mapping[str, str]) -> dic
                 f"--key maps {field_name} to {path!r}, but the batch has no such key or path "
                 f"(paths: {', '.join(sorted(leaves)) or 'none'})",
                 where=name,
-                fix="check the spelling; nested fields take dotted paths (--key cu_seqlens=packed_seq_params.cu_seqlens_q)",
+                fix="check the spelling; nested fields take dotted paths "
+                "(--key cu_seqlens=packed_seq_params.cu_seqlens_q)",
             )
         chosen[field_name] = path
     for field_name, aliases in FIELD_ALIASES.items():
