@@ -41,6 +41,8 @@ class StandIn:
     """Inert holder of one pickled object's state: its class name and its attributes, nothing else."""
 
     _class_path = "?"
+    _state: dict[str, Any]
+    _args: tuple[Any, ...]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> StandIn:
         inst = object.__new__(cls)
@@ -101,7 +103,7 @@ def make_stand_in(path: str) -> type[StandIn]:
 def stand_ins(paths: list[str]) -> Iterator[dict[str, type[StandIn]]]:
     """Allowlist stand-ins for ``paths`` in torch's weights-only unpickler while the block runs."""
     classes = {path: make_stand_in(path) for path in paths}
-    entries = [(cls, path) for path, cls in classes.items()]
-    with torch.serialization.safe_globals(entries):  # type: ignore[no-untyped-call]
+    entries: list[Any] = [(cls, path) for path, cls in classes.items()]
+    with torch.serialization.safe_globals(entries):
         yield classes
 
