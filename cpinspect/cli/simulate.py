@@ -19,6 +19,7 @@ from cpinspect.cli.options import (
     JsonOpt,
     KeyOpt,
     LayoutOpt,
+    MaxBytesOpt,
     ModelOpt,
     NoColorOpt,
     TimeoutOpt,
@@ -51,6 +52,7 @@ def simulate(
                                                                 "the batch's position_ids.")] = False,
     vision_dp: Annotated[bool, typer.Option("--vision-dp", help="Simulate the vision-DP split and its "
                                                                 "embedding all-gather.")] = False,
+    max_bytes: MaxBytesOpt = None,
     json_out: JsonOpt = False,
     no_color: NoColorOpt = False,
     debug: DebugOpt = False,
@@ -61,7 +63,8 @@ def simulate(
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
     with progress_steps(not json_out) as step:
         step("loading batch")
-        loaded, source = load_cli_batch(batch, key)
+        loaded, source = load_cli_batch(batch, key, align=2 * cp if cp > 1 else 1,
+                                        max_bytes=max_bytes, notes=not json_out)
         step(f"simulating {cp} ranks")
         from cpinspect.simulation.run import simulate as run_simulation
 

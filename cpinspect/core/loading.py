@@ -22,14 +22,17 @@ from cpinspect.core.batch import (
 )
 from cpinspect.core.errors import InputError
 from cpinspect.core.files import Part, read_source, source_name
+from cpinspect.core.findings import Finding
 from cpinspect.core.layout import check_cu_seqlens
 from cpinspect.core.nested import by_name, flatten
+from cpinspect.core.packing import prepare
 
 Stacked = Literal["refuse", "concatenate"]
+VISION_ID_FLOOR = 151643  # the smallest Qwen-VL special token id; a dtype whose max is below it cannot hold them
 
 
 def load_batch(source: BatchSource, *, keys: Mapping[str, str] | None = None,
-               stacked: Stacked = "refuse") -> PackedBatch:
+               stacked: Stacked = "refuse", align: int = 1, max_bytes: int | None = None) -> PackedBatch:
     """Load a batch from a path (file or ``rank{r}`` directory), a dict, or a list of either.
 
     ``keys`` maps cpinspect field names (``input_ids``, ``cu_seqlens``, ...) to the names the
@@ -46,12 +49,22 @@ def load_batch(source: BatchSource, *, keys: Mapping[str, str] | None = None,
                 where=f"--key {name}={keys[name]}",
                 fix=f"map one of: {', '.join(FIELDS)}",
             )
-    parts = read_source(source)
+    parts = read_source(source, max_bytes=max_bytes)
     found = [_found(raw) for _, raw in parts]
+    containers = flatten(parts[0][1])[1]
+    prepared = [prepare(raw, keys, align=align, where=name) for name, raw in parts]
+    packed = prepared[0][2]
+    parts = [(name, new) for (name, _), (new, _, _) in zip(parts, prepared)]
+    keys = prepared[0][1]
     if stacked == "concatenate":
         parts = [(name, _flatten_ids(raw, keys)) for name, raw in parts]
     batch = _from_parts(parts, keys, source_name(source))
     batch.found = found
+    batch.containers = containers
+    if packed is not None:
+        batch.keys.update({k: v for k, v in packed.origins.items() if k in batch.keys})
+        batch.form = packed.form
+        batch.notes.insert(0, packed.finding)
     return batch
 
 
@@ -96,6 +109,8 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
                 where=name,
                 fix="every CP rank must carry the same global cu_seqlens; re-save the rank files from one step",
             )
+    batch_notes = [n for n in (_dtype_note(f["input_ids"], name, f["_input_ids_key"])
+                               for (name, _), f in zip(parts[:1], fields[:1])) if n]
     lengths = {row.numel() for row in rows}
     if len(lengths) > 1:
         sizes = ", ".join(f"rank {r}: {row.numel()}" for r, row in enumerate(rows))
@@ -104,7 +119,7 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
             where=source,
             fix="zigzag gives every rank cu_seqlens[-1] / cp tokens; re-save the local rows from one step",
         )
-    batch = PackedBatch(rows=rows, cu_seqlens=cu, source=source)
+    batch = PackedBatch(rows=rows, cu_seqlens=cu, source=source, notes=batch_notes)
     batch.keys = dict(first["_keys"])
     batch.extra = [{k: _own(v, name) for k, v in f["_leaves"].items()
                     if isinstance(v, torch.Tensor) and k not in f["_keys"].values()}
@@ -191,6 +206,22 @@ def _dtype_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _dtype_note(value: Any, name: str, key: str) -> Finding | None:
+    """A warning when the ids' dtype cannot hold Qwen-VL's vision token ids (int16 wraps 151655 to 20583)."""
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dtype == torch.bool:
+        return None
+    top = torch.iinfo(value.dtype).max
+    if top >= VISION_ID_FLOOR:
+        return None
+    return Finding(
+        "IDS_DTYPE_TOO_SMALL", "warning",
+        f"{key} has dtype {str(value.dtype).removeprefix('torch.')} (at most {top:,}): Qwen-VL vision token ids "
+        f"(151655 image_pad, 151656 video_pad) do not fit, so they wrapped when the ids were cast and no "
+        f"vision token can be found ({name})",
+        "save token ids as int64 (input_ids.long()) before the cast that wrapped them",
+    )
+
+
 def _checked_cu(cu: torch.Tensor, name: str, key: str) -> torch.Tensor:
     """``check_cu_seqlens`` with the file named in ``Where``."""
     try:
@@ -230,6 +261,13 @@ def _as_row(value: Any, name: str, key: str) -> torch.Tensor:
         )
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
+    elif ids.dim() == 2 and ids.shape[1] == 1:
+        raise InputError(
+            f"{key} has shape {list(ids.shape)}: {ids.shape[0]} rows of one token each (a column), but a packed "
+            "THD batch is one flat row [1, T]",
+            where=f"{name}, key {key}",
+            fix="save the row as [1, T] or [T] (input_ids.reshape(1, -1)); a column usually means a transposed row",
+        )
     elif ids.dim() == 2:
         raise InputError(
             f"{key} has shape {list(ids.shape)}: batch dimension {ids.shape[0]} > 1, but a packed THD batch is "
@@ -281,6 +319,14 @@ def _as_grid(value: Any, name: str, key: str) -> torch.Tensor:
 
 def _as_mask(value: Any, name: str, length: int) -> torch.Tensor:
     mask = _as_tensor(value, name, "vision_mask").reshape(-1)
+    if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+        where = int(torch.nonzero(torch.isnan(mask))[0])
+        raise InputError(
+            f"vision_mask is {str(mask.dtype).removeprefix('torch.')} and holds NaN "
+            f"({int(torch.isnan(mask).sum())} entries, first at position {where}); NaN would read as True",
+            where=f"{name}, key vision_mask, position {where}",
+            fix="store the mask as bool (input_ids == image_token_id); a float mask must hold only 0 and 1",
+        )
     if mask.numel() != length:
         raise InputError(
             f"vision_mask has {mask.numel()} entries but input_ids has {length}",
