@@ -19,6 +19,7 @@ from cpinspect.core.batch import (
     BatchSource,
     FieldInfo,
     PackedBatch,
+    check_grid_merge,
 )
 from cpinspect.core.errors import InputError
 from cpinspect.core.files import Part, read_source, source_name
@@ -28,6 +29,7 @@ from cpinspect.core.nested import by_name, flatten
 from cpinspect.core.packing import prepare
 
 Stacked = Literal["refuse", "concatenate"]
+SPATIAL_MERGE = 2  # TokenConfig.spatial_merge_size of every preset
 VISION_ID_FLOOR = 151643  # the smallest Qwen-VL special token id; a dtype whose max is below it cannot hold them
 
 
@@ -133,6 +135,9 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
     for grid in ("image_grid_thw", "video_grid_thw"):
         if first.get(grid) is not None:
             setattr(batch, grid, _as_grid(first[grid], first_name, first["_keys"][grid]))
+            # every Qwen-VL merges 2x2 patches: an odd h or w has no whole token count
+            check_grid_merge(getattr(batch, grid), first["_keys"][grid], SPATIAL_MERGE,
+                             where=f"{first_name}, key {first['_keys'][grid]}")
     if first.get("second_per_grid_ts") is not None:
         batch.second_per_grid_ts = _as_tensor(first["second_per_grid_ts"], first_name, "second_per_grid_ts").reshape(-1)
     if first.get("vision_embed_count") is not None:
