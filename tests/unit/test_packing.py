@@ -86,20 +86,3 @@ def test_valid_only_chunks_match_direct_slicing(valid, padded, cp):
     first_padded = next(i for i, (v, p) in enumerate(zip(valid, padded)) if v != p)
     assert finding.segment == first_padded and f"{valid[first_padded]} valid" in finding.message
 
-
-def test_valid_only_row_through_simulate(tmp_path):
-    from typer.testing import CliRunner
-
-    from cpinspect.cli.app import app
-
-    torch.save({"input_ids": torch.arange(10, 17), "cu_seqlens": torch.tensor([0, 5, 7]),
-                "cu_seqlens_padded": torch.tensor([0, 8, 12])}, tmp_path / "vo.pt")
-    result = CliRunner().invoke(app, ["simulate", str(tmp_path / "vo.pt"), "--cp", "2", "--json"])
-    assert result.exit_code == 1
-    import json
-
-    doc = json.loads(result.stdout)
-    assert doc["findings"][0]["code"] == "VALID_ONLY_ROW"
-    assert "The expanded size of the tensor (1) must match the existing size (0)" in doc["findings"][0]["message"]
-    empty = sorted((c["rank"], c["segment"], c["chunk"]) for c in doc["chunks"] if c["got"] == 0)
-    assert empty == [(0, 1, 0), (0, 1, 3), (1, 1, 1), (1, 1, 2)]
