@@ -113,7 +113,8 @@ def test_info_json_names_the_form_and_the_field_paths():
     assert doc["field_paths"]["logical_cu_seqlens"] == "packed_seq_params.cu_seqlens_q"
     assert doc["containers"]["packed_seq_params"] == "megatron.core.packed_seq_params.PackedSeqParams"
     unpadded = json.loads(runner.invoke(app, ["info", str(REAL / "bridge_psp_unpadded.pt"), "--json"]).stdout)
-    assert "unpadded" in unpadded["input_form"] and unpadded["field_paths"]["cu_seqlens"] == "packed_seq_params.cu_seqlens_q"
+    assert "unpadded" in unpadded["input_form"]
+    assert unpadded["field_paths"]["cu_seqlens"] == "packed_seq_params.cu_seqlens_q"
     hf = json.loads(runner.invoke(app, ["info", str(REAL / "hf_padded_left.pt"), "--json", "--cp", "2"]).stdout)
     assert hf["input_form"] == "Hugging Face padded (left); full THD row"
     assert hf["notes"][0]["code"] == "PACKED_FROM_PADDED"
