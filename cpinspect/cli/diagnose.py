@@ -80,7 +80,7 @@ def diagnose(
         from cpinspect.diagnose import diagnose_batch
 
         loaded = load_batch(batch[0] if len(batch) == 1 else list(batch), keys=parse_keys(key), stacked="concatenate",
-                           max_bytes=max_bytes)
+                           align=2 * cp if cp is not None and cp > 1 else 1, max_bytes=max_bytes)
         step("simulating hypotheses")
         report = diagnose_batch(loaded, cp if cp is not None else _infer_cp(loaded), layout=layout, tokens=tokens,
                                 error_text=observed, embeds=embeds, rank=rank, timeout=timeout)

@@ -136,7 +136,9 @@ def unflatten(ids: torch.Tensor, position_ids: torch.Tensor, *, where: str = "po
         )
     cu = torch.cat([starts, torch.tensor([row.numel()])]).to(torch.int32)
     lengths = (cu[1:] - cu[:-1]).tolist()
-    raw: dict[str, Any] = {"input_ids": row, "cu_seqlens": cu, "position_ids": pos}
+    raw: dict[str, Any] = {"input_ids": row, "cu_seqlens": cu}
+    if pos.dim() == 2:  # [3, T] mRoPE positions are the model's; 1-D ones only marked the boundaries
+        raw["position_ids"] = pos
     message = (f"the row has no cu_seqlens: {len(lengths)} sequence(s) found where position_ids restart at 0 "
                f"(lengths {lengths}; cu_seqlens {cu.tolist()})")
     hint = ("this is the Hugging Face DataCollatorWithFlattening form; segments are not padded "
