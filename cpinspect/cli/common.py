@@ -129,8 +129,13 @@ def parse_keys(pairs: list[str] | None) -> dict[str, str]:
     return keys
 
 
-def load_cli_batch(paths: list[Path] | None, keys: list[str] | None) -> tuple[Any, str]:
-    """The batch and a human name of where it came from (the demo when no path is given)."""
+def load_cli_batch(paths: list[Path] | None, keys: list[str] | None, *, align: int = 1,
+                   max_bytes: int | None = None, notes: bool = True) -> tuple[Any, str]:
+    """The batch and a human name of where it came from (the demo when no path is given).
+
+    ``align`` is what a padded ``[B, T]`` batch's segments are padded to when it is packed (``2*cp``);
+    what loading did or noticed (``batch.notes``) goes to stderr, one line each, unless ``notes`` is off.
+    """
     import_torch()
     from cpinspect.core.loading import load_batch
     from cpinspect.core.synth import demo_batch
@@ -138,9 +143,11 @@ def load_cli_batch(paths: list[Path] | None, keys: list[str] | None) -> tuple[An
     mapping = parse_keys(keys)
     if not paths:
         return demo_batch(), "built-in demo batch (no file given; see examples/qwen3vl_packed.pt)"
-    if len(paths) == 1:
-        return load_batch(paths[0], keys=mapping), str(paths[0])
-    return load_batch(list(paths), keys=mapping), ", ".join(map(str, paths))
+    source = paths[0] if len(paths) == 1 else list(paths)
+    loaded = load_batch(source, keys=mapping, align=align, max_bytes=max_bytes)
+    for note in loaded.notes if notes else []:
+        sys.stderr.write(f"{'warning' if note.is_problem else 'note'}: {note.code}: {note.message}\n")
+    return loaded, ", ".join(map(str, paths))
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from cpinspect.cli.options import (
     JsonOpt,
     KeyOpt,
     LayoutOpt,
+    MaxBytesOpt,
     ModelOpt,
     NoColorOpt,
     TimeoutOpt,
@@ -51,6 +52,7 @@ def diagnose(
     image_token_id: ImageIdOpt = None,
     video_token_id: VideoIdOpt = None,
     key: KeyOpt = None,
+    max_bytes: MaxBytesOpt = None,
     error: ErrorOpt = None,
     error_file: ErrorFileOpt = None,
     embeds: EmbedsOpt = None,
@@ -77,7 +79,8 @@ def diagnose(
         from cpinspect.core.loading import load_batch
         from cpinspect.diagnose import diagnose_batch
 
-        loaded = load_batch(batch[0] if len(batch) == 1 else list(batch), keys=parse_keys(key), stacked="concatenate")
+        loaded = load_batch(batch[0] if len(batch) == 1 else list(batch), keys=parse_keys(key), stacked="concatenate",
+                           align=2 * cp if cp is not None and cp > 1 else 1, max_bytes=max_bytes)
         step("simulating hypotheses")
         report = diagnose_batch(loaded, cp if cp is not None else _infer_cp(loaded), layout=layout, tokens=tokens,
                                 error_text=observed, embeds=embeds, rank=rank, timeout=timeout)

@@ -10,7 +10,16 @@ from typing import Annotated, Optional
 import typer
 
 from cpinspect.cli.common import guarded, load_cli_batch, make_console
-from cpinspect.cli.options import DebugOpt, ImageIdOpt, JsonOpt, KeyOpt, ModelOpt, NoColorOpt, VideoIdOpt
+from cpinspect.cli.options import (
+    DebugOpt,
+    ImageIdOpt,
+    JsonOpt,
+    KeyOpt,
+    MaxBytesOpt,
+    ModelOpt,
+    NoColorOpt,
+    VideoIdOpt,
+)
 
 
 @guarded
@@ -22,6 +31,7 @@ def info(
     image_token_id: ImageIdOpt = None,
     video_token_id: VideoIdOpt = None,
     key: KeyOpt = None,
+    max_bytes: MaxBytesOpt = None,
     json_out: JsonOpt = False,
     no_color: NoColorOpt = False,
     debug: DebugOpt = False,
@@ -30,7 +40,8 @@ def info(
     from cpinspect.core.tokens import token_config
 
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
-    loaded, source = load_cli_batch(batch, key)
+    loaded, source = load_cli_batch(batch, key, align=2 * cp if cp and cp > 1 else 1, max_bytes=max_bytes,
+                                    notes=False)
     from cpinspect.core.summary import describe_batch
     from cpinspect.views.info import render_info
 

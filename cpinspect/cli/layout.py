@@ -122,7 +122,7 @@ def _from_batch(paths: list[Path] | None, keys: list[str] | None, cp: int, kind:
     from cpinspect.core.tokens import token_config
 
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
-    loaded, source = load_cli_batch(paths, keys)
+    loaded, source = load_cli_batch(paths, keys, align=2 * cp if cp > 1 else 1)
     if vision:
         from cpinspect.simulation.run import simulate
 

@@ -36,3 +36,5 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON ob
 NoColorOpt = Annotated[bool, typer.Option("--no-color", help="No colours (NO_COLOR is honoured too).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the Python traceback of errors.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")]
+MaxBytesOpt = Annotated[Optional[int], typer.Option("--max-bytes", help="Refuse a batch file declaring more bytes "
+                                                    "than this (default: half the available memory).", min=1)]

@@ -19,6 +19,7 @@ from cpinspect.cli.options import (
     JsonOpt,
     KeyOpt,
     LayoutOpt,
+    MaxBytesOpt,
     ModelOpt,
     NoColorOpt,
     TimeoutOpt,
@@ -61,6 +62,7 @@ def simulate(
     scheme: Annotated[Optional[list[str]], typer.Option(
         "--scheme", help="Also run each rank's program of a selection scheme and compare: count (Megatron-Bridge), "
                          "token-ids (slime), full-row (HF/verl) or all; repeatable.")] = None,
+    max_bytes: MaxBytesOpt = None,
     json_out: JsonOpt = False,
     no_color: NoColorOpt = False,
     debug: DebugOpt = False,
@@ -71,7 +73,10 @@ def simulate(
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
     with progress_steps(not json_out) as step:
         step("loading batch")
-        loaded, source = load_cli_batch(batch, key)
+        loaded, source = load_cli_batch(batch, key, align=2 * cp if cp > 1 else 1,
+                                        max_bytes=max_bytes, notes=not json_out)
+        if _valid_only(loaded, cp, source, json_out=json_out, no_color=no_color, full=full):
+            raise typer.Exit(EXIT_INCONSISTENT)
         step(f"simulating {cp} ranks")
         from cpinspect.simulation.run import simulate as run_simulation
 
@@ -122,6 +127,25 @@ def simulate(
 
             render_explain(result, console, rank=rank or 0)
     raise typer.Exit(EXIT_OK if ok else EXIT_INCONSISTENT)
+
+
+def _valid_only(batch: Any, cp: int, source: str, *, json_out: bool, no_color: bool, full: bool) -> bool:
+    """Report VALID_ONLY_ROW (a valid-tokens-only row under padded boundaries) instead of simulating it."""
+    from cpinspect.core.valid_only import chunk_slices, is_valid_only, valid_only_finding
+
+    if batch.per_rank_files or not is_valid_only(batch.row_tokens, batch.logical_cu_seqlens, batch.cu_seqlens):
+        return False
+    finding = valid_only_finding(batch.row_tokens, batch.logical_cu_seqlens, batch.cu_seqlens, cp)
+    chunks = chunk_slices(batch.row_tokens, batch.cu_seqlens, cp)
+    if json_out:
+        write_json({"ok": False, "cp": cp, "findings": [finding.to_dict()],
+                    "chunks": [vars(c) for c in chunks]}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        from cpinspect.views.valid_only import render_valid_only
+
+        render_valid_only(finding, chunks, make_console(no_color), source=source, full=full)
+    return True
 
 
 def _extensions(positions: bool, vision_dp: bool, batch: Any) -> list[tuple[Extension, Callable[..., None]]]:

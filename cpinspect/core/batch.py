@@ -15,6 +15,7 @@ from typing import Any, Union
 import torch
 
 from cpinspect.core.errors import InputError
+from cpinspect.core.findings import Finding
 
 PHYSICAL_CU_KEYS = ("cu_seqlens_padded", "cu_seqlens_q_padded", "cu_seqlens", "cu_seqlens_q")
 PADDED_CU_KEYS = ("cu_seqlens_padded", "cu_seqlens_q_padded")
@@ -27,6 +28,7 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "vision_mask": ("vision_mask", "visual_pos_masks"),
     "vision_embed_count": ("vision_embed_count",),
     "second_per_grid_ts": ("second_per_grid_ts",),
+    "attention_mask": ("attention_mask",),
 }
 FIELDS = ("input_ids", "cu_seqlens", "logical_cu_seqlens", *list(FIELD_ALIASES)[1:])
 
@@ -65,6 +67,11 @@ class PackedBatch:
     # per row: tensors under keys cpinspect does not map to a field (e.g. vision_dp_ranks,
     # deepstack_rows), kept for the pipeline checks that know those names
     extra: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # the input form as the source held it (``cpinspect info`` names it) and what loading did or noticed
+    # (PACKED_FROM_PADDED, PACKED_FROM_POSITION_IDS, small id dtypes), for the views to print
+    form: str = ""
+    containers: dict[str, str] = field(default_factory=dict)
+    notes: list[Finding] = field(default_factory=list)
 
     @property
     def per_rank_files(self) -> bool:

@@ -19,16 +19,22 @@ from cpinspect.core.batch import (
     BatchSource,
     FieldInfo,
     PackedBatch,
+    check_grid_merge,
 )
 from cpinspect.core.errors import InputError
 from cpinspect.core.files import Part, read_source, source_name
+from cpinspect.core.findings import Finding
 from cpinspect.core.layout import check_cu_seqlens
+from cpinspect.core.nested import by_name, flatten
+from cpinspect.core.packing import prepare
 
 Stacked = Literal["refuse", "concatenate"]
+SPATIAL_MERGE = 2  # TokenConfig.spatial_merge_size of every preset
+VISION_ID_FLOOR = 151643  # the smallest Qwen-VL special token id; a dtype whose max is below it cannot hold them
 
 
 def load_batch(source: BatchSource, *, keys: Mapping[str, str] | None = None,
-               stacked: Stacked = "refuse") -> PackedBatch:
+               stacked: Stacked = "refuse", align: int = 1, max_bytes: int | None = None) -> PackedBatch:
     """Load a batch from a path (file or ``rank{r}`` directory), a dict, or a list of either.
 
     ``keys`` maps cpinspect field names (``input_ids``, ``cu_seqlens``, ...) to the names the
@@ -45,12 +51,22 @@ def load_batch(source: BatchSource, *, keys: Mapping[str, str] | None = None,
                 where=f"--key {name}={keys[name]}",
                 fix=f"map one of: {', '.join(FIELDS)}",
             )
-    parts = read_source(source)
+    parts = read_source(source, max_bytes=max_bytes)
     found = [_found(raw) for _, raw in parts]
+    containers = flatten(parts[0][1])[1]
+    prepared = [prepare(raw, keys, align=align, where=name) for name, raw in parts]
+    packed = prepared[0][2]
+    parts = [(name, new) for (name, _), (new, _, _) in zip(parts, prepared)]
+    keys = prepared[0][1]
     if stacked == "concatenate":
         parts = [(name, _flatten_ids(raw, keys)) for name, raw in parts]
     batch = _from_parts(parts, keys, source_name(source))
     batch.found = found
+    batch.containers = containers
+    if packed is not None:
+        batch.keys.update({k: v for k, v in packed.origins.items() if k in batch.keys})
+        batch.form = packed.form
+        batch.notes.insert(0, packed.finding)
     return batch
 
 
@@ -75,8 +91,9 @@ def _flatten_ids(raw: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]
 
 
 def _found(raw: Mapping[str, Any]) -> list[FieldInfo]:
-    return [FieldInfo(str(k), tuple(v.shape) if isinstance(v, torch.Tensor) else (), _dtype_name(v))
-            for k, v in raw.items()]
+    leaves, _ = flatten(raw)
+    return [FieldInfo(k, tuple(v.shape) if isinstance(v, torch.Tensor) else (), _dtype_name(v))
+            for k, v in leaves.items()]
 
 
 def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> PackedBatch:
@@ -84,9 +101,9 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
     first_name, first = parts[0][0], fields[0]
     rows = [_as_row(f["input_ids"], name, keys.get("input_ids", f.get("_input_ids_key", "input_ids")))
             for (name, _), f in zip(parts, fields)]
-    cu = check_cu_seqlens(_as_tensor(first["cu_seqlens"], first_name, first["_cu_key"]), name=first["_cu_key"])
+    cu = _checked_cu(_as_tensor(first["cu_seqlens"], first_name, first["_cu_key"]), first_name, first["_cu_key"])
     for (name, _), f in zip(parts[1:], fields[1:]):
-        other = check_cu_seqlens(_as_tensor(f["cu_seqlens"], name, f["_cu_key"]), name=f["_cu_key"])
+        other = _checked_cu(_as_tensor(f["cu_seqlens"], name, f["_cu_key"]), name, f["_cu_key"])
         if other.shape != cu.shape or not torch.equal(other, cu):
             raise InputError(
                 f"per-rank files disagree on {first['_cu_key']}: {_short(cu)} in {first_name} but "
@@ -94,6 +111,8 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
                 where=name,
                 fix="every CP rank must carry the same global cu_seqlens; re-save the rank files from one step",
             )
+    batch_notes = [n for n in (_dtype_note(f["input_ids"], name, f["_input_ids_key"])
+                               for (name, _), f in zip(parts[:1], fields[:1])) if n]
     lengths = {row.numel() for row in rows}
     if len(lengths) > 1:
         sizes = ", ".join(f"rank {r}: {row.numel()}" for r, row in enumerate(rows))
@@ -102,20 +121,23 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
             where=source,
             fix="zigzag gives every rank cu_seqlens[-1] / cp tokens; re-save the local rows from one step",
         )
-    batch = PackedBatch(rows=rows, cu_seqlens=cu, source=source)
+    batch = PackedBatch(rows=rows, cu_seqlens=cu, source=source, notes=batch_notes)
     batch.keys = dict(first["_keys"])
-    batch.extra = [{str(k): v.detach().to("cpu").clone() for k, v in raw.items()
+    batch.extra = [{k: _own(v, name) for k, v in f["_leaves"].items()
                     if isinstance(v, torch.Tensor) and k not in f["_keys"].values()}
-                   for (_, raw), f in zip(parts, fields)]
+                   for (name, _), f in zip(parts, fields)]
     if first.get("logical_cu_seqlens") is not None:
-        batch.logical_cu_seqlens = check_cu_seqlens(
+        batch.logical_cu_seqlens = _checked_cu(
             _as_tensor(first["logical_cu_seqlens"], first_name, first["_keys"]["logical_cu_seqlens"]),
-            name=first["_keys"]["logical_cu_seqlens"],
+            first_name, first["_keys"]["logical_cu_seqlens"],
         )
         _check_logical(batch.logical_cu_seqlens, cu, first_name)
     for grid in ("image_grid_thw", "video_grid_thw"):
         if first.get(grid) is not None:
             setattr(batch, grid, _as_grid(first[grid], first_name, first["_keys"][grid]))
+            # every Qwen-VL merges 2x2 patches: an odd h or w has no whole token count
+            check_grid_merge(getattr(batch, grid), first["_keys"][grid], SPATIAL_MERGE,
+                             where=f"{first_name}, key {first['_keys'][grid]}")
     if first.get("second_per_grid_ts") is not None:
         batch.second_per_grid_ts = _as_tensor(first["second_per_grid_ts"], first_name, "second_per_grid_ts").reshape(-1)
     if first.get("vision_embed_count") is not None:
@@ -132,40 +154,36 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
 
 
 def _pick_fields(name: str, raw: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
-    """Resolve aliases: which key of ``raw`` holds each cpinspect field."""
+    """Resolve aliases and dotted paths: which path of ``raw`` (nested dicts/objects flattened) holds each field."""
+    leaves, _ = flatten(raw)
     chosen: dict[str, str] = {}
-    for field_name, aliases in FIELD_ALIASES.items():
-        candidates = (keys[field_name],) if field_name in keys else aliases
-        for key in candidates:
-            if key in raw:
-                chosen[field_name] = key
-                break
-        else:
-            if field_name in keys:
-                raise InputError(
-                    f"--key maps {field_name} to {keys[field_name]!r}, but the batch has no such key "
-                    f"(keys: {', '.join(sorted(map(str, raw))) or 'none'})",
-                    where=name,
-                    fix="check the spelling of the key",
-                )
-    if "cu_seqlens" in keys:
-        if keys["cu_seqlens"] not in raw:
+    for field_name in FIELDS:
+        if field_name not in keys:
+            continue
+        path = keys[field_name]
+        if leaves.get(path) is None:
             raise InputError(
-                f"--key maps cu_seqlens to {keys['cu_seqlens']!r}, but the batch has no such key",
+                f"--key maps {field_name} to {path!r}, but the batch has no such key or path "
+                f"(paths: {', '.join(sorted(leaves)) or 'none'})",
                 where=name,
-                fix=f"keys present: {', '.join(sorted(map(str, raw)))}",
+                fix="check the spelling; nested fields take dotted paths "
+                "(--key cu_seqlens=packed_seq_params.cu_seqlens_q)",
             )
-        chosen["cu_seqlens"] = keys["cu_seqlens"]
-    else:
-        present = [k for k in PHYSICAL_CU_KEYS if k in raw]
-        if present:
-            chosen["cu_seqlens"] = present[0]
-    if "logical_cu_seqlens" in keys:
-        chosen["logical_cu_seqlens"] = keys["logical_cu_seqlens"]
-    elif chosen.get("cu_seqlens") in PADDED_CU_KEYS:
-        logical = [k for k in LOGICAL_CU_KEYS if k in raw]
-        if logical:
-            chosen["logical_cu_seqlens"] = logical[0]
+        chosen[field_name] = path
+    for field_name, aliases in FIELD_ALIASES.items():
+        if field_name not in chosen:
+            found = next((p for p in (by_name(leaves, a) for a in aliases) if p), None)
+            if found:
+                chosen[field_name] = found
+    if "cu_seqlens" not in chosen:
+        found = next((p for p in (by_name(leaves, k) for k in PHYSICAL_CU_KEYS) if p), None)
+        if found:
+            chosen["cu_seqlens"] = found
+    if "logical_cu_seqlens" not in chosen and chosen.get("cu_seqlens", "").rsplit(".", 1)[-1] in PADDED_CU_KEYS:
+        container = chosen["cu_seqlens"].rpartition(".")[0]
+        found = next((p for p in (by_name(leaves, k, prefer=container) for k in LOGICAL_CU_KEYS) if p), None)
+        if found:
+            chosen["logical_cu_seqlens"] = found
     missing = [f for f in ("input_ids", "cu_seqlens") if f not in chosen]
     if missing:
         want = {
@@ -174,14 +192,16 @@ def _pick_fields(name: str, raw: dict[str, Any], keys: Mapping[str, str]) -> dic
         }
         raise InputError(
             f"the batch has no {' and no '.join(want[m] for m in missing)} (keys found: "
-            f"{', '.join(sorted(map(str, raw))) or 'none'})",
+            f"{', '.join(sorted(leaves)) or 'none'})",
             where=name,
-            fix="save these keys, or map your names with --key input_ids=NAME / --key cu_seqlens=NAME",
+            fix="save these keys, or map your names with --key input_ids=NAME / --key cu_seqlens=NAME "
+            "(dotted paths reach nested fields: packed_seq_params.cu_seqlens_q)",
         )
-    out: dict[str, Any] = {f: raw[k] for f, k in chosen.items()}
+    out: dict[str, Any] = {f: leaves[k] for f, k in chosen.items()}
     out["_keys"] = chosen
     out["_cu_key"] = chosen["cu_seqlens"]
     out["_input_ids_key"] = chosen["input_ids"]
+    out["_leaves"] = leaves
     return out
 
 
@@ -191,9 +211,39 @@ def _dtype_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _dtype_note(value: Any, name: str, key: str) -> Finding | None:
+    """A warning when the ids' dtype cannot hold Qwen-VL's vision token ids (int16 wraps 151655 to 20583)."""
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dtype == torch.bool:
+        return None
+    top = torch.iinfo(value.dtype).max
+    if top >= VISION_ID_FLOOR:
+        return None
+    return Finding(
+        "IDS_DTYPE_TOO_SMALL", "warning",
+        f"{key} has dtype {str(value.dtype).removeprefix('torch.')} (at most {top:,}): Qwen-VL vision token ids "
+        f"(151655 image_pad, 151656 video_pad) do not fit, so they wrapped when the ids were cast and no "
+        f"vision token can be found ({name})",
+        "save token ids as int64 (input_ids.long()) before the cast that wrapped them",
+    )
+
+
+def _checked_cu(cu: torch.Tensor, name: str, key: str) -> torch.Tensor:
+    """``check_cu_seqlens`` with the file named in ``Where``."""
+    try:
+        return check_cu_seqlens(cu, name=key)
+    except InputError as exc:
+        raise InputError(exc.what, where=f"{name}, key {exc.where or key}", fix=exc.fix) from None
+
+
+def _own(value: torch.Tensor, name: str) -> torch.Tensor:
+    """A CPU tensor the batch owns: a file's tensors are already ours (no copy); a caller's dict is copied."""
+    value = value.detach().to("cpu")
+    return value.clone() if name.startswith("<") else value
+
+
 def _as_tensor(value: Any, name: str, key: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu").clone()
+        return _own(value, name)
     if isinstance(value, (list, tuple, int)):
         try:
             return torch.tensor(value)
@@ -216,6 +266,13 @@ def _as_row(value: Any, name: str, key: str) -> torch.Tensor:
         )
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
+    elif ids.dim() == 2 and ids.shape[1] == 1:
+        raise InputError(
+            f"{key} has shape {list(ids.shape)}: {ids.shape[0]} rows of one token each (a column), but a packed "
+            "THD batch is one flat row [1, T]",
+            where=f"{name}, key {key}",
+            fix="save the row as [1, T] or [T] (input_ids.reshape(1, -1)); a column usually means a transposed row",
+        )
     elif ids.dim() == 2:
         raise InputError(
             f"{key} has shape {list(ids.shape)}: batch dimension {ids.shape[0]} > 1, but a packed THD batch is "
@@ -267,6 +324,14 @@ def _as_grid(value: Any, name: str, key: str) -> torch.Tensor:
 
 def _as_mask(value: Any, name: str, length: int) -> torch.Tensor:
     mask = _as_tensor(value, name, "vision_mask").reshape(-1)
+    if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+        where = int(torch.nonzero(torch.isnan(mask))[0])
+        raise InputError(
+            f"vision_mask is {str(mask.dtype).removeprefix('torch.')} and holds NaN "
+            f"({int(torch.isnan(mask).sum())} entries, first at position {where}); NaN would read as True",
+            where=f"{name}, key vision_mask, position {where}",
+            fix="store the mask as bool (input_ids == image_token_id); a float mask must hold only 0 and 1",
+        )
     if mask.numel() != length:
         raise InputError(
             f"vision_mask has {mask.numel()} entries but input_ids has {length}",

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
-from cpinspect.core.batch import PackedBatch
+from cpinspect.core.batch import PackedBatch, row_cut_for
 from cpinspect.core.tokens import TokenConfig
+from cpinspect.core.valid_only import is_valid_only
 
 
 def describe_batch(batch: PackedBatch, tokens: TokenConfig, *, cp: int | None = None) -> dict[str, Any]:
@@ -28,8 +29,14 @@ def describe_batch(batch: PackedBatch, tokens: TokenConfig, *, cp: int | None = 
         looks = f"pre-sharded local row for cp={total // batch.row_tokens}"
     else:
         looks = "neither full nor pre-sharded (cu_seqlens[-1] is not a multiple of the row length)"
+    form, action = input_form(batch)
     return {
         "source": batch.source,
+        "input_form": form,
+        "would_do": action,
+        "field_paths": dict(batch.keys),
+        "containers": dict(batch.containers),
+        "notes": [note.to_dict() for note in batch.notes],
         "files": [[{"key": f.key, "shape": list(f.shape), "dtype": f.dtype} for f in found] for found in batch.found],
         "fields": batch.keys,
         "rank_files": len(rows) if batch.per_rank_files else 0,
@@ -49,3 +56,30 @@ def describe_batch(batch: PackedBatch, tokens: TokenConfig, *, cp: int | None = 
         "looks_like": looks,
         **forms,
     }
+
+
+def input_form(batch: PackedBatch) -> tuple[str, str]:
+    """``(form, what cpinspect does with it)``: the stack's form the source came in, and the row's form."""
+    stack = batch.form
+    psp = next((p for p, c in batch.containers.items() if c.rsplit(".", 1)[-1] == "PackedSeqParams"), None)
+    if not stack and psp:
+        padded = batch.logical_cu_seqlens is not None
+        stack = (f"Megatron-Bridge dict with PackedSeqParams at {psp} "
+                 + ("(padded: cu_seqlens_q_padded is physical, cu_seqlens_q logical)" if padded
+                    else "(unpadded: cu_seqlens_q_padded is None, so cu_seqlens_q is physical)"))
+    if batch.per_rank_files:
+        row, action = (f"pre-sharded rank files (cp={len(batch.rows)})",
+                       f"simulates the {len(batch.rows)} local rows as they are (simulate --cp {len(batch.rows)})")
+    elif is_valid_only(batch.row_tokens, batch.logical_cu_seqlens, batch.cu_seqlens):
+        row, action = ("valid-tokens-only row under padded boundaries",
+                       "reports VALID_ONLY_ROW: what each rank slices out of it (simulate --cp N)")
+    elif batch.is_full:
+        row, action = "full THD row", "shards the row over the CP ranks (simulate --cp N)"
+    elif (cut := row_cut_for(batch.total_tokens, batch.row_tokens)) is not None:
+        row, action = (f"one rank's pre-sharded local row (for cp={cut})",
+                       f"needs all {cut} rank files to simulate; info works on this one")
+    else:
+        row, action = "neither a full nor a pre-sharded row", "refuses to simulate it (cu_seqlens and the row disagree)"
+    if batch.form:
+        action = f"packed it into one THD row ({batch.notes[0].code}); {action}" if batch.notes else action
+    return (f"{stack}; {row}" if stack else row), action

@@ -41,6 +41,13 @@ def render_info(summary: dict[str, Any], console: Console, *, source: str) -> No
     if summary["vision_embed_count"] is not None:
         console.print(f"vision_embed_count: {summary['vision_embed_count']:,}")
     console.print(f"looks like: {summary['looks_like']}")
+    console.print(f"input form: {summary['input_form']}", highlight=False)
+    console.print(f"cpinspect: {summary['would_do']}", highlight=False)
+    if any(k != v for k, v in summary["field_paths"].items()):
+        console.print("fields from: " + "; ".join(f"{k} <- {v}" for k, v in summary["field_paths"].items()),
+                      highlight=False)
+    for note in summary["notes"]:
+        console.print(f"{note['code']}: {note['message']}", highlight=False, markup=False)
     if "cp" in summary:
         console.print(f"for cp={summary['cp']}: {summary['form']}; every segment divisible by 2*cp: "
                       f"{'yes' if summary['divisible_by_2cp'] else 'no (use --pad)'}")
