@@ -87,6 +87,12 @@ class Scene:
         """Vision tokens of the full row (V), or None when only one rank's row is known."""
         return int(self.full_mask.sum()) if self.full_mask is not None else None
 
+    def mask_from_ids(self) -> bool:
+        """True when the vision positions are the placeholder ids' (no explicit mask, or one equal to them)."""
+        if not self.batch.vision_mask or self.full_ids is None or self.full_mask is None:
+            return True
+        return bool(torch.equal(self.full_mask, placeholder_mask(self.full_ids, self.tokens)))
+
     def placeholders_of(self, kind: str) -> int | None:
         if self.full_ids is None:
             return None
