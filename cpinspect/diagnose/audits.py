@@ -266,7 +266,7 @@ def consistent(scene: Scene, findings: list[Finding]) -> list[Finding]:
         lines.append(f"input: {_form_text(scene)}")
     if scene.divisible and "SEGMENT_NOT_DIVISIBLE" not in codes and scene.cp > 1:
         lines.append(_split_line(scene))
-    if scene.form == "presharded" and "LAYOUT_MISMATCH" not in codes and scene.divisible:
+    if scene.form == "presharded" and "LAYOUT_MISMATCH" not in codes and scene.divisible and scene.spans_intact:
         lines.append(f"layout: the rank files reassemble into whole vision spans under {scene.data_layout}")
     lines += _span_lines(scene, codes)
     if scene.result is not None and not any(f.is_problem for f in scene.result.findings

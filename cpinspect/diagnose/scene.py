@@ -72,6 +72,7 @@ class Scene:
     runs: dict[str, Runs] = field(default_factory=dict)
     issues: dict[str, list[SpanIssue]] = field(default_factory=dict)
     foreign: dict[str, list[int]] = field(default_factory=dict)
+    spans_intact: bool = False  # pre-sharded rows reassembled under data_layout gave whole vision spans
     _held: dict[tuple[str, int], list[int] | None] = field(default_factory=dict)
 
     @property
@@ -318,11 +319,12 @@ def _choose_data_layout(scene: Scene) -> list[Finding]:
     broken = {kind: value for kind, value in counted.items() if value is not None}
     mine = broken.get(scene.layout)
     if mine is None or mine[0] == 0:
+        scene.spans_intact = mine is not None
         return []
     best = min(broken, key=lambda kind: (broken[kind][0], kind != scene.layout))
     if broken[best][0] != 0:
         return []
-    scene.data_layout = best
+    scene.data_layout, scene.spans_intact = best, True
     model_split = (SHARD_PER_DOCUMENT if scene.layout == "zigzag" else LAYOUT_WORDS[scene.layout])
     return [cause(
         "LAYOUT_MISMATCH",

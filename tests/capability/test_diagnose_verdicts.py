@@ -141,3 +141,13 @@ def test_the_split_line_names_what_was_split(layout):
         pieces = 4 if layout == "sequence-zigzag" else 2
         assert f"row: the {total} tokens split into {pieces} equal pieces of {total // pieces}" in "\n".join(lines)
         assert not any(line.startswith("segments: all") for line in lines)
+
+
+def test_presharded_rows_whose_spans_break_under_every_layout_never_claim_they_reassemble():
+    full = torch.load(ROOT / "examples" / "broken" / "grid_token_mismatch" / "batch.pt", weights_only=True)
+    report = diagnose_batch(synth.shard_batch(full, 2), 2)
+    assert "GRID_TOKEN_MISMATCH" in [f.code for f in report.causes]
+    assert not any(f.message.startswith("layout: the rank files reassemble") for f in report.findings)
+    intact = diagnose_batch(synth.shard_batch(_example(), 2), 2)
+    assert any(f.message.startswith("layout: the rank files reassemble") for f in intact.findings)
+    assert_every_check_mark_holds(intact)
