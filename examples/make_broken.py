@@ -277,6 +277,35 @@ def batch_not_flat() -> dict[str, Content]:
     }
 
 
+def valid_only_row() -> dict[str, Content]:
+    """Megatron-Bridge#5614 / verl#5981: padded chunk bounds sliced out of a row of only valid tokens."""
+    segments = [
+        [("text", 9), ("image", (1, 8, 8)), ("text", 10)],   # 37 valid tokens (9 + 1 + 16 + 1 + 10)
+        [("text", 5)],                                        # a short sample: 5 valid tokens
+        [("text", 3), ("image", (1, 4, 4)), ("text", 13)],  # 22 valid tokens
+    ]
+    batch = build_batch(segments, tokens=token_config("qwen2.5-vl"), seed=5614)
+    logical = batch["cu_seqlens"]
+    lengths = (logical[1:] - logical[:-1]).tolist()
+    assert lengths == [37, 5, 22], lengths
+    padded = [_pad(n, 4) for n in lengths]  # 40, 8, 24: what the sampler pads to for cp=2
+    batch["cu_seqlens_padded"] = torch.tensor([0, *torch.tensor(padded).cumsum(0).tolist()], dtype=torch.int32)
+    # rank 0 holds chunks 0 and 3 of segment 1; chunk 3 is offsets 6-7 of a segment with 5 valid tokens
+    return {
+        "batch.pt": batch,
+        "error.txt": "[rank0]: Traceback (most recent call last):\n"
+                     "[rank0]:   File \"megatron/bridge/training/utils/packed_seq_utils.py\", in "
+                     "get_batch_on_this_cp_rank\n"
+                     "[rank0]: RuntimeError: The expanded size of the tensor (2) must match the existing size (0) at "
+                     "non-singleton dimension 0.  Target sizes: [2].  Tensor sizes: [0]\n",
+        "case.json": _case("VALID_ONLY_ROW", 2,
+                           "NVIDIA-NeMo/Megatron-Bridge#5614 (verl#5981, #6001, #7261; mbridge#157, #158; SkyRL#1407)",
+                           "the row holds only the valid tokens, the CP slicing uses the bounds of the padded "
+                           "segments: the short sample's last chunk is empty on rank 0",
+                           args=("--model", "qwen2.5-vl")),
+    }
+
+
 CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "presharded_rows_not_selected": presharded_rows_not_selected,
     "truncated_vision_span": truncated_vision_span,
@@ -289,6 +318,7 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "token_id_mismatch": token_id_mismatch,
     "embed_count_mismatch": embed_count_mismatch,
     "batch_not_flat": batch_not_flat,
+    "valid_only_row": valid_only_row,
 }
 
 

@@ -101,9 +101,20 @@ def diagnose_batch(
     if observed is not None:
         findings = explain(scene, observed, findings)
     findings += _extra_findings(scene)
+    findings = _fold_same_root(findings)
     findings += consistent(scene, findings)
     return DiagnoseReport(_ordered(findings), _observed_dict(observed, embeds, scene.rank), scene.cp, layout,
                           scene.form, loaded.source, _summary(scene))
+
+
+# A confirmed cause that explains another finding's symptom replaces it (cause -> symptoms it explains).
+EXPLAINS = {"VALID_ONLY_ROW": ("SEGMENT_NOT_DIVISIBLE",)}
+
+
+def _fold_same_root(findings: list[Finding]) -> list[Finding]:
+    confirmed = {f.code for f in findings if f.status == "confirmed"}
+    hidden = {code for root in confirmed for code in EXPLAINS.get(root, ())}
+    return [f for f in findings if f.code not in hidden]
 
 
 def _check_options(cp: int, layout: str, embeds: int | None, rank: int | None) -> None:

@@ -17,6 +17,8 @@ Recognised forms (the sources that print them are named in the README):
   expected=X, got=Y``;
 * PyTorch ``Sizes of tensors must match except in dimension D. Expected size A but got size B``;
 * slime ``Packed sequence length N must be divisible by 2 * CP size C``;
+* PyTorch ``The expanded size of the tensor (A) must match the existing size (B) at non-singleton
+  dimension D`` (a chunk of B tokens where A were expected: VALID_ONLY_ROW);
 * autograd ``apply() takes no keyword arguments``.
 
 A log is read line by line (any size, constant memory); the *last* recognised line wins, since
@@ -119,6 +121,11 @@ def _divisible(match: re.Match[str]) -> ObservedError:
     return ObservedError("not_divisible", numbers, match.group(0))
 
 
+def _expanded(match: re.Match[str]) -> ObservedError:
+    numbers = {"target": int(match.group(1)), "existing": int(match.group(2)), "dim": int(match.group(3))}
+    return ObservedError("expanded_size", numbers, match.group(0))
+
+
 def _apply_kwarg(match: re.Match[str]) -> ObservedError:
     return ObservedError("apply_kwarg", {}, match.group(0))
 
@@ -137,6 +144,8 @@ PATTERNS: tuple[tuple[str, re.Pattern[str], Parser], ...] = (
                              r"Expected size (\d+) but got size (\d+)"), _sizes),
     ("not_divisible", re.compile(r"Packed sequence length (\d+) must be divisible by 2 \* CP size (\d+)"),
      _divisible),
+    ("expanded_size", re.compile(r"The expanded size of the tensor \((\d+)\) must match the existing size "
+                                 r"\((\d+)\) at non-singleton dimension (\d+)"), _expanded),
     ("apply_kwarg", re.compile(r"apply\(\) takes no keyword arguments"), _apply_kwarg),
 )
 KINDS = tuple(kind for kind, _, _ in PATTERNS)

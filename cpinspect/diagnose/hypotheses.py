@@ -27,6 +27,7 @@ from cpinspect.diagnose.selection_hypotheses import (
     logical_predictions,
     not_selected_predictions,
 )
+from cpinspect.diagnose.valid_only import HINT, describe, valid_only_cuts
 
 
 def explain(scene: Scene, observed: ObservedError, findings: list[Finding]) -> list[Finding]:
@@ -39,6 +40,8 @@ def explain(scene: Scene, observed: ObservedError, findings: list[Finding]) -> l
         return _merge(findings, _explain_sizes(scene, observed), scene, observed)
     if observed.kind == "position_shape":
         return _merge(findings, _explain_positions(scene, observed), scene, observed)
+    if observed.kind == "expanded_size":
+        return _merge(findings, _explain_expanded(scene, observed), scene, observed)
     return _merge(findings, _explain_counts(scene, observed), scene, observed)
 
 
@@ -128,6 +131,17 @@ def _explain_positions(scene: Scene, observed: ObservedError) -> list[Prediction
     return [dataclasses.replace(p, tokens=index, rows=value) for p in predictions]
 
 
+def _explain_expanded(scene: Scene, observed: ObservedError) -> list[Prediction]:
+    """A chunk of ``existing`` tokens where ``target`` were expected: padded bounds cut a valid-only row."""
+    if scene.cp < 2 or scene.layout != "zigzag":
+        return []
+    lengths = (scene.cu[1:] - scene.cu[:-1]).tolist()
+    target, existing = observed.get("target"), observed.get("existing")
+    return [Prediction("VALID_ONLY_ROW", cut.size, cut.received, describe(cut, scene.cp), HINT, rank=cut.rank,
+                       segment=cut.segment)
+            for cut in valid_only_cuts(lengths, scene.cp) if (cut.size, cut.received) == (target, existing)][:1]
+
+
 def _missing_by_segment(scene: Scene) -> dict[int, int]:
     missing: dict[int, int] = {}
     for issues in scene.issues.values():
@@ -215,6 +229,8 @@ def _observed_pair(observed: ObservedError) -> tuple[int | None, int | None]:
         return observed.get("expected"), observed.get("got")
     if observed.kind == "position_shape":
         return observed.get("index_length"), observed.get("value_length")
+    if observed.kind == "expanded_size":
+        return observed.get("target"), observed.get("existing")
     return observed.get("tokens"), observed.get("rows")
 
 
@@ -246,7 +262,8 @@ def _with_confirmed(findings: list[Finding], confirmed: list[Prediction], scene:
 def _numbers_text(observed: ObservedError) -> str:
     tokens, rows = _observed_pair(observed)
     labels = {"cat_sizes": ("expected size", "got size"), "position_shape": ("positions to fill", "positions given"),
-              "gathered_count": ("gathered vision tokens", "embeddings")}
+              "gathered_count": ("gathered vision tokens", "embeddings"),
+              "expanded_size": ("chunk size expected", "tokens there")}
     first, second = labels.get(observed.kind, ("tokens", "rows"))
     rank = f" on rank {observed.rank}" if observed.rank is not None else ""
     return f"{first} {tokens}, {second} {rows}{rank}"

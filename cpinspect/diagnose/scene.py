@@ -29,6 +29,7 @@ from cpinspect.diagnose.spans import (
     find_runs,
     placeholder_candidates,
 )
+from cpinspect.diagnose.valid_only import valid_only_finding
 from cpinspect.simulation.run import Result, simulate
 
 # The largest embedding table of the Qwen2/2.5/3-VL checkpoints (Qwen2-VL-7B and Qwen2.5-VL-7B
@@ -224,6 +225,12 @@ def resolve_form(batch: PackedBatch, cp: int) -> tuple[str, int, PackedBatch, li
     total, n, files = batch.total_tokens, batch.row_tokens, len(batch.rows)
     if batch.is_full:
         return "full", cp, batch, []
+    logical = batch.logical_cu_seqlens
+    if files == 1 and logical is not None and int(logical[-1]) == n and cp > 1:
+        found = valid_only_finding((logical[1:] - logical[:-1]).tolist(),
+                                   (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist(), cp)
+        if found is not None:  # a valid-only row: the model cuts it at the padded bounds
+            return "full", cp, dataclasses.replace(batch, cu_seqlens=logical, logical_cu_seqlens=None), [found]
     form = "presharded" if files > 1 else "one rank"
     cut_for = batch.cut_for()
     if cut_for is not None and batch.form_for(cut_for) == "presharded":

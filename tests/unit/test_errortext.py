@@ -33,6 +33,8 @@ from cpinspect.diagnose.errortext import KINDS, parse_error_text, parse_line, re
     ("ValueError: Packed sequence length 4551 must be divisible by 2 * CP size 1", "not_divisible",
      {"length": 4551, "cp": 1}),
     ("TypeError: apply() takes no keyword arguments", "apply_kwarg", {}),
+    ("RuntimeError: The expanded size of the tensor (2) must match the existing size (0) at non-singleton dimension 0."
+     "  Target sizes: [2].  Tensor sizes: [0]", "expanded_size", {"target": 2, "existing": 0, "dim": 0}),
 ])
 def test_each_form_gives_its_numbers(text, kind, numbers):
     observed = parse_error_text(text)
@@ -43,7 +45,7 @@ def test_each_form_gives_its_numbers(text, kind, numbers):
 
 def test_every_kind_is_covered_by_the_table_above():
     assert set(KINDS) == {"scatter_shape", "feature_count", "gathered_count", "local_rows", "cat_sizes",
-                          "not_divisible", "apply_kwarg"}
+                          "not_divisible", "apply_kwarg", "expanded_size"}
 
 
 def test_video_form_is_marked_video_and_counts_scope():
