@@ -306,6 +306,30 @@ def valid_only_row() -> dict[str, Content]:
     }
 
 
+def mrope_local_row() -> dict[str, Content]:
+    """miles#1296 / ms-swift#3215: get_rope_index run on each rank's CP-local row with the full grids."""
+    segments = [
+        [("text", 32)],
+        [("text", 20), ("image", (1, 8, 16)), ("text", 10)],  # 20 + 1 + 32 + 1 + 10 = 64 tokens
+    ]
+    batch = build_batch(segments, tokens=token_config("qwen2.5-vl"), seed=1296)
+    assert batch["cu_seqlens"].tolist() == [0, 32, 96]
+    # zigzag at cp=2: rank 1 holds chunks 1, 2 of each segment: 16 text tokens of segment 0, then offsets 16-47 of
+    # segment 1: 4 text, <|vision_start|> at 20, and 27 of the image's 32 placeholders (the rest is on rank 0).
+    # get_rope_index on that local row: 21 text positions, then the whole grid 1·8·16/4 = 32: 53 positions, 48 tokens.
+    local, text, grid = 16 + 32, 16 + 4 + 1, 1 * 8 * 16 // 4
+    return {
+        "batch.pt": batch,
+        "error.txt": "[rank1]: Traceback (most recent call last):\n"
+                     "[rank1]:   File \"transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py\", in get_rope_index\n"
+                     f"[rank1]: RuntimeError: shape mismatch: value tensor of shape [3, {text + grid}] cannot be "
+                     f"broadcast to indexing result of shape [3, {local}]\n",
+        "case.json": _case("MROPE_LOCAL_ROW", 2, "radixark/miles#1296 (modelscope/ms-swift#3215)",
+                           "position ids computed after the CP split, on each rank's local row, with the grids of "
+                           "the whole micro-batch", args=("--model", "qwen2.5-vl")),
+    }
+
+
 CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "presharded_rows_not_selected": presharded_rows_not_selected,
     "truncated_vision_span": truncated_vision_span,
@@ -319,6 +343,7 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "embed_count_mismatch": embed_count_mismatch,
     "batch_not_flat": batch_not_flat,
     "valid_only_row": valid_only_row,
+    "mrope_local_row": mrope_local_row,
 }
 
 

@@ -19,6 +19,7 @@ from cpinspect.diagnose.audits import embed_mismatch
 from cpinspect.diagnose.errortext import ObservedError
 from cpinspect.diagnose.prediction import NOT_SELECTED_HINT, Prediction
 from cpinspect.diagnose.report import cause, info
+from cpinspect.diagnose.rope_hypotheses import local_row_predictions
 from cpinspect.diagnose.scene import Scene
 from cpinspect.diagnose.selection_hypotheses import (
     all_rows,
@@ -128,7 +129,7 @@ def _explain_positions(scene: Scene, observed: ObservedError) -> list[Prediction
             f"{total} = the full row and {total // cp} = {total} / cp {cp}: 3-D position ids of the full row met a "
             "CP-local row (positions not sliced with the layout's indices)",
             "slice position_ids[..., global_indices] per rank (cpinspect simulate --positions shows them)", cost=1))
-    return [dataclasses.replace(p, tokens=index, rows=value) for p in predictions]
+    return [dataclasses.replace(p, tokens=index, rows=value) for p in predictions] + local_row_predictions(scene)
 
 
 def _explain_expanded(scene: Scene, observed: ObservedError) -> list[Prediction]:

@@ -1,0 +1,95 @@
+"""Issue 14's failure classes: each hypothesis confirmed by the numbers it predicts, on the stack's batch.
+
+Expected numbers are hand arithmetic over the example's construction (segment lengths, chunk
+bounds, grid sizes) or the literal layouts of tests/literal.py, never cpinspect's own layout code.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from cpinspect.cli.app import app
+from cpinspect.core.tokens import IMAGE_PAD, VISION_START, token_config
+from cpinspect.diagnose.api import diagnose_batch
+from cpinspect.diagnose.rope_hypotheses import local_rope_length
+from cpinspect.diagnose.valid_only import valid_only_cuts
+from tests import literal
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKEN = ROOT / "examples" / "broken"
+runner = CliRunner()
+QWEN25 = token_config("qwen2.5-vl")
+
+
+def confirmed(report):
+    return [f.code for f in report.findings if f.status == "confirmed"]
+
+
+# --------------------------------------------------------------------------- class 4: VALID_ONLY_ROW
+
+
+def test_valid_only_cuts_by_hand():
+    # valid 5 at cp 2: padded 8, chunks of 2 at offsets 0, 2, 4, 6: chunk 2 holds 1 token, chunk 3 none
+    cuts = valid_only_cuts([8, 5], 2)
+    assert [(c.segment, c.chunk, c.rank, c.size, c.received) for c in cuts] == [(1, 2, 1, 2, 1), (1, 3, 0, 2, 0)]
+    assert valid_only_cuts([8, 12, 4], 2) == []  # already multiples of 2·cp: nothing short
+
+
+def test_valid_only_row_names_rank_0_chunk_3_of_segment_1():
+    directory = BROKEN / "valid_only_row"
+    batch = torch.load(directory / "batch.pt", weights_only=True)
+    assert batch["input_ids"].numel() == int(batch["cu_seqlens"][-1]) == 64 < int(batch["cu_seqlens_padded"][-1])
+    report = diagnose_batch(directory / "batch.pt", 2, tokens=QWEN25, error_text=(directory / "error.txt").read_text())
+    assert confirmed(report) == ["VALID_ONLY_ROW"]
+    cause = report.causes[0]
+    # literal zigzag over the padded bounds [0, 40, 48, 72]: rank 0 holds segment 1's offsets 6-7 (global 46, 47)
+    rank0 = literal.zigzag_indices([0, 40, 48, 72], 2)[0]
+    assert 46 in rank0 and 47 in rank0
+    assert (cause.rank, cause.segment, cause.chunk) == (0, 1, 3)
+    assert "offsets 6-7" in cause.message and "holds 0" in cause.message
+
+
+def test_the_expanded_size_error_on_a_padded_row_is_not_valid_only():
+    text = (BROKEN / "valid_only_row" / "error.txt").read_text()
+    report = diagnose_batch(ROOT / "examples" / "qwen3vl_packed.pt", 2, error_text=text)
+    assert "VALID_ONLY_ROW" not in confirmed(report)
+    assert any(f.code == "UNEXPLAINED" for f in report.findings)
+
+
+# --------------------------------------------------------------------------- class 1: MROPE_LOCAL_ROW
+
+
+def test_local_rope_length_walks_the_upstream_loop():
+    t, s, i, v = 1, VISION_START, IMAGE_PAD, -1
+    # text, start, 3 of an item's 8 placeholders at the end of the row: 2 text + 8 positions = 10, 5 tokens
+    assert local_rope_length([t, s, i, i, i], [8], [], IMAGE_PAD, v, VISION_START) == 2 + 8
+    # a whole item: positions = tokens
+    assert local_rope_length([t, s, i, i, t, t], [2], [], IMAGE_PAD, v, VISION_START) == 6
+    # orphan placeholders without their start count as text
+    assert local_rope_length([i, i, t], [8], [], IMAGE_PAD, v, VISION_START) == 3
+    # the jump past a long item swallows the text behind it: 2 + 8, st = 10 > 7 tokens
+    assert local_rope_length([t, s, i, i, t, t, t], [8], [], IMAGE_PAD, v, VISION_START) == 10
+
+
+def test_mrope_local_row_names_rank_1_and_both_lengths():
+    directory = BROKEN / "mrope_local_row"
+    result = runner.invoke(app, ["diagnose", str(directory / "batch.pt"), "--cp", "2", "--model", "qwen2.5-vl",
+                                 "--error-file", str(directory / "error.txt"), "--json"])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    cause = doc["findings"][0]
+    assert cause["code"] == "MROPE_LOCAL_ROW" and cause["rank"] == 1
+    # rank 1 holds chunks 1 and 2 of both segments (literal zigzag): 16 + 32 = 48 tokens
+    assert len(literal.zigzag_indices([0, 32, 96], 2)[1]) == 48
+    assert "local row of 48 tokens" in cause["message"] and "builds 53 positions" in cause["message"]
+    assert "recompute from this row's grids" not in result.stdout
+
+
+def test_the_local_row_error_with_other_numbers_is_not_confirmed():
+    directory = BROKEN / "mrope_local_row"
+    text = "RuntimeError: shape mismatch: value tensor of shape [3, 54] cannot be broadcast to indexing result of " \
+           "shape [3, 48]"
+    report = diagnose_batch(directory / "batch.pt", 2, tokens=QWEN25, error_text=text)
+    assert "MROPE_LOCAL_ROW" not in confirmed(report)
