@@ -330,6 +330,35 @@ def mrope_local_row() -> dict[str, Content]:
     }
 
 
+def double_sharded() -> dict[str, Content]:
+    """radixark/miles#1308: already CP-local rows sharded again by the model (Bridge preprocess_packed_seqs)."""
+    segments = [
+        [("text", 14), ("image", (1, 8, 8)), ("text", 40)],
+        [("text", 30), ("image", (1, 4, 8)), ("text", 12), ("image", (1, 4, 4)), ("text", 9)],
+        [("text", 21)],
+    ]
+    full = _padded_batch(segments, 8, "qwen3-vl", seed=1308)  # 2·cp² = 8: both splits cut evenly
+    cu = full["cu_seqlens_padded"].to(torch.long)
+    files: dict[str, Content] = {}
+    for rank, local in enumerate(shard_batch(full, 2)):
+        # the model's own split, run on the local row with the local boundaries (cu / cp)
+        again = shard_batch({"input_ids": local["input_ids"], "cu_seqlens": torch.div(cu, 2, rounding_mode="floor")},
+                            2)[rank]
+        shard = {k: v for k, v in local.items() if k != "input_ids"}
+        shard["input_ids"] = again["input_ids"]
+        files[f"rank{rank}.pt"] = shard
+    total = int(cu[-1])
+    files["error.txt"] = (
+        "[rank0]: Traceback (most recent call last):\n"
+        "[rank0]:   File \"megatron/bridge/models/qwen_vl/modeling_qwen3_vl/model.py\", in forward\n"
+        f"[rank0]: RuntimeError: Sizes of tensors must match except in dimension 1. Expected size {total // 2} but got "
+        f"size {total // 4} for tensor number 1 in the list.\n")
+    files["case.json"] = _case("DOUBLE_SHARDED", 2, "radixark/miles#1308 (Megatron-Bridge preprocess_packed_seqs on "
+                               "already-local rows)",
+                               "the data loader split the batch over CP, the model split each local row again")
+    return files
+
+
 CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "presharded_rows_not_selected": presharded_rows_not_selected,
     "truncated_vision_span": truncated_vision_span,
@@ -344,6 +373,7 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "batch_not_flat": batch_not_flat,
     "valid_only_row": valid_only_row,
     "mrope_local_row": mrope_local_row,
+    "double_sharded": double_sharded,
 }
 
 

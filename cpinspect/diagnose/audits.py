@@ -293,6 +293,9 @@ def _form_text(scene: Scene) -> str:
         return f"one flat full row of {total} tokens in {scene.batch.num_segments} segment(s)"
     if scene.form == "presharded":
         return f"{len(scene.batch.rows)} rank rows of {n} tokens, cu_seqlens ends at {total} = {scene.cp} x {n}"
+    if scene.form == "double sharded":
+        return (f"{len(scene.batch.rows)} rank rows of {n} tokens, cu_seqlens ends at {total} = {scene.cp * scene.cp} "
+                f"x {n}; checks needing the full row are skipped")
     return f"one rank's row of {n} tokens (cu_seqlens ends at {total} = {scene.cp} x {n}); checks needing the " \
            "full row are skipped"
 

@@ -95,6 +95,11 @@ def _explain_sizes(scene: Scene, observed: ObservedError) -> list[Prediction]:
             f"full row (sized for cp=1) met a CP-local one; one code path skipped the CP split (as in Megatron-Bridge"
             f"#3881, where the MTP embedding applied the SP scatter but not the CP split)",
             "split that tensor over CP as well (the layout's own indices), or none of them"))
+    if scene.form == "double sharded" and pair == {total // cp, total // (cp * cp)}:
+        predictions.append(Prediction(
+            "DOUBLE_SHARDED", total // cp, total // (cp * cp),
+            f"{total // cp} = {total} / cp {cp} (a tensor split once) and {total // (cp * cp)} = {total} / {cp}² (the "
+            "rows, split twice)", ""))
     rows, _ = scene.embed_rows()
     for rank, held in scene.actual_held().items():
         if rows is not None and pair == {rows, held} and rows != held:

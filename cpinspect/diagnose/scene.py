@@ -20,6 +20,7 @@ from cpinspect.core.layout import LAYOUTS, Layout, check_cp_fits, make_layout, p
 from cpinspect.core.loading import stacked_shape
 from cpinspect.core.tokens import TokenConfig
 from cpinspect.core.vision_items import VisionItem, embedding_rows, expected_items, placeholder_mask
+from cpinspect.diagnose.double_sharded import double_sharded_finding
 from cpinspect.diagnose.report import cause
 from cpinspect.diagnose.spans import (
     Runs,
@@ -133,6 +134,8 @@ class Scene:
         """What each rank really holds: from the files when pre-sharded, else the data layout."""
         if self.form == "one rank":
             return {self.rank if self.rank is not None else -1: self.one_rank_held or 0}
+        if self.form == "double sharded":
+            return {r: int(self._local_mask(r).sum()) for r in range(len(self.batch.rows))}
         counts = self.held(self.data_layout, self.cp)
         if counts is None and self.form == "presharded":
             counts = [int(self._local_mask(r).sum()) for r in range(len(self.batch.rows))]
@@ -191,6 +194,8 @@ def build_scene(batch: PackedBatch, cp: int, layout: str, tokens: TokenConfig, *
     if form == "full":
         check_cp_fits(batch.cu_seqlens, cp_eff, layout)
     scene.divisible = try_layout(batch.cu_seqlens, cp_eff, layout) is not None
+    if form == "double sharded":
+        return scene, findings
     if form == "one rank":
         row = batch.rows[0]
         scene.one_rank_held = int((batch.vision_mask[0] if batch.vision_mask else placeholder_mask(row, tokens)).sum())
@@ -235,6 +240,10 @@ def resolve_form(batch: PackedBatch, cp: int) -> tuple[str, int, PackedBatch, li
     cut_for = batch.cut_for()
     if cut_for is not None and batch.form_for(cut_for) == "presharded":
         return form, cut_for, batch, _cp_size_finding(cut_for, cp, total, n, files)
+    if files > 1 and files == cp and row_cut_for(total, n) == cp * cp:
+        doubled = double_sharded_finding(batch.cu_seqlens, cp, n, "zigzag")
+        if doubled is not None:
+            return "double sharded", cp, batch, [doubled]
     if files > 1 and (rows_cut := row_cut_for(total, n)) is not None and rows_cut > files:
         raise InputError(
             f"{files} rank files were given, but the rows were cut for cp={total // n} (cu_seqlens ends at {total} = "

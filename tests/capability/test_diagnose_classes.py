@@ -93,3 +93,46 @@ def test_the_local_row_error_with_other_numbers_is_not_confirmed():
            "shape [3, 48]"
     report = diagnose_batch(directory / "batch.pt", 2, tokens=QWEN25, error_text=text)
     assert "MROPE_LOCAL_ROW" not in confirmed(report)
+
+
+# --------------------------------------------------------------------------- class 3: DOUBLE_SHARDED
+
+
+def _literal_double(cu, cp, rank):
+    first = literal.zigzag_indices(cu, cp)[rank]
+    second = literal.zigzag_indices([c // cp for c in cu], cp)[rank]
+    return [first[i] for i in second]
+
+
+def test_a_zigzag_of_a_zigzag_is_the_cp_squared_zigzag_by_the_literal_layouts():
+    from cpinspect.diagnose.double_sharded import equivalent_ranks
+
+    cu = [0, 72, 144, 168]
+    squared = literal.zigzag_indices(cu, 4)
+    expected = [squared.index(_literal_double(cu, 2, r)) for r in range(2)]
+    assert expected == [0, 3]
+    assert equivalent_ranks(torch.tensor(cu), 2) == expected
+
+
+def test_double_sharded_files_name_the_cp4_ranks_and_explain_the_sizes():
+    directory = BROKEN / "double_sharded"
+    shards = [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    cu = shards[0]["cu_seqlens_padded"].tolist()
+    assert [s["input_ids"].numel() for s in shards] == [cu[-1] // 4] * 2
+    report = diagnose_batch(directory, 2, error_text=(directory / "error.txt").read_text())
+    assert confirmed(report) == ["DOUBLE_SHARDED"]
+    message = report.causes[0].message
+    assert "rank 0 = cp-4 rank 0, rank 1 = cp-4 rank 3" in message
+    assert f"expected size {cu[-1] // 2}, got size {cu[-1] // 4}" in message
+
+
+def test_files_of_a_cp4_run_given_as_cp4_are_still_missing_files_not_double_sharded():
+    from cpinspect.core.errors import InputError
+
+    directory = BROKEN / "double_sharded"
+    try:
+        report = diagnose_batch(directory, 4)
+    except InputError as exc:
+        assert "missing rank files" in exc.fix
+    else:
+        assert "DOUBLE_SHARDED" not in confirmed(report)
