@@ -359,6 +359,35 @@ def double_sharded() -> dict[str, Content]:
     return files
 
 
+def rope_segment_offset_missing() -> dict[str, Content]:
+    """NVIDIA/Megatron-LM#5243: the position table's columns selected without each segment's offset."""
+    from cpinspect.core.mrope import row_positions
+
+    segments = [
+        [("text", 6), ("image", (1, 4, 8)), ("text", 17)],
+        [("text", 11), ("image", (1, 8, 8)), ("text", 3), ("image", (1, 4, 4)), ("text", 5)],
+    ]
+    tokens = token_config("qwen3-vl")
+    full = _padded_batch(segments, 4, "qwen3-vl", seed=5243)
+    cu = full["cu_seqlens_padded"].to(torch.long)
+    table = row_positions(full["input_ids"].reshape(-1), cu, tokens, image_grid_thw=full["image_grid_thw"],
+                          logical_cu_seqlens=full["cu_seqlens"])
+    plan = make_layout(cu, 2, "zigzag")
+    files: dict[str, Content] = {}
+    for rank, shard in enumerate(shard_batch(full, 2)):
+        index = plan.global_indices(rank)
+        offsets = index - cu[torch.searchsorted(cu[1:], index, right=True)]  # the bug: no segment start added
+        shard["position_ids"] = table[:, offsets].unsqueeze(1).clone()
+        files[f"rank{rank}.pt"] = shard
+    files["error.txt"] = (
+        "step 40 | lm loss 2.91 | grad norm 1.02\n"
+        "step 41 | lm loss 7.85 | grad norm 48.3   (no error: the loss jumps on packed batches only)\n")
+    files["case.json"] = _case("ROPE_SEGMENT_OFFSET_MISSING", 2, "NVIDIA/Megatron-LM#5243",
+                               "the rotary table of the packed row was indexed with offsets inside each sequence "
+                               "(cu [0, 4, 8], cp 2: rank 0 got [0, 3, 0, 3] instead of [0, 3, 4, 7])")
+    return files
+
+
 CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "presharded_rows_not_selected": presharded_rows_not_selected,
     "truncated_vision_span": truncated_vision_span,
@@ -374,6 +403,7 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "valid_only_row": valid_only_row,
     "mrope_local_row": mrope_local_row,
     "double_sharded": double_sharded,
+    "rope_segment_offset_missing": rope_segment_offset_missing,
 }
 
 

@@ -55,6 +55,7 @@ from cpinspect.diagnose.report import (
     clip,
     info,
 )
+from cpinspect.diagnose.rope_offsets import segment_offset_findings
 from cpinspect.diagnose.scene import Scene, build_scene
 
 __all__ = [
@@ -100,7 +101,7 @@ def diagnose_batch(
     findings += form_findings + audit(scene)
     if observed is not None:
         findings = explain(scene, observed, findings)
-    findings += _extra_findings(scene)
+    findings += _extra_findings(scene) + segment_offset_findings(scene)
     findings = _fold_same_root(findings)
     findings += consistent(scene, findings)
     return DiagnoseReport(_ordered(findings), _observed_dict(observed, embeds, scene.rank), scene.cp, layout,
@@ -108,7 +109,10 @@ def diagnose_batch(
 
 
 # A confirmed cause that explains another finding's symptom replaces it (cause -> symptoms it explains).
-EXPLAINS = {"VALID_ONLY_ROW": ("SEGMENT_NOT_DIVISIBLE",)}
+EXPLAINS = {
+    "VALID_ONLY_ROW": ("SEGMENT_NOT_DIVISIBLE",),
+    "ROPE_SEGMENT_OFFSET_MISSING": ("MROPE_MISMATCH", "MROPE_WRONG_SLICE", "MROPE_NOT_PER_SEGMENT"),
+}
 
 
 def _fold_same_root(findings: list[Finding]) -> list[Finding]:

@@ -136,3 +136,49 @@ def test_files_of_a_cp4_run_given_as_cp4_are_still_missing_files_not_double_shar
         assert "missing rank files" in exc.fix
     else:
         assert "DOUBLE_SHARDED" not in confirmed(report)
+
+
+# --------------------------------------------------------------------------- class 2: ROPE_SEGMENT_OFFSET_MISSING
+
+
+def _offset_case():
+    directory = BROKEN / "rope_segment_offset_missing"
+    return directory, [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_the_megatron_5243_vectors_by_the_literal_layout():
+    """cu [0, 4, 8], cp 2: rank 0 must take columns [0, 3, 4, 7]; without the offset it takes [0, 3, 0, 3]."""
+    rank0 = literal.zigzag_indices([0, 4, 8], 2)[0]
+    assert rank0 == [0, 3, 4, 7]
+    assert [g - (0 if g < 4 else 4) for g in rank0] == [0, 3, 0, 3]
+
+
+def test_offsetless_positions_are_named_with_the_columns_taken():
+    directory, shards = _offset_case()
+    report = diagnose_batch(directory, 2)
+    assert confirmed(report) == ["ROPE_SEGMENT_OFFSET_MISSING"]
+    assert not any(f.code == "MROPE_MISMATCH" for f in report.findings)
+    cu = shards[0]["cu_seqlens_padded"].tolist()
+    rank0 = literal.zigzag_indices(cu, 2)[0]
+    segment1 = [g for g in rank0 if g >= cu[1]][:6]
+    message = report.causes[0].message
+    assert f"table columns {[g - cu[1] for g in segment1]} for its segment-1 tokens {segment1}" in message
+
+
+def test_positions_taken_at_the_global_indices_are_not_the_offset_bug(tmp_path):
+    from cpinspect.core.mrope import row_positions
+
+    directory, shards = _offset_case()
+    cu = shards[0]["cu_seqlens_padded"]
+    indices = literal.zigzag_indices(cu.tolist(), 2)
+    full = torch.empty(int(cu[-1]), dtype=torch.long)
+    for rank, shard in enumerate(shards):
+        full[indices[rank]] = shard["input_ids"].reshape(-1)
+    table = row_positions(full, cu, token_config("qwen3-vl"), image_grid_thw=shards[0]["image_grid_thw"],
+                          logical_cu_seqlens=shards[0]["cu_seqlens"])
+    for rank, shard in enumerate(shards):
+        fixed = dict(shard)
+        fixed["position_ids"] = table[:, indices[rank]].unsqueeze(1)
+        torch.save(fixed, tmp_path / f"rank{rank}.pt")
+    report = diagnose_batch(tmp_path, 2)
+    assert report.exit_code == 0, confirmed(report)
