@@ -388,6 +388,26 @@ def rope_segment_offset_missing() -> dict[str, Content]:
     return files
 
 
+def layout_mismatch_positions() -> dict[str, Content]:
+    """THUDM/slime#1871: data laid out contiguously per rank, attention reshuffles it as zigzag (text only)."""
+    segments = [[("text", 44)], [("text", 28)], [("text", 19)], [("text", 61)]]
+    full = _padded_batch(segments, 4, "qwen3-vl", seed=1871)
+    cu = full["cu_seqlens_padded"].to(torch.long)
+    plan = make_layout(cu, 2, "contiguous")
+    files: dict[str, Content] = {}
+    for rank, shard in enumerate(shard_batch(full, 2, "contiguous")):
+        index = plan.global_indices(rank)
+        text = index - cu[torch.searchsorted(cu[1:], index, right=True)]  # text: t = h = w = offset in segment
+        shard["position_ids"] = text.expand(3, -1).unsqueeze(1).clone()
+        files[f"rank{rank}.pt"] = shard
+    files["error.txt"] = ("step 3 | loss 1.92 | ppl 6.8\nstep 4 | loss 5.41 | ppl 223.6\n"
+                          "(no error: with context parallelism on, the loss is far above the cp=1 run)\n")
+    files["case.json"] = _case("LAYOUT_MISMATCH", 2, "THUDM/slime#1871 (Megatron-LM#6764: linear vs attention layouts)",
+                               "the data loader gave each rank a contiguous slice; the attention kernel assumes the "
+                               "zigzag layout")
+    return files
+
+
 CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "presharded_rows_not_selected": presharded_rows_not_selected,
     "truncated_vision_span": truncated_vision_span,
@@ -404,6 +424,7 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "mrope_local_row": mrope_local_row,
     "double_sharded": double_sharded,
     "rope_segment_offset_missing": rope_segment_offset_missing,
+    "layout_mismatch_positions": layout_mismatch_positions,
 }
 
 

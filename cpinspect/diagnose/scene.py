@@ -16,10 +16,11 @@ import torch
 from cpinspect.core.batch import PackedBatch, check_grid_merge, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
-from cpinspect.core.layout import LAYOUTS, Layout, check_cp_fits, make_layout, padded_cu_seqlens
+from cpinspect.core.layout import check_cp_fits, padded_cu_seqlens
 from cpinspect.core.loading import stacked_shape
 from cpinspect.core.tokens import TokenConfig
 from cpinspect.core.vision_items import VisionItem, embedding_rows, expected_items, placeholder_mask
+from cpinspect.diagnose.data_layout import choose_data_layout, try_layout
 from cpinspect.diagnose.double_sharded import double_sharded_finding
 from cpinspect.diagnose.report import cause
 from cpinspect.diagnose.spans import (
@@ -36,12 +37,6 @@ from cpinspect.simulation.run import Result, simulate
 # The largest embedding table of the Qwen2/2.5/3-VL checkpoints (Qwen2-VL-7B and Qwen2.5-VL-7B
 # config.json: vocab_size 152064; the 2B/3B ones have 151936): an id at or above it is out of vocab.
 MAX_VOCAB_ROWS = 152064
-SHARD_PER_DOCUMENT = "per document: Megatron get_batch_on_this_cp_rank given cu_seqlens (THD)"
-LAYOUT_WORDS = {
-    "zigzag": "per-document zigzag (Megatron THD: every segment cut into 2·cp chunks)",
-    "sequence-zigzag": "per-sequence zigzag (the whole row cut as one sequence, BSHD-style)",
-    "contiguous": "contiguous (the row cut into cp equal pieces)",
-}
 
 
 @dataclass
@@ -163,13 +158,6 @@ class Scene:
         return self.result.full_mask if self.result is not None else self.full_mask
 
 
-def try_layout(cu: torch.Tensor, cp: int, kind: str) -> Layout | None:
-    try:
-        return make_layout(cu, cp, kind)
-    except InputError:
-        return None
-
-
 def _held_counts(scene: Scene, kind: str, cp: int) -> list[int] | None:
     mask = scene.sim_mask
     if mask is None:
@@ -201,7 +189,7 @@ def build_scene(batch: PackedBatch, cp: int, layout: str, tokens: TokenConfig, *
         scene.one_rank_held = int((batch.vision_mask[0] if batch.vision_mask else placeholder_mask(row, tokens)).sum())
         return scene, findings
     if form == "presharded" and scene.divisible:
-        findings += _choose_data_layout(scene)
+        findings += choose_data_layout(scene)
     if form == "full" or scene.divisible:
         pad = form == "full" and not scene.divisible
         scene.result = simulate(batch, cp_eff, scene.data_layout, tokens=tokens, pad=pad, timeout=timeout)
@@ -327,54 +315,6 @@ def _validate_grids(batch: PackedBatch, tokens: TokenConfig) -> None:
     for key in ("image_grid_thw", "video_grid_thw"):
         check_grid_merge(getattr(batch, key), key, tokens.spatial_merge_size,
                          where=f"{batch.source}, key {batch.keys.get(key, key)}")
-
-
-def _choose_data_layout(scene: Scene) -> list[Finding]:
-    """Pre-sharded rows: find the layout under which they reassemble into whole vision spans."""
-    counted = {kind: _broken_spans(scene, kind) for kind in LAYOUTS}
-    broken = {kind: value for kind, value in counted.items() if value is not None}
-    mine = broken.get(scene.layout)
-    if mine is None or mine[0] == 0:
-        scene.spans_intact = mine is not None
-        return []
-    best = min(broken, key=lambda kind: (broken[kind][0], kind != scene.layout))
-    if broken[best][0] != 0:
-        return []
-    scene.data_layout, scene.spans_intact = best, True
-    model_split = (SHARD_PER_DOCUMENT if scene.layout == "zigzag" else LAYOUT_WORDS[scene.layout])
-    return [cause(
-        "LAYOUT_MISMATCH",
-        f"the rank files reassemble into whole vision spans only under {LAYOUT_WORDS[best]} (all {broken[best][1]} "
-        f"intact); under {LAYOUT_WORDS[scene.layout]}, which --layout {scene.layout} (the model's split) assumes, "
-        f"{mine[0]} of {mine[1]} spans disagree with their grids or lose their <|vision_start|>/<|vision_end|>: the "
-        "data was sharded one way and the model shards and selects rows the other way, so every rank fills its "
-        "vision positions with another rank's rows",
-        f"shard the data the way the model does ({model_split}), or tell the model the data layout (cpinspect: "
-        f"--layout {best})")]
-
-
-def _broken_spans(scene: Scene, kind: str) -> tuple[int, int] | None:
-    """``(broken, total)`` vision spans when the rank rows are reassembled with layout ``kind``."""
-    plan = try_layout(scene.cu, scene.cp, kind)
-    if plan is None:
-        return None
-    ids = torch.empty(plan.total_tokens, dtype=torch.long)
-    ids[plan.all_global_indices()] = torch.stack(scene.batch.rows)
-    ends = content_ends(ids, scene.cu, scene.batch.logical_cu_seqlens, scene.tokens.pad_token_id)
-    broken = total = 0
-    for item_kind, token_id in (("image", scene.tokens.image_token_id), ("video", scene.tokens.video_token_id)):
-        runs = find_runs(ids == token_id, scene.cu, ends)
-        items = expected_items(scene._grid(item_kind), item_kind, scene.tokens)
-        if items:
-            issues = align_spans(items, runs)
-            broken += len(issues)
-            total += len(items) + sum(issue.problem == "extra" for issue in issues)
-            continue
-        before = ids[(runs.start - 1).clamp(min=0)] == scene.tokens.vision_start_token_id
-        after = ids[(runs.start + runs.length).clamp(max=ids.numel() - 1)] == scene.tokens.vision_end_token_id
-        broken += int((~(before & after)).sum())
-        total += len(runs)
-    return broken, total
 
 
 def _analyse_spans(scene: Scene) -> None:

@@ -182,3 +182,32 @@ def test_positions_taken_at_the_global_indices_are_not_the_offset_bug(tmp_path):
         torch.save(fixed, tmp_path / f"rank{rank}.pt")
     report = diagnose_batch(tmp_path, 2)
     assert report.exit_code == 0, confirmed(report)
+
+
+# --------------------------------------------------------------------------- class 5: LAYOUT_MISMATCH from positions
+
+
+def _text_shards(layout):
+    """Text-only rank rows with per-segment positions, cut by the literal layouts of tests/literal.py."""
+    cu = [0, 44, 72, 92, 156]
+    ids = torch.arange(1000, 1156)
+    indices = literal.zigzag_indices(cu, 2) if layout == "zigzag" else literal.contiguous_indices(cu[-1], 2)
+    shards = []
+    for held in indices:
+        offsets = torch.tensor([g - max(c for c in cu if c <= g) for g in held])
+        shards.append({"input_ids": ids[held].view(1, -1), "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+                       "position_ids": offsets.expand(3, -1).unsqueeze(1).clone()})
+    return shards
+
+
+def test_contiguous_data_under_a_zigzag_consumer_is_named_from_the_positions():
+    report = diagnose_batch(_text_shards("contiguous"), 2)
+    assert confirmed(report) == ["LAYOUT_MISMATCH"]
+    assert "--layout contiguous" in report.causes[0].hint
+    # rank 1 of the literal contiguous cut starts at global 78, offset 78 - 72 = 6 in segment 2
+    assert "rank 1 starts at position 6" in report.causes[0].message
+
+
+def test_zigzag_data_under_a_zigzag_consumer_passes():
+    report = diagnose_batch(_text_shards("zigzag"), 2)
+    assert report.exit_code == 0, confirmed(report)
