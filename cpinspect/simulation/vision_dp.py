@@ -18,6 +18,7 @@ passed to its decoder).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,8 @@ class VisionDPExtension:
         local_rows = [self.plan.rank_rows(r) for r in range(cp)]
         states, failure = execute_spmd(cp, vision_dp_rank_program, local_rows, self.plan.rows_per_rank, selected,
                                        self.deepstack_layers, requires_grad, timeout=self.timeout)
+        if failure is not None:
+            states = settled_states(states, requires_grad)
         self.ranks = [self._rank_view(state, result) for state in states]
         self.findings = self._check(states, failure, requires_grad, result)
 
@@ -112,7 +115,7 @@ class VisionDPExtension:
         findings = _deepstack_findings(self.batch, result)
         findings += self._reorganize(result)
         if failure is not None:
-            return [_collective_finding(failure, self.plan, requires_grad), *findings]
+            return [_collective_finding(failure, self.plan, requires_grad, states), *findings]
         values: list[RankDP] = [s.value for s in states]
         if values:
             natural = torch.arange(int(self.plan.item_rows.sum())) if self.plan is not None else None
@@ -121,7 +124,7 @@ class VisionDPExtension:
                 torch.equal(d, v.selected) for d in v.deepstack_selected) for v, r in zip(values, result.ranks))
             if not self.natural_order:
                 findings.insert(0, _order_finding(self.plan, values, result))
-        return findings
+        return _empty_rank_findings(self.plan, self.ranks) + findings
 
     def _reorganize(self, result: Result) -> list[Finding]:
         """Per rank, what the reorganize_inputs run-count assertion sees (Qwen3-VL, images and videos)."""
@@ -175,6 +178,26 @@ class VisionDPExtension:
             "selection_fed": self.selection_fed,
         }
         document.setdefault("findings", []).extend(f.to_dict() for f in self.findings)
+
+
+def _empty_rank_findings(plan: VisionDPPlan | None, views: list[RankView]) -> list[Finding]:
+    """VISION_DP_EMPTY_RANK: a rank with no item still has to enter every vision-DP collective."""
+    if plan is None:
+        return []
+    empty = torch.nonzero(plan.items_per_rank == 0).view(-1).tolist()
+    if not empty:
+        return []
+    names = ", ".join(map(str, empty))
+    entered = "; ".join(f"rank {v.rank}: {', '.join(v.collectives) or 'none'}" for v in views if v.rank in empty[:4])
+    return [Finding(
+        "VISION_DP_EMPTY_RANK", "warning",
+        f"rank(s) {names} encode no vision item ({int(plan.items.count)} item(s) over cp={len(views)} ranks): each "
+        f"still has to enter the forward all-gather with 0 rows and the backward all-reduce of the gathered rows "
+        f"(simulated here: {entered}); in a real job its zero-row placeholder must require grad, or it skips the "
+        "all-reduce and the other ranks hang (Megatron-Bridge#4784)",
+        "make sure empty ranks take part: ensure_requires_grad_for_cp_collective (Megatron-Bridge#4784), or a 1x1 "
+        "placeholder image on empty ranks whose rows are dropped after the encoder (Nemotron Omni "
+        "vision_dp_over_cp, Megatron-LM#7315)", rank=empty[0])]
 
 
 def _collective_summary(state: RankState) -> list[str]:
@@ -241,7 +264,45 @@ def _requires_grad(batch: PackedBatch, cp: int) -> list[bool]:
     return [True] * cp if values is None else [bool(v) for v in values.reshape(cp, -1).all(dim=1).tolist()]
 
 
-def _collective_finding(failure: SpmdError, plan: VisionDPPlan | None, requires_grad: list[bool]) -> Finding:
+def settled_states(states: list[RankState], requires_grad: list[bool]) -> list[RankState]:
+    """The states once every rank has got as far as it can: independent of which rank arrived first.
+
+    The simulated group aborts the run as soon as one rank returns while another waits, so which
+    ranks had reached the backward all-reduce by then is a race. The program is the same on every
+    rank up to that point: a rank whose placeholder requires grad enters the all-reduce (and waits
+    there), one whose placeholder does not returns after the forward gathers.
+    """
+    longest = max(states, key=lambda s: len(s.calls), default=None)
+    if longest is None or not longest.calls or longest.calls[-1].op != "all_reduce":
+        return states
+    reduce_call = longest.calls[-1]
+    before = [c for c in longest.calls if c.seq < reduce_call.seq]
+    settled = []
+    for state in states:
+        aborted = state.status == "raised" and type(state.error).__name__ == "CollectiveAbort"
+        if state.status == "returned" or (state.status == "raised" and not aborted):
+            settled.append(state)  # finished, or a real error of this rank: shown as it is
+        elif requires_grad[state.rank]:
+            settled.append(dataclasses.replace(state, status="waiting", calls=[*before, reduce_call], error=None))
+        else:
+            settled.append(dataclasses.replace(state, status="returned", calls=list(before), error=None))
+    return settled
+
+
+def _settled_text(states: list[RankState]) -> str:
+    waiting = [s for s in states if s.status == "waiting"]
+    returned = [s for s in states if s.status == "returned"]
+    parts = []
+    if waiting:
+        parts.append(f"rank(s) {', '.join(str(s.rank) for s in waiting)} wait in {waiting[0].calls[-1].describe()}")
+    if returned:
+        parts.append(f"rank(s) {', '.join(str(s.rank) for s in returned)} returned after "
+                     f"{len(returned[0].calls)} collective(s)")
+    return "; ".join(parts)
+
+
+def _collective_finding(failure: SpmdError, plan: VisionDPPlan | None, requires_grad: list[bool],
+                        states: list[RankState]) -> Finding:
     skipped = [r for r, g in enumerate(requires_grad) if not g]
     empty = [] if plan is None else torch.nonzero(plan.items_per_rank == 0).view(-1).tolist()
     if skipped and set(skipped) <= set(empty):
@@ -249,7 +310,7 @@ def _collective_finding(failure: SpmdError, plan: VisionDPPlan | None, requires_
             "VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE", "error",
             f"rank(s) {', '.join(map(str, skipped))} encode no vision item, and their zero-row placeholder does not "
             f"require grad, so they skip the backward all-reduce the other ranks wait in; a real job hangs until "
-            f"the NCCL timeout. Simulated: {failure}",
+            f"the NCCL timeout. Simulated: {_settled_text(states) or failure}",
             "make the empty rank's placeholder take part: ensure_requires_grad_for_cp_collective (Megatron-Bridge "
             "#4784) so every CP rank runs the same collectives", rank=skipped[0])
     return Finding("COLLECTIVE_DIVERGENCE", "error", f"vision DP: {failure}",
