@@ -42,6 +42,8 @@ from cpinspect.simulation.vision_dp_split import (
 
 REQUIRES_GRAD_KEY = "vision_requires_grad"
 DEEPSTACK_ROWS_KEY = "deepstack_rows"
+PLACEHOLDER_KEY = "vision_dp_placeholder"  # [cp] or a scalar per rank file: empty ranks encode a 1x1 image
+PLACEHOLDER_PATCHES = 4  # one merge window (2x2 patches): the smallest image the encoder takes, one merged row
 DEEPSTACK_LAYERS = 3  # Qwen3-VL deepstack_visual_indexes [8, 16, 24]
 
 
@@ -77,6 +79,7 @@ class VisionDPExtension:
     deepstack_layers: int = 0
     mixed: bool = False
     model: str = ""
+    placeholder: list[bool] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -90,6 +93,10 @@ class VisionDPExtension:
         self.plan = plan_vision_dp(items, cp, tokens.merge_area, _assignment(self.batch, items.count, cp))
         self.deepstack_layers = DEEPSTACK_LAYERS if tokens.model == "qwen3-vl" else 0
         requires_grad = _requires_grad(self.batch, cp)
+        self.placeholder = [bool(p) and int(n) == 0 for p, n in zip(_placeholder(self.batch, cp),
+                                                                      self.plan.items_per_rank.tolist())]
+        # the 1x1 placeholder's encoder output requires grad, so the empty rank enters the backward all-reduce
+        requires_grad = [g or p for g, p in zip(requires_grad, self.placeholder)]
         selected = [r.selected_rows for r in result.ranks]
         local_rows = [self.plan.rank_rows(r) for r in range(cp)]
         states, failure = execute_spmd(cp, vision_dp_rank_program, local_rows, self.plan.rows_per_rank, selected,
@@ -97,6 +104,10 @@ class VisionDPExtension:
         if failure is not None:
             states = settled_states(states, requires_grad)
         self.ranks = [self._rank_view(state, result) for state in states]
+        for view in self.ranks:
+            if self.placeholder[view.rank]:
+                view.items, view.patches = [f"1x1 placeholder image ({PLACEHOLDER_PATCHES} patches -> 1 row, dropped "
+                                            "before the all-gather)"], PLACEHOLDER_PATCHES
         self.findings = self._check(states, failure, requires_grad, result)
 
     def _rank_view(self, state: RankState, result: Result) -> RankView:
@@ -124,7 +135,7 @@ class VisionDPExtension:
                 torch.equal(d, v.selected) for d in v.deepstack_selected) for v, r in zip(values, result.ranks))
             if not self.natural_order:
                 findings.insert(0, _order_finding(self.plan, values, result))
-        return _empty_rank_findings(self.plan, self.ranks) + findings
+        return _empty_rank_findings(self.plan, self.ranks, self.placeholder) + findings
 
     def _reorganize(self, result: Result) -> list[Finding]:
         """Per rank, what the reorganize_inputs run-count assertion sees (Qwen3-VL, images and videos)."""
@@ -180,13 +191,22 @@ class VisionDPExtension:
         document.setdefault("findings", []).extend(f.to_dict() for f in self.findings)
 
 
-def _empty_rank_findings(plan: VisionDPPlan | None, views: list[RankView]) -> list[Finding]:
+def _empty_rank_findings(plan: VisionDPPlan | None, views: list[RankView], placeholder: list[bool]) -> list[Finding]:
     """VISION_DP_EMPTY_RANK: a rank with no item still has to enter every vision-DP collective."""
     if plan is None:
         return []
-    empty = torch.nonzero(plan.items_per_rank == 0).view(-1).tolist()
+    filled = [r for r, p in enumerate(placeholder) if p]
+    empty = [r for r in torch.nonzero(plan.items_per_rank == 0).view(-1).tolist() if r not in filled]
+    out = [] if not filled else [Finding(
+        "VISION_DP_PLACEHOLDER", "info",
+        f"rank(s) {', '.join(map(str, filled))} hold no vision item and encode a 1x1 placeholder image instead "
+        f"({PLACEHOLDER_PATCHES} patches -> 1 row; Nemotron Omni vision_dp_over_cp, Megatron-LM#7315): the encoder "
+        "runs on every rank, the placeholder's row is dropped before the all-gather (0 rows sent), and its output "
+        "requires grad, so these ranks enter the backward all-reduce like the others (simulated: "
+        + "; ".join(f"rank {v.rank}: {', '.join(v.collectives) or 'none'}" for v in views if v.rank in filled[:4])
+        + ")", "")]
     if not empty:
-        return []
+        return out
     names = ", ".join(map(str, empty))
     entered = "; ".join(f"rank {v.rank}: {', '.join(v.collectives) or 'none'}" for v in views if v.rank in empty[:4])
     return [Finding(
@@ -197,7 +217,7 @@ def _empty_rank_findings(plan: VisionDPPlan | None, views: list[RankView]) -> li
         "all-reduce and the other ranks hang (Megatron-Bridge#4784)",
         "make sure empty ranks take part: ensure_requires_grad_for_cp_collective (Megatron-Bridge#4784), or a 1x1 "
         "placeholder image on empty ranks whose rows are dropped after the encoder (Nemotron Omni "
-        "vision_dp_over_cp, Megatron-LM#7315)", rank=empty[0])]
+        "vision_dp_over_cp, Megatron-LM#7315)", rank=empty[0]), *out]
 
 
 def _collective_summary(state: RankState) -> list[str]:
@@ -257,6 +277,11 @@ def _per_rank_values(batch: PackedBatch, key: str, cp: int) -> torch.Tensor | No
             where=f"{batch.source}, key {key}",
             fix="store [cp, ...] in a full batch, or one value in each rank file")
     return stacked
+
+
+def _placeholder(batch: PackedBatch, cp: int) -> list[bool]:
+    values = _per_rank_values(batch, PLACEHOLDER_KEY, cp)
+    return [False] * cp if values is None else [bool(v) for v in values.reshape(cp, -1).all(dim=1).tolist()]
 
 
 def _requires_grad(batch: PackedBatch, cp: int) -> list[bool]:

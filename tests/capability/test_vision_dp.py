@@ -241,3 +241,17 @@ def test_the_divergence_report_does_not_depend_on_which_rank_arrives_first():
     assert collectives[0] == collectives[1] == ("all_gather x4 [8, 1]", "all_reduce x1 [12, 1]")
     assert collectives[2] == collectives[3] == ("all_gather x4 [8, 1]",)
     assert "rank(s) 0, 1 wait in all_reduce" in messages[0] and "rank(s) 2, 3 returned" in messages[0]
+
+
+def test_a_1x1_placeholder_on_empty_ranks_keeps_them_in_the_backward_all_reduce():
+    """Nemotron Omni vision_dp_over_cp / Megatron-LM#7315: the fallback image, simulated."""
+    batch = build_batch(TWO_IMAGES, (24, 40))
+    batch["vision_requires_grad"] = torch.tensor([True, True, False, False])
+    batch["vision_dp_placeholder"] = torch.tensor([True, True, True, True])  # only empty ranks use it
+    ext, _ = run_extension(batch, 4)
+    assert ext.ok and ext.natural_order and ext.selection_fed
+    assert [f.code for f in ext.findings] == ["VISION_DP_PLACEHOLDER"]
+    assert ext.placeholder == [False, False, True, True]
+    assert all(v.collectives == ["all_gather x4 [8, 1]", "all_reduce x4 [12, 1]"] for v in ext.ranks)
+    assert ext.plan.rows_per_rank.tolist() == [4, 8, 0, 0]  # the placeholder's row is not gathered
+    assert ext.ranks[2].patches == 4 and "1x1 placeholder" in ext.ranks[2].items[0]
