@@ -18,6 +18,8 @@ from cpinspect.core.findings import Finding
 from cpinspect.diagnose.audits import embed_mismatch
 from cpinspect.diagnose.errortext import ObservedError
 from cpinspect.diagnose.prediction import NOT_SELECTED_HINT, Prediction
+from cpinspect.diagnose.recognised import KINDS as RECOGNISED_KINDS
+from cpinspect.diagnose.recognised import explain_recognised
 from cpinspect.diagnose.report import cause, info
 from cpinspect.diagnose.rope_hypotheses import local_row_predictions
 from cpinspect.diagnose.scene import Scene
@@ -37,7 +39,9 @@ def explain(scene: Scene, observed: ObservedError, findings: list[Finding]) -> l
         return findings + [_apply_kwarg()]
     if observed.kind == "not_divisible":
         return findings + _explain_divisible(scene, observed)
-    if observed.kind == "cat_sizes":
+    if observed.kind in RECOGNISED_KINDS:
+        return findings + explain_recognised(scene, observed, findings)
+    if observed.kind in ("cat_sizes", "rank_tokens"):
         return _merge(findings, _explain_sizes(scene, observed), scene, observed)
     if observed.kind == "position_shape":
         return _merge(findings, _explain_positions(scene, observed), scene, observed)
@@ -231,7 +235,7 @@ def _merge(findings: list[Finding], predictions: list[Prediction], scene: Scene,
 
 
 def _observed_pair(observed: ObservedError) -> tuple[int | None, int | None]:
-    if observed.kind == "cat_sizes":
+    if observed.kind in ("cat_sizes", "rank_tokens"):
         return observed.get("expected"), observed.get("got")
     if observed.kind == "position_shape":
         return observed.get("index_length"), observed.get("value_length")
@@ -267,7 +271,8 @@ def _with_confirmed(findings: list[Finding], confirmed: list[Prediction], scene:
 
 def _numbers_text(observed: ObservedError) -> str:
     tokens, rows = _observed_pair(observed)
-    labels = {"cat_sizes": ("expected size", "got size"), "position_shape": ("positions to fill", "positions given"),
+    labels = {"cat_sizes": ("expected size", "got size"), "rank_tokens": ("tokens expected", "tokens held"),
+              "position_shape": ("positions to fill", "positions given"),
               "gathered_count": ("gathered vision tokens", "embeddings"),
               "expanded_size": ("chunk size expected", "tokens there")}
     first, second = labels.get(observed.kind, ("tokens", "rows"))

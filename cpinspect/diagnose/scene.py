@@ -172,7 +172,7 @@ def build_scene(batch: PackedBatch, cp: int, layout: str, tokens: TokenConfig, *
                 rank: int | None = None, timeout: float = 10.0) -> tuple[Scene, list[Finding]]:
     """Resolve the batch's form for ``cp``, validate it, and simulate it where it can be simulated."""
     stacked = stacked_shape(batch)
-    form, cp_eff, batch, findings = resolve_form(batch, cp)
+    form, cp_eff, batch, findings = resolve_form(batch, cp, tokens)
     _validate_ids(batch, tokens)
     _validate_grids(batch, tokens)
     if rank is not None and rank >= cp_eff:
@@ -208,7 +208,7 @@ def _unpadded_row(scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
     return scene.result.full_ids, scene.result.full_mask
 
 
-def resolve_form(batch: PackedBatch, cp: int) -> tuple[str, int, PackedBatch, list[Finding]]:
+def resolve_form(batch: PackedBatch, cp: int, tokens: TokenConfig) -> tuple[str, int, PackedBatch, list[Finding]]:
     """``(form, cp the rows were cut for, batch with physical cu_seqlens, findings)``.
 
     Rows cut for another cp give CP_SIZE_MISMATCH; stored boundaries that are logical (padding the
@@ -229,7 +229,7 @@ def resolve_form(batch: PackedBatch, cp: int) -> tuple[str, int, PackedBatch, li
     if cut_for is not None and batch.form_for(cut_for) == "presharded":
         return form, cut_for, batch, _cp_size_finding(cut_for, cp, total, n, files)
     if files > 1 and files == cp and row_cut_for(total, n) == cp * cp:
-        doubled = double_sharded_finding(batch.cu_seqlens, cp, n, "zigzag")
+        doubled = double_sharded_finding(batch.cu_seqlens, cp, batch.rows, tokens, "zigzag")
         if doubled is not None:
             return "double sharded", cp, batch, [doubled]
     if files > 1 and (rows_cut := row_cut_for(total, n)) is not None and rows_cut > files:

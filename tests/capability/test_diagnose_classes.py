@@ -7,6 +7,7 @@ bounds, grid sizes) or the literal layouts of tests/literal.py, never cpinspect'
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -211,3 +212,77 @@ def test_contiguous_data_under_a_zigzag_consumer_is_named_from_the_positions():
 def test_zigzag_data_under_a_zigzag_consumer_passes():
     report = diagnose_batch(_text_shards("zigzag"), 2)
     assert report.exit_code == 0, confirmed(report)
+
+
+# --------------------------------------------------------------------------- class 8: recognised error texts
+
+EXAMPLE = ROOT / "examples" / "qwen3vl_packed.pt"
+
+
+def test_a_cp_group_size_error_is_a_cp_size_mismatch_from_its_own_numbers():
+    text = "[rank1]: RuntimeError: Context-parallel group has rank 1 and size 2, but rank 1 and size 4 were requested."
+    report = diagnose_batch(EXAMPLE, 2, error_text=text)
+    assert confirmed(report) == ["CP_SIZE_MISMATCH"] and "size 2 != 4" in report.causes[0].message
+
+
+@pytest.mark.parametrize("text, words", [
+    ("ValueError: Pre-sharded packed CP metadata must start at token offset 0.", "cu_seqlens_q"),
+    ("ValueError: Pre-sharded packed CP inputs require explicit rank-local 3D MRoPE position_ids.", "position_ids"),
+    ("IndexError: Dimension out of range (expected to be in range of [-1, 0], but got 1)", "attention_mask"),
+    ("op.preamble.length <= op.nbytes. 24 vs 16", "cpinspect check"),
+    ("ValueError: Pre-sharded packed CP inputs require every physical segment length to be divisible by 2 * cp_size.",
+     "cu_seqlens_padded"),
+])
+def test_recognised_errors_the_batch_cannot_show_say_what_would_and_exit_1(text, words):
+    result = runner.invoke(app, ["diagnose", str(EXAMPLE), "--cp", "2", "--error", text])
+    assert result.exit_code == 1, result.output
+    assert "ERROR_RECOGNISED" in result.output and words in result.output.replace("\n", " ")
+    assert "nothing wrong found" not in result.output
+
+
+def test_the_nccl_watchdog_numel_names_the_count_all_gather():
+    # the bundled example has 4 segments: each rank's count all-gather sends 2 x 4 = 8 values
+    segments = int(torch.load(EXAMPLE, weights_only=True)["cu_seqlens"].numel()) - 1
+    text = (f"[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLGATHER, "
+            f"NumelIn={2 * segments}, NumelOut={4 * segments}, Timeout(ms)=600000) ran for 600008 milliseconds")
+    report = diagnose_batch(EXAMPLE, 2, error_text=text)
+    (finding,) = [f for f in report.findings if f.code == "ERROR_RECOGNISED"]
+    assert "= 2 ranks" in finding.message and "vision-count all-gather" in finding.message
+    assert report.exit_code == 1
+
+
+def test_slime_rank_tokens_is_explained_like_a_size_mismatch():
+    total = int(torch.load(EXAMPLE, weights_only=True)["cu_seqlens_padded"][-1])  # the physical row
+    text = f"AssertionError: CP rank 0 has {total} tokens, expected {total // 2} from cu_seqlens"
+    report = diagnose_batch(EXAMPLE, 2, error_text=text)
+    assert confirmed(report) == ["CP_SIZE_MISMATCH"]
+
+
+def test_an_unrecognised_error_is_named_in_the_header():
+    result = runner.invoke(app, ["diagnose", str(EXAMPLE), "--cp", "2", "--error", "something odd happened"])
+    assert "none given" not in result.output and "not recognised" in result.output
+
+
+def test_two_files_of_a_cp4_run_read_with_cp2_are_not_taken_for_double_sharding():
+    """cp-4 ranks 0 and 1 (files missing) break vision spans where a second split would put them."""
+    from cpinspect.core.errors import InputError
+    from cpinspect.core.synth import shard_batch
+
+    full = torch.load(BROKEN / "double_sharded" / "rank0.pt", weights_only=True)  # cu and grids only
+    directory = BROKEN / "double_sharded"
+    shards = [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    cu = full["cu_seqlens_padded"].tolist()
+    indices = literal.zigzag_indices(cu, 4)
+    row = torch.full((cu[-1],), -1, dtype=torch.long)
+    for shard, q in zip(shards, (0, 3)):  # the double-sharded files are cp-4 ranks 0 and 3
+        row[indices[q]] = shard["input_ids"].reshape(-1)
+    assert (row[indices[1]] == -1).all()  # cp-4 rank 1's tokens are nowhere in the files
+    wrong = shard_batch({"input_ids": torch.where(row < 0, 0, row).view(1, -1), "cu_seqlens": full["cu_seqlens"],
+                         "cu_seqlens_padded": full["cu_seqlens_padded"], "image_grid_thw": full["image_grid_thw"]},
+                        4)[:2]
+    try:
+        report = diagnose_batch(wrong, 2)
+    except InputError as exc:
+        assert "missing rank files" in exc.fix
+    else:
+        assert "DOUBLE_SHARDED" not in confirmed(report)
