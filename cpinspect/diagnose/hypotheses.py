@@ -11,6 +11,7 @@ observed pair is *confirmed*; one that matches the rows only is *possible*.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -32,6 +33,17 @@ from cpinspect.diagnose.selection_hypotheses import (
 )
 from cpinspect.diagnose.valid_only import HINT, describe, valid_only_cuts
 
+Hypothesis = Callable[[Scene, ObservedError], list[Prediction]]
+EXTRA_HYPOTHESES: list[Hypothesis] = []
+"""More hypotheses, tested with the built-in ones on every error that names two counts: each returns
+:class:`Prediction` objects for this scene and error (``[]`` when it does not apply). The
+tensor/sequence-parallel ratios (CP_SPLIT_MISSING / SP_SPLIT_MISSING, diagnose/parallel_sizes.py)
+register here with one line: ``EXTRA_HYPOTHESES.append(parallel_size_predictions)``."""
+
+
+def _extra_predictions(scene: Scene, observed: ObservedError) -> list[Prediction]:
+    return [p for hypothesis in EXTRA_HYPOTHESES for p in hypothesis(scene, observed)]
+
 
 def explain(scene: Scene, observed: ObservedError, findings: list[Finding]) -> list[Finding]:
     """Test every hypothesis against ``observed``; fold the verdicts into ``findings``."""
@@ -41,13 +53,14 @@ def explain(scene: Scene, observed: ObservedError, findings: list[Finding]) -> l
         return findings + _explain_divisible(scene, observed)
     if observed.kind in RECOGNISED_KINDS:
         return findings + explain_recognised(scene, observed, findings)
+    extra = _extra_predictions(scene, observed)
     if observed.kind in ("cat_sizes", "rank_tokens"):
-        return _merge(findings, _explain_sizes(scene, observed), scene, observed)
+        return _merge(findings, _explain_sizes(scene, observed) + extra, scene, observed)
     if observed.kind == "position_shape":
-        return _merge(findings, _explain_positions(scene, observed), scene, observed)
+        return _merge(findings, _explain_positions(scene, observed) + extra, scene, observed)
     if observed.kind == "expanded_size":
-        return _merge(findings, _explain_expanded(scene, observed), scene, observed)
-    return _merge(findings, _explain_counts(scene, observed), scene, observed)
+        return _merge(findings, _explain_expanded(scene, observed) + extra, scene, observed)
+    return _merge(findings, _explain_counts(scene, observed) + extra, scene, observed)
 
 
 def _apply_kwarg() -> Finding:

@@ -286,3 +286,23 @@ def test_two_files_of_a_cp4_run_read_with_cp2_are_not_taken_for_double_sharding(
         assert "missing rank files" in exc.fix
     else:
         assert "DOUBLE_SHARDED" not in confirmed(report)
+
+
+# --------------------------------------------------------------------------- class 6: the registration point
+
+
+def test_an_added_hypothesis_is_tested_like_the_built_in_ones():
+    from cpinspect.diagnose.hypotheses import EXTRA_HYPOTHESES
+    from cpinspect.diagnose.prediction import Prediction
+
+    def tp_split(scene, observed):  # a stand-in for CP_SPLIT_MISSING: predicts (168, 84) on this batch
+        return [Prediction("CP_SIZE_MISMATCH", scene.total_tokens // 2, scene.total_tokens // 4, "tp ratio", "")]
+
+    text = "RuntimeError: Sizes of tensors must match except in dimension 0. Expected size 168 but got size 84"
+    assert confirmed(diagnose_batch(EXAMPLE, 2, error_text=text)) == []  # no built-in cause fits 336/2 vs 336/4
+    EXTRA_HYPOTHESES.append(tp_split)
+    try:
+        report = diagnose_batch(EXAMPLE, 2, error_text=text)
+    finally:
+        EXTRA_HYPOTHESES.remove(tp_split)
+    assert confirmed(report) == ["CP_SIZE_MISMATCH"] and "tp ratio" in report.causes[0].message
