@@ -408,6 +408,25 @@ def layout_mismatch_positions() -> dict[str, Content]:
     return files
 
 
+def vision_dp_empty_rank_skips_collective() -> dict[str, Content]:
+    """Megatron-Bridge#4784: vision DP over cp=4 with two images; the empty ranks skip the backward all-reduce."""
+    segments = [[("text", 6), ("image", (1, 4, 4)), ("text", 6)], [("text", 10), ("image", (1, 4, 8)), ("text", 10)]]
+    batch = _padded_batch(segments, 8, "qwen3-vl", seed=4784)
+    # vision_dp_when_cp: image 0 on rank 0, image 1 on rank 1; ranks 2 and 3 encode nothing, and their zero-row
+    # placeholder does not require grad (no ensure_requires_grad_for_cp_collective)
+    batch["vision_requires_grad"] = torch.tensor([True, True, False, False])
+    rows = (4 * 4 + 4 * 8) // 4  # 12 gathered rows, hidden 2048
+    return {
+        "batch.pt": batch,
+        "error.txt": "[rank0]:[E1201 10:12:44.518 ProcessGroupNCCL.cpp:632] [Rank 0] Watchdog caught collective "
+                     f"operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE, NumelIn={rows * 2048}, "
+                     f"NumelOut={rows * 2048}, Timeout(ms)=600000) ran for 600012 milliseconds before timing out.\n",
+        "case.json": _case("VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE", 4, "NVIDIA-NeMo/Megatron-Bridge#4784",
+                           "vision_dp_when_cp at cp=4 with two images: ranks 2 and 3 encode none and skip the "
+                           "backward all-reduce; ranks 0 and 1 hang in it"),
+    }
+
+
 CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "presharded_rows_not_selected": presharded_rows_not_selected,
     "truncated_vision_span": truncated_vision_span,
@@ -425,6 +444,7 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "double_sharded": double_sharded,
     "rope_segment_offset_missing": rope_segment_offset_missing,
     "layout_mismatch_positions": layout_mismatch_positions,
+    "vision_dp_empty_rank_skips_collective": vision_dp_empty_rank_skips_collective,
 }
 
 

@@ -98,7 +98,7 @@ def diagnose_batch(
     scene, form_findings = build_scene(loaded, cp, layout, tokens, embeds=embeds, rank=rank, timeout=timeout)
     if rank is None and observed is not None:
         scene.rank = observed.rank  # a log's rank may lie beyond cp: itself a sign of another cp
-    findings += form_findings + audit(scene)
+    findings += form_findings + audit(scene) + _vision_dp_findings(scene, timeout)
     if observed is not None:
         findings = explain(scene, observed, findings)
     findings += _extra_findings(scene) + segment_offset_findings(scene)
@@ -119,6 +119,20 @@ def _fold_same_root(findings: list[Finding]) -> list[Finding]:
     confirmed = {f.code for f in findings if f.status == "confirmed"}
     hidden = {code for root in confirmed for code in EXPLAINS.get(root, ())}
     return [f for f in findings if f.code not in hidden]
+
+
+VISION_DP_KEYS = ("vision_requires_grad", "vision_dp_ranks", "vision_dp_placeholder")
+
+
+def _vision_dp_findings(scene: Scene, timeout: float) -> list[Finding]:
+    """Vision DP under CP (issue 14 class 7), when the batch describes its vision-DP run."""
+    if scene.result is None or not any(key in extra for extra in scene.batch.extra for key in VISION_DP_KEYS):
+        return []
+    from cpinspect.simulation.vision_dp import VisionDPExtension
+
+    extension = VisionDPExtension(scene.batch, timeout=timeout)
+    extension.run(scene.result)
+    return [finding.weighed() for finding in extension.findings]
 
 
 def _check_options(cp: int, layout: str, embeds: int | None, rank: int | None) -> None:

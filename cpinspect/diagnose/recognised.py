@@ -84,6 +84,8 @@ def explain_recognised(scene: Scene, observed: ObservedError, findings: list[Fin
             "the per-rank program: cpinspect check your_module:select_rows --cp N, or cpinspect simulate BATCH "
             "--cp N --backend gloo")]
     if kind == "nccl_timeout":
+        if codes & {"VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE", "COLLECTIVE_DIVERGENCE"}:
+            return []  # the simulation shows the hang itself
         return [_nccl(scene, observed)]
     if kind == "audio_count":
         return [recognised(
