@@ -427,6 +427,30 @@ def vision_dp_empty_rank_skips_collective() -> dict[str, Content]:
     }
 
 
+def mrope_local_row_positions() -> dict[str, Content]:
+    """miles#1296, the silent form: every image whole on one rank, positions recomputed on each local row."""
+    from cpinspect.core.mrope import row_positions
+
+    segments = [[("text", 2), ("image", (1, 4, 4)), ("text", 11), ("image", (1, 4, 8)), ("text", 35)], [("text", 32)]]
+    tokens = token_config("qwen3-vl")
+    full = build_batch(segments, tokens=tokens, seed=1297)
+    assert full["cu_seqlens"].tolist() == [0, 64, 96]
+    grids = full["image_grid_thw"]
+    # zigzag at cp=2: image 0 (offsets 3-6) lies in chunk 0 (rank 0), image 1 (offsets 20-27) in chunk 1 (rank 1)
+    held_grids = {0: grids[0:1], 1: grids[1:2]}
+    files: dict[str, Content] = {}
+    for rank, shard in enumerate(shard_batch(full, 2)):
+        ids = shard["input_ids"].reshape(-1)
+        local = row_positions(ids, torch.tensor([0, ids.numel()]), tokens, image_grid_thw=held_grids[rank])
+        shard["position_ids"] = local.unsqueeze(1).clone()
+        files[f"rank{rank}.pt"] = shard
+    files["error.txt"] = "step 9 | loss 2.03\nstep 10 | loss 2.05   (no error: accuracy on images drops under CP)\n"
+    files["case.json"] = _case("MROPE_LOCAL_ROW", 2, "radixark/miles#1296 (silent form)",
+                               "position ids recomputed after the CP split on each local row: the shapes fit, the "
+                               "positions restart at every rank's first token")
+    return files
+
+
 CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "presharded_rows_not_selected": presharded_rows_not_selected,
     "truncated_vision_span": truncated_vision_span,
@@ -445,6 +469,7 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "rope_segment_offset_missing": rope_segment_offset_missing,
     "layout_mismatch_positions": layout_mismatch_positions,
     "vision_dp_empty_rank_skips_collective": vision_dp_empty_rank_skips_collective,
+    "mrope_local_row_positions": mrope_local_row_positions,
 }
 
 

@@ -55,6 +55,7 @@ from cpinspect.diagnose.report import (
     clip,
     info,
 )
+from cpinspect.diagnose.rope_hypotheses import local_row_position_findings
 from cpinspect.diagnose.rope_offsets import segment_offset_findings
 from cpinspect.diagnose.scene import Scene, build_scene
 
@@ -101,7 +102,7 @@ def diagnose_batch(
     findings += form_findings + audit(scene) + _vision_dp_findings(scene, timeout)
     if observed is not None:
         findings = explain(scene, observed, findings)
-    findings += _extra_findings(scene) + segment_offset_findings(scene)
+    findings += _extra_findings(scene) + segment_offset_findings(scene) + local_row_position_findings(scene)
     findings = _fold_same_root(findings)
     findings += consistent(scene, findings)
     return DiagnoseReport(_ordered(findings), _observed_dict(observed, embeds, scene.rank), scene.cp, layout,
@@ -112,6 +113,7 @@ def diagnose_batch(
 EXPLAINS = {
     "VALID_ONLY_ROW": ("SEGMENT_NOT_DIVISIBLE",),
     "ROPE_SEGMENT_OFFSET_MISSING": ("MROPE_MISMATCH", "MROPE_WRONG_SLICE", "MROPE_NOT_PER_SEGMENT"),
+    "MROPE_LOCAL_ROW": ("MROPE_MISMATCH", "MROPE_WRONG_SLICE", "MROPE_NOT_PER_SEGMENT"),
 }
 
 

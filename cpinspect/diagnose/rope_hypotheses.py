@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
+from cpinspect.core.findings import Finding
 from cpinspect.diagnose.prediction import Prediction
+from cpinspect.diagnose.report import cause
 from cpinspect.diagnose.scene import Scene
 
 LOCAL_ROW_HINT = ("compute the mRoPE position_ids per segment on the full packed row (get_rope_index on the whole "
@@ -96,3 +100,65 @@ def _unique(predictions: list[Prediction]) -> list[Prediction]:
         seen.setdefault((p.rank, p.tokens, p.rows), p)
     return [dataclasses.replace(p, variant="") for p in seen.values()]
 
+
+
+def local_rope_positions(ids: list[int], grids: list[tuple[int, int, int]], image_id: int,
+                         vision_start_id: int) -> torch.Tensor | None:
+    """``[3, A]`` positions ``get_rope_index`` builds on ``ids`` with image ``grids`` (merged t, h, w), or None.
+
+    The same loop as :func:`local_rope_length`, images only: text counts up from one past the
+    previous maximum; an image adds its (t, h, w) grid index to the position of its first token.
+    """
+    starts = [i for i, token in enumerate(ids[:-1]) if token == vision_start_id and ids[i + 1] == image_id]
+    st, index, nxt = 0, 0, 0
+    parts = []
+    for _ in starts:
+        if index >= len(grids):
+            return None
+        ed = _index(ids, image_id, st)
+        t, h, w = grids[index]
+        index += 1
+        text = max(ed - st, 0)
+        parts.append(torch.arange(text).expand(3, text) + nxt)
+        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        parts.append(grid.reshape(3, -1) + nxt + text)
+        nxt = int(parts[-1].max()) + 1
+        st = ed + t * h * w
+    if st < len(ids):
+        parts.append(torch.arange(len(ids) - st).expand(3, len(ids) - st) + nxt)
+    return torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
+
+
+def local_row_position_findings(scene: Scene) -> list[Finding]:
+    """The silent form: every rank's own position_ids are what get_rope_index gives on its local row."""
+    batch = scene.batch
+    if (scene.form != "presharded" or not batch.position_ids or scene.result is None or scene.items.get("video")
+            or any(scene.issues.get(k) for k in ("image", "video")) or len(batch.position_ids) != scene.cp):
+        return []
+    merge, plan = scene.tokens.spatial_merge_size, scene.result.layout
+    images = scene.items.get("image", [])
+    starts = (scene.runs["image"].start - 1).tolist() if "image" in scene.runs else []
+    ranks = []
+    for rank, tensor in enumerate(batch.position_ids):
+        n = batch.row_tokens
+        if tensor.numel() != 3 * n:
+            return []
+        index = plan.global_indices(rank)
+        held = set(index.tolist())
+        grids = [(g[0], g[1] // merge, g[2] // merge) for item, s in zip(images, starts)
+                 if s in held and (g := item.grid) is not None]
+        local = local_rope_positions(batch.rows[rank].tolist(), grids, scene.tokens.image_token_id,
+                                     scene.tokens.vision_start_token_id)
+        if local is None or local.shape[1] != n or not torch.equal(tensor.reshape(3, n).to(torch.long), local):
+            return []
+        ranks.append(rank)
+    if not ranks:
+        return []
+    first = plan.global_indices(1)
+    return [cause(
+        "MROPE_LOCAL_ROW",
+        f"every rank's position_ids are exactly what get_rope_index gives on that rank's local row (count from 0 at "
+        f"the local row's start, across its segment pieces, each held <|vision_start|> with its item's grid): rank "
+        f"1's first token is global {int(first[0])} but has position 0; positions must restart per segment of the "
+        "full row and be sliced, not recomputed after the split",
+        LOCAL_ROW_HINT, rank=1)]

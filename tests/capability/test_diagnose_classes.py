@@ -306,3 +306,23 @@ def test_an_added_hypothesis_is_tested_like_the_built_in_ones():
     finally:
         EXTRA_HYPOTHESES.remove(tp_split)
     assert confirmed(report) == ["CP_SIZE_MISMATCH"] and "tp ratio" in report.causes[0].message
+
+
+def test_mrope_local_row_silent_form_and_its_correct_counterpart(tmp_path):
+    from cpinspect.core.mrope import row_positions
+
+    directory = BROKEN / "mrope_local_row_positions"
+    report = diagnose_batch(directory, 2)
+    assert confirmed(report) == ["MROPE_LOCAL_ROW"] and not any(f.code == "MROPE_MISMATCH" for f in report.findings)
+    shards = [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # rank 1's first token is global 16 (literal zigzag), but its stored position is 0
+    assert literal.zigzag_indices([0, 64, 96], 2)[1][0] == 16 and int(shards[1]["position_ids"][0, 0, 0]) == 0
+    indices = literal.zigzag_indices([0, 64, 96], 2)
+    full = torch.empty(96, dtype=torch.long)
+    for rank, shard in enumerate(shards):
+        full[indices[rank]] = shard["input_ids"].reshape(-1)
+    table = row_positions(full, torch.tensor([0, 64, 96]), token_config("qwen3-vl"),
+                          image_grid_thw=shards[0]["image_grid_thw"])
+    for rank, shard in enumerate(shards):
+        torch.save({**shard, "position_ids": table[:, indices[rank]].unsqueeze(1)}, tmp_path / f"rank{rank}.pt")
+    assert diagnose_batch(tmp_path, 2).exit_code == 0
