@@ -277,6 +277,180 @@ def batch_not_flat() -> dict[str, Content]:
     }
 
 
+def valid_only_row() -> dict[str, Content]:
+    """Megatron-Bridge#5614 / verl#5981: padded chunk bounds sliced out of a row of only valid tokens."""
+    segments = [
+        [("text", 9), ("image", (1, 8, 8)), ("text", 10)],   # 37 valid tokens (9 + 1 + 16 + 1 + 10)
+        [("text", 5)],                                        # a short sample: 5 valid tokens
+        [("text", 3), ("image", (1, 4, 4)), ("text", 13)],  # 22 valid tokens
+    ]
+    batch = build_batch(segments, tokens=token_config("qwen2.5-vl"), seed=5614)
+    logical = batch["cu_seqlens"]
+    lengths = (logical[1:] - logical[:-1]).tolist()
+    assert lengths == [37, 5, 22], lengths
+    padded = [_pad(n, 4) for n in lengths]  # 40, 8, 24: what the sampler pads to for cp=2
+    batch["cu_seqlens_padded"] = torch.tensor([0, *torch.tensor(padded).cumsum(0).tolist()], dtype=torch.int32)
+    # rank 0 holds chunks 0 and 3 of segment 1; chunk 3 is offsets 6-7 of a segment with 5 valid tokens
+    return {
+        "batch.pt": batch,
+        "error.txt": "[rank0]: Traceback (most recent call last):\n"
+                     "[rank0]:   File \"megatron/bridge/training/utils/packed_seq_utils.py\", in "
+                     "get_batch_on_this_cp_rank\n"
+                     "[rank0]: RuntimeError: The expanded size of the tensor (2) must match the existing size (0) at "
+                     "non-singleton dimension 0.  Target sizes: [2].  Tensor sizes: [0]\n",
+        "case.json": _case("VALID_ONLY_ROW", 2,
+                           "NVIDIA-NeMo/Megatron-Bridge#5614 (verl#5981, #6001, #7261; mbridge#157, #158; SkyRL#1407)",
+                           "the row holds only the valid tokens, the CP slicing uses the bounds of the padded "
+                           "segments: the short sample's last chunk is empty on rank 0",
+                           args=("--model", "qwen2.5-vl")),
+    }
+
+
+def mrope_local_row() -> dict[str, Content]:
+    """miles#1296 / ms-swift#3215: get_rope_index run on each rank's CP-local row with the full grids."""
+    segments = [
+        [("text", 32)],
+        [("text", 20), ("image", (1, 8, 16)), ("text", 10)],  # 20 + 1 + 32 + 1 + 10 = 64 tokens
+    ]
+    batch = build_batch(segments, tokens=token_config("qwen2.5-vl"), seed=1296)
+    assert batch["cu_seqlens"].tolist() == [0, 32, 96]
+    # zigzag at cp=2: rank 1 holds chunks 1, 2 of each segment: 16 text tokens of segment 0, then offsets 16-47 of
+    # segment 1: 4 text, <|vision_start|> at 20, and 27 of the image's 32 placeholders (the rest is on rank 0).
+    # get_rope_index on that local row: 21 text positions, then the whole grid 1·8·16/4 = 32: 53 positions, 48 tokens.
+    local, text, grid = 16 + 32, 16 + 4 + 1, 1 * 8 * 16 // 4
+    return {
+        "batch.pt": batch,
+        "error.txt": "[rank1]: Traceback (most recent call last):\n"
+                     "[rank1]:   File \"transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py\", in get_rope_index\n"
+                     f"[rank1]: RuntimeError: shape mismatch: value tensor of shape [3, {text + grid}] cannot be "
+                     f"broadcast to indexing result of shape [3, {local}]\n",
+        "case.json": _case("MROPE_LOCAL_ROW", 2, "radixark/miles#1296 (modelscope/ms-swift#3215)",
+                           "position ids computed after the CP split, on each rank's local row, with the grids of "
+                           "the whole micro-batch", args=("--model", "qwen2.5-vl")),
+    }
+
+
+def double_sharded() -> dict[str, Content]:
+    """radixark/miles#1308: already CP-local rows sharded again by the model (Bridge preprocess_packed_seqs)."""
+    segments = [
+        [("text", 14), ("image", (1, 8, 8)), ("text", 40)],
+        [("text", 30), ("image", (1, 4, 8)), ("text", 12), ("image", (1, 4, 4)), ("text", 9)],
+        [("text", 21)],
+    ]
+    full = _padded_batch(segments, 8, "qwen3-vl", seed=1308)  # 2·cp² = 8: both splits cut evenly
+    cu = full["cu_seqlens_padded"].to(torch.long)
+    files: dict[str, Content] = {}
+    for rank, local in enumerate(shard_batch(full, 2)):
+        # the model's own split, run on the local row with the local boundaries (cu / cp)
+        again = shard_batch({"input_ids": local["input_ids"], "cu_seqlens": torch.div(cu, 2, rounding_mode="floor")},
+                            2)[rank]
+        shard = {k: v for k, v in local.items() if k != "input_ids"}
+        shard["input_ids"] = again["input_ids"]
+        files[f"rank{rank}.pt"] = shard
+    total = int(cu[-1])
+    files["error.txt"] = (
+        "[rank0]: Traceback (most recent call last):\n"
+        "[rank0]:   File \"megatron/bridge/models/qwen_vl/modeling_qwen3_vl/model.py\", in forward\n"
+        f"[rank0]: RuntimeError: Sizes of tensors must match except in dimension 1. Expected size {total // 2} but got "
+        f"size {total // 4} for tensor number 1 in the list.\n")
+    files["case.json"] = _case("DOUBLE_SHARDED", 2, "radixark/miles#1308 (Megatron-Bridge preprocess_packed_seqs on "
+                               "already-local rows)",
+                               "the data loader split the batch over CP, the model split each local row again")
+    return files
+
+
+def rope_segment_offset_missing() -> dict[str, Content]:
+    """NVIDIA/Megatron-LM#5243: the position table's columns selected without each segment's offset."""
+    from cpinspect.core.mrope import row_positions
+
+    segments = [
+        [("text", 6), ("image", (1, 4, 8)), ("text", 17)],
+        [("text", 11), ("image", (1, 8, 8)), ("text", 3), ("image", (1, 4, 4)), ("text", 5)],
+    ]
+    tokens = token_config("qwen3-vl")
+    full = _padded_batch(segments, 4, "qwen3-vl", seed=5243)
+    cu = full["cu_seqlens_padded"].to(torch.long)
+    table = row_positions(full["input_ids"].reshape(-1), cu, tokens, image_grid_thw=full["image_grid_thw"],
+                          logical_cu_seqlens=full["cu_seqlens"])
+    plan = make_layout(cu, 2, "zigzag")
+    files: dict[str, Content] = {}
+    for rank, shard in enumerate(shard_batch(full, 2)):
+        index = plan.global_indices(rank)
+        offsets = index - cu[torch.searchsorted(cu[1:], index, right=True)]  # the bug: no segment start added
+        shard["position_ids"] = table[:, offsets].unsqueeze(1).clone()
+        files[f"rank{rank}.pt"] = shard
+    files["error.txt"] = (
+        "step 40 | lm loss 2.91 | grad norm 1.02\n"
+        "step 41 | lm loss 7.85 | grad norm 48.3   (no error: the loss jumps on packed batches only)\n")
+    files["case.json"] = _case("ROPE_SEGMENT_OFFSET_MISSING", 2, "NVIDIA/Megatron-LM#5243",
+                               "the rotary table of the packed row was indexed with offsets inside each sequence "
+                               "(cu [0, 4, 8], cp 2: rank 0 got [0, 3, 0, 3] instead of [0, 3, 4, 7])")
+    return files
+
+
+def layout_mismatch_positions() -> dict[str, Content]:
+    """THUDM/slime#1871: data laid out contiguously per rank, attention reshuffles it as zigzag (text only)."""
+    segments = [[("text", 44)], [("text", 28)], [("text", 19)], [("text", 61)]]
+    full = _padded_batch(segments, 4, "qwen3-vl", seed=1871)
+    cu = full["cu_seqlens_padded"].to(torch.long)
+    plan = make_layout(cu, 2, "contiguous")
+    files: dict[str, Content] = {}
+    for rank, shard in enumerate(shard_batch(full, 2, "contiguous")):
+        index = plan.global_indices(rank)
+        text = index - cu[torch.searchsorted(cu[1:], index, right=True)]  # text: t = h = w = offset in segment
+        shard["position_ids"] = text.expand(3, -1).unsqueeze(1).clone()
+        files[f"rank{rank}.pt"] = shard
+    files["error.txt"] = ("step 3 | loss 1.92 | ppl 6.8\nstep 4 | loss 5.41 | ppl 223.6\n"
+                          "(no error: with context parallelism on, the loss is far above the cp=1 run)\n")
+    files["case.json"] = _case("LAYOUT_MISMATCH", 2, "THUDM/slime#1871 (Megatron-LM#6764: linear vs attention layouts)",
+                               "the data loader gave each rank a contiguous slice; the attention kernel assumes the "
+                               "zigzag layout")
+    return files
+
+
+def vision_dp_empty_rank_skips_collective() -> dict[str, Content]:
+    """Megatron-Bridge#4784: vision DP over cp=4 with two images; the empty ranks skip the backward all-reduce."""
+    segments = [[("text", 6), ("image", (1, 4, 4)), ("text", 6)], [("text", 10), ("image", (1, 4, 8)), ("text", 10)]]
+    batch = _padded_batch(segments, 8, "qwen3-vl", seed=4784)
+    # vision_dp_when_cp: image 0 on rank 0, image 1 on rank 1; ranks 2 and 3 encode nothing, and their zero-row
+    # placeholder does not require grad (no ensure_requires_grad_for_cp_collective)
+    batch["vision_requires_grad"] = torch.tensor([True, True, False, False])
+    rows = (4 * 4 + 4 * 8) // 4  # 12 gathered rows, hidden 2048
+    return {
+        "batch.pt": batch,
+        "error.txt": "[rank0]:[E1201 10:12:44.518 ProcessGroupNCCL.cpp:632] [Rank 0] Watchdog caught collective "
+                     f"operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE, NumelIn={rows * 2048}, "
+                     f"NumelOut={rows * 2048}, Timeout(ms)=600000) ran for 600012 milliseconds before timing out.\n",
+        "case.json": _case("VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE", 4, "NVIDIA-NeMo/Megatron-Bridge#4784",
+                           "vision_dp_when_cp at cp=4 with two images: ranks 2 and 3 encode none and skip the "
+                           "backward all-reduce; ranks 0 and 1 hang in it"),
+    }
+
+
+def mrope_local_row_positions() -> dict[str, Content]:
+    """miles#1296, the silent form: every image whole on one rank, positions recomputed on each local row."""
+    from cpinspect.core.mrope import row_positions
+
+    segments = [[("text", 2), ("image", (1, 4, 4)), ("text", 11), ("image", (1, 4, 8)), ("text", 35)], [("text", 32)]]
+    tokens = token_config("qwen3-vl")
+    full = build_batch(segments, tokens=tokens, seed=1297)
+    assert full["cu_seqlens"].tolist() == [0, 64, 96]
+    grids = full["image_grid_thw"]
+    # zigzag at cp=2: image 0 (offsets 3-6) lies in chunk 0 (rank 0), image 1 (offsets 20-27) in chunk 1 (rank 1)
+    held_grids = {0: grids[0:1], 1: grids[1:2]}
+    files: dict[str, Content] = {}
+    for rank, shard in enumerate(shard_batch(full, 2)):
+        ids = shard["input_ids"].reshape(-1)
+        local = row_positions(ids, torch.tensor([0, ids.numel()]), tokens, image_grid_thw=held_grids[rank])
+        shard["position_ids"] = local.unsqueeze(1).clone()
+        files[f"rank{rank}.pt"] = shard
+    files["error.txt"] = "step 9 | loss 2.03\nstep 10 | loss 2.05   (no error: accuracy on images drops under CP)\n"
+    files["case.json"] = _case("MROPE_LOCAL_ROW", 2, "radixark/miles#1296 (silent form)",
+                               "position ids recomputed after the CP split on each local row: the shapes fit, the "
+                               "positions restart at every rank's first token")
+    return files
+
+
 CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "presharded_rows_not_selected": presharded_rows_not_selected,
     "truncated_vision_span": truncated_vision_span,
@@ -289,6 +463,13 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "token_id_mismatch": token_id_mismatch,
     "embed_count_mismatch": embed_count_mismatch,
     "batch_not_flat": batch_not_flat,
+    "valid_only_row": valid_only_row,
+    "mrope_local_row": mrope_local_row,
+    "double_sharded": double_sharded,
+    "rope_segment_offset_missing": rope_segment_offset_missing,
+    "layout_mismatch_positions": layout_mismatch_positions,
+    "vision_dp_empty_rank_skips_collective": vision_dp_empty_rank_skips_collective,
+    "mrope_local_row_positions": mrope_local_row_positions,
 }
 
 

@@ -178,7 +178,7 @@ def _compare(places: _Places, state: RankState, expected: torch.Tensor) -> RankV
         verdict.verdict, verdict.message = BAD_RETURN, f"rank {state.rank}: {problem}"
         return verdict
     verdict.got = got.tolist()
-    shown = f"expected {format_ranges(expected)}, got {format_ranges(got)}"
+    shown = f"expected {_rows_text(expected)}, got {_rows_text(got)}"
     diff = compare_rows(got, expected)
     where = ""
     if diff is not None and diff.differing:
@@ -191,5 +191,11 @@ def _compare(places: _Places, state: RankState, expected: torch.Tensor) -> RankV
                            f"token(s); {shown}{where}")
     elif verdict.first_difference is not None:
         verdict.verdict = WRONG_ROWS
-        verdict.message = f"rank {state.rank}: wrong rows: {shown}{where}"
+        order = "same rows, wrong order: " if diff is not None and diff.same_rows else ""
+        verdict.message = f"rank {state.rank}: wrong rows: {order}{shown}{where}"
     return verdict
+
+
+def _rows_text(rows: torch.Tensor) -> str:
+    """The rows as ranges; an empty list says so (never a bare ``-``)."""
+    return format_ranges(rows) if rows.numel() else "no rows"

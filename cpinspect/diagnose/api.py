@@ -55,6 +55,8 @@ from cpinspect.diagnose.report import (
     clip,
     info,
 )
+from cpinspect.diagnose.rope_hypotheses import local_row_position_findings
+from cpinspect.diagnose.rope_offsets import segment_offset_findings
 from cpinspect.diagnose.scene import Scene, build_scene
 
 __all__ = [
@@ -97,13 +99,42 @@ def diagnose_batch(
     scene, form_findings = build_scene(loaded, cp, layout, tokens, embeds=embeds, rank=rank, timeout=timeout)
     if rank is None and observed is not None:
         scene.rank = observed.rank  # a log's rank may lie beyond cp: itself a sign of another cp
-    findings += form_findings + audit(scene)
+    findings += form_findings + audit(scene) + _vision_dp_findings(scene, timeout)
     if observed is not None:
         findings = explain(scene, observed, findings)
-    findings += _extra_findings(scene)
+    findings += _extra_findings(scene) + segment_offset_findings(scene) + local_row_position_findings(scene)
+    findings = _fold_same_root(findings)
     findings += consistent(scene, findings)
     return DiagnoseReport(_ordered(findings), _observed_dict(observed, embeds, scene.rank), scene.cp, layout,
                           scene.form, loaded.source, _summary(scene))
+
+
+# A confirmed cause that explains another finding's symptom replaces it (cause -> symptoms it explains).
+EXPLAINS = {
+    "VALID_ONLY_ROW": ("SEGMENT_NOT_DIVISIBLE",),
+    "ROPE_SEGMENT_OFFSET_MISSING": ("MROPE_MISMATCH", "MROPE_WRONG_SLICE", "MROPE_NOT_PER_SEGMENT"),
+    "MROPE_LOCAL_ROW": ("MROPE_MISMATCH", "MROPE_WRONG_SLICE", "MROPE_NOT_PER_SEGMENT"),
+}
+
+
+def _fold_same_root(findings: list[Finding]) -> list[Finding]:
+    confirmed = {f.code for f in findings if f.status == "confirmed"}
+    hidden = {code for root in confirmed for code in EXPLAINS.get(root, ())}
+    return [f for f in findings if f.code not in hidden]
+
+
+VISION_DP_KEYS = ("vision_requires_grad", "vision_dp_ranks", "vision_dp_placeholder")
+
+
+def _vision_dp_findings(scene: Scene, timeout: float) -> list[Finding]:
+    """Vision DP under CP (issue 14 class 7), when the batch describes its vision-DP run."""
+    if scene.result is None or not any(key in extra for extra in scene.batch.extra for key in VISION_DP_KEYS):
+        return []
+    from cpinspect.simulation.vision_dp import VisionDPExtension
+
+    extension = VisionDPExtension(scene.batch, timeout=timeout)
+    extension.run(scene.result)
+    return [finding.weighed() for finding in extension.findings]
 
 
 def _check_options(cp: int, layout: str, embeds: int | None, rank: int | None) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from cpinspect.core.findings import Finding
 from cpinspect.core.tokens import TokenConfig
-from cpinspect.core.vision_items import VisionItem
+from cpinspect.core.vision_items import VisionItem, placeholder_mask
 from cpinspect.diagnose.report import cause, info
 from cpinspect.diagnose.scene import Scene
 from cpinspect.diagnose.spans import SpanIssue
@@ -177,14 +177,48 @@ def _token_id_finding(scene: Scene, kind: str) -> Finding:
 
 
 def _embed_findings(scene: Scene) -> list[Finding]:
-    explicit = scene.embeds if scene.embeds is not None else scene.batch.vision_embed_count
-    if explicit is None:
+    """The encoder's rows (E) against the vision positions the model fills (the mask, V).
+
+    E is ``--embeds``, else ``vision_embed_count``, else the grids' Σ t·h·w/merge². A difference is
+    left to the span finding only when the placeholder ids themselves disagree with the grids
+    (that finding already names the items) and the mask is the ids' own mask.
+    """
+    explicit, label = scene.embed_rows()
+    placeholders = scene.placeholders
+    if explicit is None or placeholders is None or label.startswith("one row per placeholder"):
         return []
-    label = "--embeds" if scene.embeds is not None else "vision_embed_count"
-    placeholders, grids = scene.placeholders, scene.grid_rows()
-    if explicit == placeholders or (grids is not None and explicit == grids and grids != placeholders):
+    findings = _mask_findings(scene, explicit, label)
+    if explicit == placeholders or findings:
+        return findings
+    spans_explain = any(scene.issues.get(kind) for kind in ("image", "video"))
+    if spans_explain and scene.mask_from_ids() and explicit == scene.grid_rows():
         return []
     return [embed_mismatch(scene, explicit, label, placeholders)]
+
+
+def _mask_findings(scene: Scene, rows: int, label: str) -> list[Finding]:
+    """An explicit ``vision_mask`` that marks other tokens than the placeholder ids."""
+    if scene.full_mask is None or scene.full_ids is None or scene.mask_from_ids():
+        return []
+    ids_mask = placeholder_mask(scene.full_ids, scene.tokens)
+    marked, ids = int(scene.full_mask.sum()), int(ids_mask.sum())
+    extra = torch.nonzero(scene.full_mask & ~ids_mask).view(-1)
+    missing = torch.nonzero(ids_mask & ~scene.full_mask).view(-1)
+    parts = []
+    if extra.numel():
+        parts.append(f"{extra.numel()} marked token(s) are not placeholders (first at global token {int(extra[0])})")
+    if missing.numel():
+        parts.append(f"{missing.numel()} placeholder(s) are not marked (first at global token {int(missing[0])})")
+    first = int(extra[0]) if extra.numel() else int(missing[0])
+    rank, segment, chunk = scene.locate(first)
+    agree = f"{label} ({rows}) agrees with the ids" if rows == ids else f"the encoder produced {rows} rows ({label})"
+    status = "confirmed" if marked != rows else "possible"
+    return [cause(
+        "EMBED_COUNT_MISMATCH",
+        f"the batch's vision_mask marks {marked} tokens, but input_ids hold {ids} {scene.tokens.model} placeholder "
+        f"tokens ({'; '.join(parts)}); {agree}, so the model fills {marked} vision positions with {rows} rows",
+        "build vision_mask from the placeholder ids (input_ids == image_token_id | input_ids == video_token_id), or "
+        "drop it from the batch", status=status, rank=rank, segment=segment, chunk=chunk)]
 
 
 def embed_mismatch(scene: Scene, rows: int, label: str, placeholders: int | None) -> Finding:
@@ -231,9 +265,8 @@ def consistent(scene: Scene, findings: list[Finding]) -> list[Finding]:
     if "BATCH_NOT_FLAT" not in codes:
         lines.append(f"input: {_form_text(scene)}")
     if scene.divisible and "SEGMENT_NOT_DIVISIBLE" not in codes and scene.cp > 1:
-        lines.append(f"segments: all {scene.batch.num_segments} physical lengths split into "
-                     f"{'2·cp' if scene.layout != 'contiguous' else 'cp'} equal pieces at cp={scene.cp}")
-    if scene.form == "presharded" and "LAYOUT_MISMATCH" not in codes and scene.divisible:
+        lines.append(_split_line(scene))
+    if scene.form == "presharded" and "LAYOUT_MISMATCH" not in codes and scene.divisible and scene.spans_intact:
         lines.append(f"layout: the rank files reassemble into whole vision spans under {scene.data_layout}")
     lines += _span_lines(scene, codes)
     if scene.result is not None and not any(f.is_problem for f in scene.result.findings
@@ -244,12 +277,25 @@ def consistent(scene: Scene, findings: list[Finding]) -> list[Finding]:
     return [info("CONSISTENT", line) for line in lines]
 
 
+def _split_line(scene: Scene) -> str:
+    """What the layout cut into equal pieces: every segment (zigzag) or the whole row (the others)."""
+    if scene.layout == "zigzag":
+        return (f"segments: all {scene.batch.num_segments} physical lengths split into 2·cp = {2 * scene.cp} equal "
+                f"pieces at cp={scene.cp}")
+    pieces = 2 * scene.cp if scene.layout == "sequence-zigzag" else scene.cp
+    return (f"row: the {scene.total_tokens} tokens split into {pieces} equal pieces of {scene.total_tokens // pieces} "
+            f"({scene.layout}, cp={scene.cp}); segment lengths need not divide")
+
+
 def _form_text(scene: Scene) -> str:
     n, total = scene.batch.row_tokens, scene.total_tokens
     if scene.form == "full":
         return f"one flat full row of {total} tokens in {scene.batch.num_segments} segment(s)"
     if scene.form == "presharded":
         return f"{len(scene.batch.rows)} rank rows of {n} tokens, cu_seqlens ends at {total} = {scene.cp} x {n}"
+    if scene.form == "double sharded":
+        return (f"{len(scene.batch.rows)} rank rows of {n} tokens, cu_seqlens ends at {total} = {scene.cp * scene.cp} "
+                f"x {n}; checks needing the full row are skipped")
     return f"one rank's row of {n} tokens (cu_seqlens ends at {total} = {scene.cp} x {n}); checks needing the " \
            "full row are skipped"
 
@@ -261,10 +307,13 @@ def _span_lines(scene: Scene, codes: set[str]) -> list[str]:
     if scene.batch.image_grid_thw is None and scene.batch.video_grid_thw is None:
         return [f"vision spans: no grids in the batch, so placeholder runs are not checked against grids "
                 f"({scene.placeholders} placeholders)"]
+    id_count = (scene.placeholders_of("image") or 0) + (scene.placeholders_of("video") or 0)
+    if any(scene.issues.get(kind) for kind in ("image", "video")) or scene.grid_rows() != id_count:
+        return []
     lines = [f"vision spans: all {items} placeholder run(s) match their grids (Σ t·h·w/{scene.tokens.merge_area} = "
-             f"{scene.grid_rows()}), with the {scene.tokens.model} ids {scene.tokens.image_token_id}/"
-             f"{scene.tokens.video_token_id}"]
+             f"{scene.grid_rows()} = the {id_count} placeholder ids), with the {scene.tokens.model} ids "
+             f"{scene.tokens.image_token_id}/{scene.tokens.video_token_id}"]
     explicit = scene.embeds if scene.embeds is not None else scene.batch.vision_embed_count
-    if explicit is not None and "EMBED_COUNT_MISMATCH" not in codes:
+    if explicit is not None and explicit == scene.placeholders and "EMBED_COUNT_MISMATCH" not in codes:
         lines.append(f"embedding rows: {explicit} = the {scene.placeholders} placeholders")
     return lines

@@ -17,6 +17,8 @@ Recognised forms (the sources that print them are named in the README):
   expected=X, got=Y``;
 * PyTorch ``Sizes of tensors must match except in dimension D. Expected size A but got size B``;
 * slime ``Packed sequence length N must be divisible by 2 * CP size C``;
+* PyTorch ``The expanded size of the tensor (A) must match the existing size (B) at non-singleton
+  dimension D`` (a chunk of B tokens where A were expected: VALID_ONLY_ROW);
 * autograd ``apply() takes no keyword arguments``.
 
 A log is read line by line (any size, constant memory); the *last* recognised line wins, since
@@ -119,6 +121,34 @@ def _divisible(match: re.Match[str]) -> ObservedError:
     return ObservedError("not_divisible", numbers, match.group(0))
 
 
+def _expanded(match: re.Match[str]) -> ObservedError:
+    numbers = {"target": int(match.group(1)), "existing": int(match.group(2)), "dim": int(match.group(3))}
+    return ObservedError("expanded_size", numbers, match.group(0))
+
+
+def _fixed(kind: str) -> Parser:
+    def parse(match: re.Match[str]) -> ObservedError:
+        return ObservedError(kind, {}, match.group(0))
+    return parse
+
+
+def _named(kind: str, names: tuple[str, ...], scope: str = "rank") -> Parser:
+    """A parser storing the match's groups as ints under ``names`` (a missing optional group is left out)."""
+    def parse(match: re.Match[str]) -> ObservedError:
+        numbers: dict[str, Any] = {}
+        for name, value in zip(names, match.groups()):
+            if value is None:
+                continue
+            numbers[name] = int(value) if re.fullmatch(r"-?\d+", value) else value
+        return ObservedError(kind, numbers, match.group(0), scope=scope)
+    return parse
+
+
+def _view(match: re.Match[str]) -> ObservedError:
+    shape = [int(part) for part in re.findall(r"-?\d+", match.group(1))]
+    return ObservedError("view_size", {"shape": shape, "size": int(match.group(2))}, match.group(0))
+
+
 def _apply_kwarg(match: re.Match[str]) -> ObservedError:
     return ObservedError("apply_kwarg", {}, match.group(0))
 
@@ -137,7 +167,33 @@ PATTERNS: tuple[tuple[str, re.Pattern[str], Parser], ...] = (
                              r"Expected size (\d+) but got size (\d+)"), _sizes),
     ("not_divisible", re.compile(r"Packed sequence length (\d+) must be divisible by 2 \* CP size (\d+)"),
      _divisible),
+    ("expanded_size", re.compile(r"The expanded size of the tensor \((\d+)\) must match the existing size "
+                                 r"\((\d+)\) at non-singleton dimension (\d+)"), _expanded),
     ("apply_kwarg", re.compile(r"apply\(\) takes no keyword arguments"), _apply_kwarg),
+    ("bridge_divisible", re.compile(r"Pre-sharded packed CP inputs require every physical segment length to be "
+                                    r"divisible by 2 \* cp_size"), _fixed("bridge_divisible")),
+    ("bridge_offset", re.compile(r"metadata must start at token offset 0"), _fixed("bridge_offset")),
+    ("bridge_mask_length", re.compile(r"vision mask length does not match the global packed-sequence metadata"),
+     _fixed("bridge_mask_length")),
+    ("bridge_mrope", re.compile(r"require explicit rank-local 3D MRoPE position_ids"), _fixed("bridge_mrope")),
+    ("cp_group", re.compile(r"Context-parallel group has rank (\d+) and size (\d+), but rank (\d+) and size (\d+) "
+                            r"were requested"),
+     _named("cp_group", ("group_rank", "group_size", "requested_rank", "requested_size"))),
+    ("view_size", re.compile(r"shape '\[([-\d,\s]*)\]' is invalid for input of size (\d+)"), _view),
+    ("dim_range", re.compile(r"Dimension out of range \(expected to be in range of \[(-?\d+), (-?\d+)\], but got "
+                             r"(-?\d+)\)"), _named("dim_range", ("low", "high", "dim"))),
+    ("rank_tokens", re.compile(r"CP rank (\d+) has (\d+) tokens, expected (\d+) from cu_seqlens"),
+     _named("rank_tokens", ("cp_rank", "got", "expected"))),
+    ("token_features", re.compile(r"token/features mismatch: (\d+) tokens, (\d+) features"),
+     _named("token_features", ("tokens", "rows"))),
+    ("audio_count", re.compile(r"Audio features and audio tokens do not match(?:[:,]?\s*tokens\s*[:=]\s*(\d+),?\s*"
+                               r"features\s*[:=]?\s*(\d+))?", re.IGNORECASE),
+     _named("audio_count", ("tokens", "rows"))),
+    ("gloo_mismatch", re.compile(r"op\.preamble\.length <= op\.nbytes\.\s*(\d+) vs (\d+)"),
+     _named("gloo_mismatch", ("sent_bytes", "expected_bytes"))),
+    ("nccl_timeout", re.compile(r"Watchdog caught collective operation timeout: WorkNCCL\(SeqNum=(\d+), "
+                                r"OpType=(\w+)(?:, NumelIn=(\d+), NumelOut=(\d+))?"),
+     _named("nccl_timeout", ("seq", "op", "numel_in", "numel_out"))),
 )
 KINDS = tuple(kind for kind, _, _ in PATTERNS)
 

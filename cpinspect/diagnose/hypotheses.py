@@ -11,6 +11,7 @@ observed pair is *confirmed*; one that matches the rows only is *possible*.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -19,7 +20,10 @@ from cpinspect.diagnose.audits import embed_mismatch
 from cpinspect.diagnose.errortext import ObservedError
 from cpinspect.diagnose.parallel_sizes import parallel_size_predictions
 from cpinspect.diagnose.prediction import NOT_SELECTED_HINT, Prediction
+from cpinspect.diagnose.recognised import KINDS as RECOGNISED_KINDS
+from cpinspect.diagnose.recognised import explain_recognised
 from cpinspect.diagnose.report import cause, info
+from cpinspect.diagnose.rope_hypotheses import local_row_predictions
 from cpinspect.diagnose.scene import Scene
 from cpinspect.diagnose.selection_hypotheses import (
     all_rows,
@@ -28,6 +32,18 @@ from cpinspect.diagnose.selection_hypotheses import (
     logical_predictions,
     not_selected_predictions,
 )
+from cpinspect.diagnose.valid_only import HINT, describe, valid_only_cuts
+
+Hypothesis = Callable[[Scene, ObservedError], list[Prediction]]
+EXTRA_HYPOTHESES: list[Hypothesis] = []
+"""More hypotheses, tested with the built-in ones on every error that names two counts: each returns
+:class:`Prediction` objects for this scene and error (``[]`` when it does not apply). The
+tensor/sequence-parallel ratios (CP_SPLIT_MISSING / SP_SPLIT_MISSING, diagnose/parallel_sizes.py)
+register here with one line: ``EXTRA_HYPOTHESES.append(parallel_size_predictions)``."""
+
+
+def _extra_predictions(scene: Scene, observed: ObservedError) -> list[Prediction]:
+    return [p for hypothesis in EXTRA_HYPOTHESES for p in hypothesis(scene, observed)]
 
 
 def explain(scene: Scene, observed: ObservedError, findings: list[Finding]) -> list[Finding]:
@@ -36,11 +52,16 @@ def explain(scene: Scene, observed: ObservedError, findings: list[Finding]) -> l
         return findings + [_apply_kwarg()]
     if observed.kind == "not_divisible":
         return findings + _explain_divisible(scene, observed)
-    if observed.kind == "cat_sizes":
-        return _merge(findings, _explain_sizes(scene, observed), scene, observed)
+    if observed.kind in RECOGNISED_KINDS:
+        return findings + explain_recognised(scene, observed, findings)
+    extra = _extra_predictions(scene, observed)
+    if observed.kind in ("cat_sizes", "rank_tokens"):
+        return _merge(findings, _explain_sizes(scene, observed) + extra, scene, observed)
     if observed.kind == "position_shape":
-        return _merge(findings, _explain_positions(scene, observed), scene, observed)
-    return _merge(findings, _explain_counts(scene, observed), scene, observed)
+        return _merge(findings, _explain_positions(scene, observed) + extra, scene, observed)
+    if observed.kind == "expanded_size":
+        return _merge(findings, _explain_expanded(scene, observed) + extra, scene, observed)
+    return _merge(findings, _explain_counts(scene, observed) + extra, scene, observed)
 
 
 def _apply_kwarg() -> Finding:
@@ -92,6 +113,11 @@ def _explain_sizes(scene: Scene, observed: ObservedError) -> list[Prediction]:
             f"full row (sized for cp=1) met a CP-local one; one code path skipped the CP split (as in Megatron-Bridge"
             f"#3881, where the MTP embedding applied the SP scatter but not the CP split)",
             "split that tensor over CP as well (the layout's own indices), or none of them"))
+    if scene.form == "double sharded" and pair == {total // cp, total // (cp * cp)}:
+        predictions.append(Prediction(
+            "DOUBLE_SHARDED", total // cp, total // (cp * cp),
+            f"{total // cp} = {total} / cp {cp} (a tensor split once) and {total // (cp * cp)} = {total} / {cp}² (the "
+            "rows, split twice)", ""))
     rows, _ = scene.embed_rows()
     for rank, held in scene.actual_held().items():
         if rows is not None and pair == {rows, held} and rows != held:
@@ -127,7 +153,18 @@ def _explain_positions(scene: Scene, observed: ObservedError) -> list[Prediction
             f"{total} = the full row and {total // cp} = {total} / cp {cp}: 3-D position ids of the full row met a "
             "CP-local row (positions not sliced with the layout's indices)",
             "slice position_ids[..., global_indices] per rank (cpinspect simulate --positions shows them)", cost=1))
-    return [dataclasses.replace(p, tokens=index, rows=value) for p in predictions]
+    return [dataclasses.replace(p, tokens=index, rows=value) for p in predictions] + local_row_predictions(scene)
+
+
+def _explain_expanded(scene: Scene, observed: ObservedError) -> list[Prediction]:
+    """A chunk of ``existing`` tokens where ``target`` were expected: padded bounds cut a valid-only row."""
+    if scene.cp < 2 or scene.layout != "zigzag":
+        return []
+    lengths = (scene.cu[1:] - scene.cu[:-1]).tolist()
+    target, existing = observed.get("target"), observed.get("existing")
+    return [Prediction("VALID_ONLY_ROW", cut.size, cut.received, describe(cut, scene.cp), HINT, rank=cut.rank,
+                       segment=cut.segment)
+            for cut in valid_only_cuts(lengths, scene.cp) if (cut.size, cut.received) == (target, existing)][:1]
 
 
 def _missing_by_segment(scene: Scene) -> dict[int, int]:
@@ -213,10 +250,12 @@ def _merge(findings: list[Finding], predictions: list[Prediction], scene: Scene,
 
 
 def _observed_pair(observed: ObservedError) -> tuple[int | None, int | None]:
-    if observed.kind == "cat_sizes":
+    if observed.kind in ("cat_sizes", "rank_tokens"):
         return observed.get("expected"), observed.get("got")
     if observed.kind == "position_shape":
         return observed.get("index_length"), observed.get("value_length")
+    if observed.kind == "expanded_size":
+        return observed.get("target"), observed.get("existing")
     return observed.get("tokens"), observed.get("rows")
 
 
@@ -247,8 +286,10 @@ def _with_confirmed(findings: list[Finding], confirmed: list[Prediction], scene:
 
 def _numbers_text(observed: ObservedError) -> str:
     tokens, rows = _observed_pair(observed)
-    labels = {"cat_sizes": ("expected size", "got size"), "position_shape": ("positions to fill", "positions given"),
-              "gathered_count": ("gathered vision tokens", "embeddings")}
+    labels = {"cat_sizes": ("expected size", "got size"), "rank_tokens": ("tokens expected", "tokens held"),
+              "position_shape": ("positions to fill", "positions given"),
+              "gathered_count": ("gathered vision tokens", "embeddings"),
+              "expanded_size": ("chunk size expected", "tokens there")}
     first, second = labels.get(observed.kind, ("tokens", "rows"))
     rank = f" on rank {observed.rank}" if observed.rank is not None else ""
     return f"{first} {tokens}, {second} {rows}{rank}"

@@ -11,9 +11,10 @@ STATUSES = ("confirmed", "possible", "info")
 CAUSE_CODES = (
     "APPLY_KWARG", "BATCH_NOT_FLAT", "CP_SIZE_MISMATCH", "LOGICAL_CU_AS_PHYSICAL", "LAYOUT_MISMATCH",
     "PRESHARDED_ROWS_NOT_SELECTED", "SEGMENT_NOT_DIVISIBLE", "TOKEN_ID_MISMATCH", "TRUNCATED_VISION_SPAN",
-    "GRID_TOKEN_MISMATCH", "EMBED_COUNT_MISMATCH",
+    "GRID_TOKEN_MISMATCH", "EMBED_COUNT_MISMATCH", "VALID_ONLY_ROW", "MROPE_LOCAL_ROW", "DOUBLE_SHARDED",
+    "ROPE_SEGMENT_OFFSET_MISSING", "VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE",
 )
-INFO_CODES = ("CONSISTENT", "UNEXPLAINED", "ERROR_NOT_RECOGNISED", "SKIPPED")
+INFO_CODES = ("CONSISTENT", "UNEXPLAINED", "ERROR_NOT_RECOGNISED", "SKIPPED", "ERROR_RECOGNISED")
 
 
 @dataclass
@@ -30,7 +31,12 @@ class DiagnoseReport:
 
     @property
     def exit_code(self) -> int:
-        return 1 if any(f.is_cause for f in self.findings) else 0
+        return 1 if self.causes or self.recognised_failure else 0
+
+    @property
+    def recognised_failure(self) -> bool:
+        """An error recognised whose cause this batch cannot show: still a failure (exit 1)."""
+        return any(f.code == "ERROR_RECOGNISED" for f in self.findings)
 
     @property
     def ok(self) -> bool:

@@ -16,10 +16,12 @@ import torch
 from cpinspect.core.batch import PackedBatch, check_grid_merge, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
-from cpinspect.core.layout import SEARCHED_LAYOUTS, Layout, check_cp_fits, make_layout, padded_cu_seqlens
+from cpinspect.core.layout import check_cp_fits, padded_cu_seqlens
 from cpinspect.core.loading import stacked_shape
 from cpinspect.core.tokens import TokenConfig
 from cpinspect.core.vision_items import VisionItem, embedding_rows, expected_items, placeholder_mask
+from cpinspect.diagnose.data_layout import choose_data_layout, try_layout
+from cpinspect.diagnose.double_sharded import double_sharded_finding
 from cpinspect.diagnose.report import cause
 from cpinspect.diagnose.spans import (
     Runs,
@@ -29,20 +31,12 @@ from cpinspect.diagnose.spans import (
     find_runs,
     placeholder_candidates,
 )
+from cpinspect.diagnose.valid_only import valid_only_finding
 from cpinspect.simulation.run import Result, simulate
 
 # The largest embedding table of the Qwen2/2.5/3-VL checkpoints (Qwen2-VL-7B and Qwen2.5-VL-7B
 # config.json: vocab_size 152064; the 2B/3B ones have 151936): an id at or above it is out of vocab.
 MAX_VOCAB_ROWS = 152064
-SHARD_PER_DOCUMENT = "per document: Megatron get_batch_on_this_cp_rank given cu_seqlens (THD)"
-LAYOUT_WORDS = {
-    "zigzag": "per-document zigzag (Megatron THD: every segment cut into 2·cp chunks)",
-    "sequence-zigzag": "per-sequence zigzag (the whole row cut as one sequence, BSHD-style)",
-    "contiguous": "contiguous (the row cut into cp equal pieces)",
-    "head-tail": "PyTorch head-tail (the whole row as 2·cp chunks, rank-major pairs, then cut contiguously)",
-    "per-document-head-tail": "PyTorch per-document head-tail (each document's chunk pairs in document order, "
-                              "then the row cut contiguously)",
-}
 
 
 @dataclass
@@ -75,6 +69,7 @@ class Scene:
     runs: dict[str, Runs] = field(default_factory=dict)
     issues: dict[str, list[SpanIssue]] = field(default_factory=dict)
     foreign: dict[str, list[int]] = field(default_factory=dict)
+    spans_intact: bool = False  # pre-sharded rows reassembled under data_layout gave whole vision spans
     _held: dict[tuple[str, int], list[int] | None] = field(default_factory=dict)
 
     @property
@@ -89,6 +84,12 @@ class Scene:
     def placeholders(self) -> int | None:
         """Vision tokens of the full row (V), or None when only one rank's row is known."""
         return int(self.full_mask.sum()) if self.full_mask is not None else None
+
+    def mask_from_ids(self) -> bool:
+        """True when the vision positions are the placeholder ids' (no explicit mask, or one equal to them)."""
+        if not self.batch.vision_mask or self.full_ids is None or self.full_mask is None:
+            return True
+        return bool(torch.equal(self.full_mask, placeholder_mask(self.full_ids, self.tokens)))
 
     def placeholders_of(self, kind: str) -> int | None:
         if self.full_ids is None:
@@ -128,6 +129,8 @@ class Scene:
         """What each rank really holds: from the files when pre-sharded, else the data layout."""
         if self.form == "one rank":
             return {self.rank if self.rank is not None else -1: self.one_rank_held or 0}
+        if self.form == "double sharded":
+            return {r: int(self._local_mask(r).sum()) for r in range(len(self.batch.rows))}
         counts = self.held(self.data_layout, self.cp)
         if counts is None and self.form == "presharded":
             counts = [int(self._local_mask(r).sum()) for r in range(len(self.batch.rows))]
@@ -155,13 +158,6 @@ class Scene:
         return self.result.full_mask if self.result is not None else self.full_mask
 
 
-def try_layout(cu: torch.Tensor, cp: int, kind: str) -> Layout | None:
-    try:
-        return make_layout(cu, cp, kind)
-    except InputError:
-        return None
-
-
 def _held_counts(scene: Scene, kind: str, cp: int) -> list[int] | None:
     mask = scene.sim_mask
     if mask is None:
@@ -176,7 +172,7 @@ def build_scene(batch: PackedBatch, cp: int, layout: str, tokens: TokenConfig, *
                 rank: int | None = None, timeout: float = 10.0) -> tuple[Scene, list[Finding]]:
     """Resolve the batch's form for ``cp``, validate it, and simulate it where it can be simulated."""
     stacked = stacked_shape(batch)
-    form, cp_eff, batch, findings = resolve_form(batch, cp)
+    form, cp_eff, batch, findings = resolve_form(batch, cp, tokens)
     _validate_ids(batch, tokens)
     _validate_grids(batch, tokens)
     if rank is not None and rank >= cp_eff:
@@ -186,12 +182,14 @@ def build_scene(batch: PackedBatch, cp: int, layout: str, tokens: TokenConfig, *
     if form == "full":
         check_cp_fits(batch.cu_seqlens, cp_eff, layout)
     scene.divisible = try_layout(batch.cu_seqlens, cp_eff, layout) is not None
+    if form == "double sharded":
+        return scene, findings
     if form == "one rank":
         row = batch.rows[0]
         scene.one_rank_held = int((batch.vision_mask[0] if batch.vision_mask else placeholder_mask(row, tokens)).sum())
         return scene, findings
     if form == "presharded" and scene.divisible:
-        findings += _choose_data_layout(scene)
+        findings += choose_data_layout(scene)
     if form == "full" or scene.divisible:
         pad = form == "full" and not scene.divisible
         scene.result = simulate(batch, cp_eff, scene.data_layout, tokens=tokens, pad=pad, timeout=timeout)
@@ -210,7 +208,7 @@ def _unpadded_row(scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
     return scene.result.full_ids, scene.result.full_mask
 
 
-def resolve_form(batch: PackedBatch, cp: int) -> tuple[str, int, PackedBatch, list[Finding]]:
+def resolve_form(batch: PackedBatch, cp: int, tokens: TokenConfig) -> tuple[str, int, PackedBatch, list[Finding]]:
     """``(form, cp the rows were cut for, batch with physical cu_seqlens, findings)``.
 
     Rows cut for another cp give CP_SIZE_MISMATCH; stored boundaries that are logical (padding the
@@ -220,10 +218,20 @@ def resolve_form(batch: PackedBatch, cp: int) -> tuple[str, int, PackedBatch, li
     total, n, files = batch.total_tokens, batch.row_tokens, len(batch.rows)
     if batch.is_full:
         return "full", cp, batch, []
+    logical = batch.logical_cu_seqlens
+    if files == 1 and logical is not None and int(logical[-1]) == n and cp > 1:
+        found = valid_only_finding((logical[1:] - logical[:-1]).tolist(),
+                                   (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist(), cp)
+        if found is not None:  # a valid-only row: the model cuts it at the padded bounds
+            return "full", cp, dataclasses.replace(batch, cu_seqlens=logical, logical_cu_seqlens=None), [found]
     form = "presharded" if files > 1 else "one rank"
     cut_for = batch.cut_for()
     if cut_for is not None and batch.form_for(cut_for) == "presharded":
         return form, cut_for, batch, _cp_size_finding(cut_for, cp, total, n, files)
+    if files > 1 and files == cp and row_cut_for(total, n) == cp * cp:
+        doubled = double_sharded_finding(batch.cu_seqlens, cp, batch.rows, tokens, "zigzag")
+        if doubled is not None:
+            return "double sharded", cp, batch, [doubled]
     if files > 1 and (rows_cut := row_cut_for(total, n)) is not None and rows_cut > files:
         raise InputError(
             f"{files} rank files were given, but the rows were cut for cp={total // n} (cu_seqlens ends at {total} = "
@@ -307,53 +315,6 @@ def _validate_grids(batch: PackedBatch, tokens: TokenConfig) -> None:
     for key in ("image_grid_thw", "video_grid_thw"):
         check_grid_merge(getattr(batch, key), key, tokens.spatial_merge_size,
                          where=f"{batch.source}, key {batch.keys.get(key, key)}")
-
-
-def _choose_data_layout(scene: Scene) -> list[Finding]:
-    """Pre-sharded rows: find the layout under which they reassemble into whole vision spans."""
-    counted = {kind: _broken_spans(scene, kind) for kind in SEARCHED_LAYOUTS}
-    broken = {kind: value for kind, value in counted.items() if value is not None}
-    mine = broken.get(scene.layout)
-    if mine is None or mine[0] == 0:
-        return []
-    best = min(broken, key=lambda kind: (broken[kind][0], kind != scene.layout))
-    if broken[best][0] != 0:
-        return []
-    scene.data_layout = best
-    model_split = (SHARD_PER_DOCUMENT if scene.layout == "zigzag" else LAYOUT_WORDS[scene.layout])
-    return [cause(
-        "LAYOUT_MISMATCH",
-        f"the rank files reassemble into whole vision spans only under {LAYOUT_WORDS[best]} (all {broken[best][1]} "
-        f"intact); under {LAYOUT_WORDS[scene.layout]}, which --layout {scene.layout} (the model's split) assumes, "
-        f"{mine[0]} of {mine[1]} spans disagree with their grids or lose their <|vision_start|>/<|vision_end|>: the "
-        "data was sharded one way and the model shards and selects rows the other way, so every rank fills its "
-        "vision positions with another rank's rows",
-        f"shard the data the way the model does ({model_split}), or tell the model the data layout (cpinspect: "
-        f"--layout {best})")]
-
-
-def _broken_spans(scene: Scene, kind: str) -> tuple[int, int] | None:
-    """``(broken, total)`` vision spans when the rank rows are reassembled with layout ``kind``."""
-    plan = try_layout(scene.cu, scene.cp, kind)
-    if plan is None:
-        return None
-    ids = torch.empty(plan.total_tokens, dtype=torch.long)
-    ids[plan.all_global_indices()] = torch.stack(scene.batch.rows)
-    ends = content_ends(ids, scene.cu, scene.batch.logical_cu_seqlens, scene.tokens.pad_token_id)
-    broken = total = 0
-    for item_kind, token_id in (("image", scene.tokens.image_token_id), ("video", scene.tokens.video_token_id)):
-        runs = find_runs(ids == token_id, scene.cu, ends)
-        items = expected_items(scene._grid(item_kind), item_kind, scene.tokens)
-        if items:
-            issues = align_spans(items, runs)
-            broken += len(issues)
-            total += len(items) + sum(issue.problem == "extra" for issue in issues)
-            continue
-        before = ids[(runs.start - 1).clamp(min=0)] == scene.tokens.vision_start_token_id
-        after = ids[(runs.start + runs.length).clamp(max=ids.numel() - 1)] == scene.tokens.vision_end_token_id
-        broken += int((~(before & after)).sum())
-        total += len(runs)
-    return broken, total
 
 
 def _analyse_spans(scene: Scene) -> None:

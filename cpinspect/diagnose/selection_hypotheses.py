@@ -12,8 +12,9 @@ import torch
 
 from cpinspect.core.layout import SEARCHED_LAYOUTS as LAYOUTS
 from cpinspect.core.ranges import format_ranges
+from cpinspect.diagnose.data_layout import LAYOUT_WORDS
 from cpinspect.diagnose.prediction import NOT_SELECTED_HINT, OTHER_CPS, Prediction
-from cpinspect.diagnose.scene import LAYOUT_WORDS, Scene
+from cpinspect.diagnose.scene import Scene
 
 
 def all_rows(scene: Scene) -> dict[int, str]:

@@ -18,6 +18,7 @@ passed to its decoder).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,8 @@ from cpinspect.simulation.vision_dp_split import (
 
 REQUIRES_GRAD_KEY = "vision_requires_grad"
 DEEPSTACK_ROWS_KEY = "deepstack_rows"
+PLACEHOLDER_KEY = "vision_dp_placeholder"  # [cp] or a scalar per rank file: empty ranks encode a 1x1 image
+PLACEHOLDER_PATCHES = 4  # one merge window (2x2 patches): the smallest image the encoder takes, one merged row
 DEEPSTACK_LAYERS = 3  # Qwen3-VL deepstack_visual_indexes [8, 16, 24]
 
 
@@ -76,6 +79,7 @@ class VisionDPExtension:
     deepstack_layers: int = 0
     mixed: bool = False
     model: str = ""
+    placeholder: list[bool] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -89,11 +93,21 @@ class VisionDPExtension:
         self.plan = plan_vision_dp(items, cp, tokens.merge_area, _assignment(self.batch, items.count, cp))
         self.deepstack_layers = DEEPSTACK_LAYERS if tokens.model == "qwen3-vl" else 0
         requires_grad = _requires_grad(self.batch, cp)
+        self.placeholder = [bool(p) and int(n) == 0 for p, n in zip(_placeholder(self.batch, cp),
+                                                                      self.plan.items_per_rank.tolist())]
+        # the 1x1 placeholder's encoder output requires grad, so the empty rank enters the backward all-reduce
+        requires_grad = [g or p for g, p in zip(requires_grad, self.placeholder)]
         selected = [r.selected_rows for r in result.ranks]
         local_rows = [self.plan.rank_rows(r) for r in range(cp)]
         states, failure = execute_spmd(cp, vision_dp_rank_program, local_rows, self.plan.rows_per_rank, selected,
                                        self.deepstack_layers, requires_grad, timeout=self.timeout)
+        if failure is not None:
+            states = settled_states(states, requires_grad)
         self.ranks = [self._rank_view(state, result) for state in states]
+        for view in self.ranks:
+            if self.placeholder[view.rank]:
+                view.items, view.patches = [f"1x1 placeholder image ({PLACEHOLDER_PATCHES} patches -> 1 row, dropped "
+                                            "before the all-gather)"], PLACEHOLDER_PATCHES
         self.findings = self._check(states, failure, requires_grad, result)
 
     def _rank_view(self, state: RankState, result: Result) -> RankView:
@@ -112,7 +126,7 @@ class VisionDPExtension:
         findings = _deepstack_findings(self.batch, result)
         findings += self._reorganize(result)
         if failure is not None:
-            return [_collective_finding(failure, self.plan, requires_grad), *findings]
+            return [_collective_finding(failure, self.plan, requires_grad, states), *findings]
         values: list[RankDP] = [s.value for s in states]
         if values:
             natural = torch.arange(int(self.plan.item_rows.sum())) if self.plan is not None else None
@@ -121,7 +135,7 @@ class VisionDPExtension:
                 torch.equal(d, v.selected) for d in v.deepstack_selected) for v, r in zip(values, result.ranks))
             if not self.natural_order:
                 findings.insert(0, _order_finding(self.plan, values, result))
-        return findings
+        return _empty_rank_findings(self.plan, self.ranks, self.placeholder) + findings
 
     def _reorganize(self, result: Result) -> list[Finding]:
         """Per rank, what the reorganize_inputs run-count assertion sees (Qwen3-VL, images and videos)."""
@@ -175,6 +189,35 @@ class VisionDPExtension:
             "selection_fed": self.selection_fed,
         }
         document.setdefault("findings", []).extend(f.to_dict() for f in self.findings)
+
+
+def _empty_rank_findings(plan: VisionDPPlan | None, views: list[RankView], placeholder: list[bool]) -> list[Finding]:
+    """VISION_DP_EMPTY_RANK: a rank with no item still has to enter every vision-DP collective."""
+    if plan is None:
+        return []
+    filled = [r for r, p in enumerate(placeholder) if p]
+    empty = [r for r in torch.nonzero(plan.items_per_rank == 0).view(-1).tolist() if r not in filled]
+    out = [] if not filled else [Finding(
+        "VISION_DP_PLACEHOLDER", "info",
+        f"rank(s) {', '.join(map(str, filled))} hold no vision item and encode a 1x1 placeholder image instead "
+        f"({PLACEHOLDER_PATCHES} patches -> 1 row; Nemotron Omni vision_dp_over_cp, Megatron-LM#7315): the encoder "
+        "runs on every rank, the placeholder's row is dropped before the all-gather (0 rows sent), and its output "
+        "requires grad, so these ranks enter the backward all-reduce like the others (simulated: "
+        + "; ".join(f"rank {v.rank}: {', '.join(v.collectives) or 'none'}" for v in views if v.rank in filled[:4])
+        + ")", "")]
+    if not empty:
+        return out
+    names = ", ".join(map(str, empty))
+    entered = "; ".join(f"rank {v.rank}: {', '.join(v.collectives) or 'none'}" for v in views if v.rank in empty[:4])
+    return [Finding(
+        "VISION_DP_EMPTY_RANK", "warning",
+        f"rank(s) {names} encode no vision item ({int(plan.items.count)} item(s) over cp={len(views)} ranks): each "
+        f"still has to enter the forward all-gather with 0 rows and the backward all-reduce of the gathered rows "
+        f"(simulated here: {entered}); in a real job its zero-row placeholder must require grad, or it skips the "
+        "all-reduce and the other ranks hang (Megatron-Bridge#4784)",
+        "make sure empty ranks take part: ensure_requires_grad_for_cp_collective (Megatron-Bridge#4784), or a 1x1 "
+        "placeholder image on empty ranks whose rows are dropped after the encoder (Nemotron Omni "
+        "vision_dp_over_cp, Megatron-LM#7315)", rank=empty[0]), *out]
 
 
 def _collective_summary(state: RankState) -> list[str]:
@@ -236,12 +279,55 @@ def _per_rank_values(batch: PackedBatch, key: str, cp: int) -> torch.Tensor | No
     return stacked
 
 
+def _placeholder(batch: PackedBatch, cp: int) -> list[bool]:
+    values = _per_rank_values(batch, PLACEHOLDER_KEY, cp)
+    return [False] * cp if values is None else [bool(v) for v in values.reshape(cp, -1).all(dim=1).tolist()]
+
+
 def _requires_grad(batch: PackedBatch, cp: int) -> list[bool]:
     values = _per_rank_values(batch, REQUIRES_GRAD_KEY, cp)
     return [True] * cp if values is None else [bool(v) for v in values.reshape(cp, -1).all(dim=1).tolist()]
 
 
-def _collective_finding(failure: SpmdError, plan: VisionDPPlan | None, requires_grad: list[bool]) -> Finding:
+def settled_states(states: list[RankState], requires_grad: list[bool]) -> list[RankState]:
+    """The states once every rank has got as far as it can: independent of which rank arrived first.
+
+    The simulated group aborts the run as soon as one rank returns while another waits, so which
+    ranks had reached the backward all-reduce by then is a race. The program is the same on every
+    rank up to that point: a rank whose placeholder requires grad enters the all-reduce (and waits
+    there), one whose placeholder does not returns after the forward gathers.
+    """
+    longest = max(states, key=lambda s: len(s.calls), default=None)
+    if longest is None or not longest.calls or longest.calls[-1].op != "all_reduce":
+        return states
+    reduce_call = longest.calls[-1]
+    before = [c for c in longest.calls if c.seq < reduce_call.seq]
+    settled = []
+    for state in states:
+        aborted = state.status == "raised" and type(state.error).__name__ == "CollectiveAbort"
+        if state.status == "returned" or (state.status == "raised" and not aborted):
+            settled.append(state)  # finished, or a real error of this rank: shown as it is
+        elif requires_grad[state.rank]:
+            settled.append(dataclasses.replace(state, status="waiting", calls=[*before, reduce_call], error=None))
+        else:
+            settled.append(dataclasses.replace(state, status="returned", calls=list(before), error=None))
+    return settled
+
+
+def _settled_text(states: list[RankState]) -> str:
+    waiting = [s for s in states if s.status == "waiting"]
+    returned = [s for s in states if s.status == "returned"]
+    parts = []
+    if waiting:
+        parts.append(f"rank(s) {', '.join(str(s.rank) for s in waiting)} wait in {waiting[0].calls[-1].describe()}")
+    if returned:
+        parts.append(f"rank(s) {', '.join(str(s.rank) for s in returned)} returned after "
+                     f"{len(returned[0].calls)} collective(s)")
+    return "; ".join(parts)
+
+
+def _collective_finding(failure: SpmdError, plan: VisionDPPlan | None, requires_grad: list[bool],
+                        states: list[RankState]) -> Finding:
     skipped = [r for r, g in enumerate(requires_grad) if not g]
     empty = [] if plan is None else torch.nonzero(plan.items_per_rank == 0).view(-1).tolist()
     if skipped and set(skipped) <= set(empty):
@@ -249,7 +335,7 @@ def _collective_finding(failure: SpmdError, plan: VisionDPPlan | None, requires_
             "VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE", "error",
             f"rank(s) {', '.join(map(str, skipped))} encode no vision item, and their zero-row placeholder does not "
             f"require grad, so they skip the backward all-reduce the other ranks wait in; a real job hangs until "
-            f"the NCCL timeout. Simulated: {failure}",
+            f"the NCCL timeout. Simulated: {_settled_text(states) or failure}",
             "make the empty rank's placeholder take part: ensure_requires_grad_for_cp_collective (Megatron-Bridge "
             "#4784) so every CP rank runs the same collectives", rank=skipped[0])
     return Finding("COLLECTIVE_DIVERGENCE", "error", f"vision DP: {failure}",

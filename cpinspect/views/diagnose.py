@@ -41,9 +41,12 @@ def _header(report: DiagnoseReport) -> Panel:
     grid.add_row("cp", cp_text)
     grid.add_row("input", report.form)
     observed = report.observed
+    unread = next((f for f in report.findings if f.code == "ERROR_NOT_RECOGNISED"), None)
     if observed.get("line"):
         grid.add_row("error", clip(observed["line"], 100) + (f"  [rank {observed['rank']}]" if "rank" in observed
                                                                 else ""))
+    elif unread is not None:
+        grid.add_row("error", "given, but not recognised (see ERROR_NOT_RECOGNISED): auditing the batch")
     elif "embeds" in observed:
         grid.add_row("error", f"none given; the encoder produced {observed['embeds']} rows (--embeds)")
     else:
@@ -72,9 +75,15 @@ def _verdict(report: DiagnoseReport) -> RenderableType:
     if causes:
         codes = ", ".join(dict.fromkeys(f.code for f in causes))
         return Group(Text(f"✗ cause confirmed: {codes}", style="bold red"))
+    if report.recognised_failure:
+        return Text("✗ failure recognised; its cause needs more input than this batch (see ERROR_RECOGNISED above)",
+                    style="bold red")
     possible = [f.code for f in report.findings if f.status == "possible"]
     if possible:
         return Text(f"? nothing confirmed; possible: {', '.join(dict.fromkeys(possible))}", style="bold yellow")
+    if report.form in ("one rank", "double sharded"):
+        return Text("✓ nothing wrong found in what these rows show (the checks needing the full row were skipped)",
+                    style="bold green")
     return Text("✓ nothing wrong found in the batch", style="bold green")
 
 

