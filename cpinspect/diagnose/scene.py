@@ -116,8 +116,17 @@ class Scene:
             return self.batch.vision_embed_count, "vision_embed_count"
         grid = self.grid_rows()
         if grid is not None:
+            audio = self.audio_placeholders()
+            if audio:  # as simulate counts them: no audio feature lengths are read (core.vision_items)
+                return grid + audio, f"Σ t·h·w/4 of the grids + {audio} audio placeholder row(s)"
             return grid, "Σ t·h·w/4 of the grids"
         return self.placeholders, "one row per placeholder (no grids in the batch)"
+
+    def audio_placeholders(self) -> int:
+        """Audio placeholder tokens of the full row (Omni presets), one encoder row each."""
+        if self.full_ids is None or self.tokens.audio_token_id is None:
+            return 0
+        return int((self.full_ids == self.tokens.audio_token_id).sum())
 
     def held(self, kind: str, cp: int) -> list[int] | None:
         """Vision tokens each rank holds when the full row is cut with ``kind`` over ``cp`` ranks."""
