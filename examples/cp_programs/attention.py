@@ -152,3 +152,27 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
         values.append(kv[1])
     lse = torch.logsumexp(torch.cat(scores, dim=-1), dim=-1, keepdim=True)  # [h, n, 1]
     return sum(torch.einsum("hnm,mhd->nhd", (s - lse).exp(), val) for s, val in zip(scores, values))
+
+
+class AllGatherVisionEmbeddings(torch.autograd.Function):
+    """Megatron-Bridge-style vision DP: each rank encodes its own images (a different number of rows
+    per rank), all ranks all-gather every rank's rows into the full embedding table, and backward
+    all-reduces the table's gradient (each rank used other rows) and keeps the rank's own slice."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        count = torch.tensor([local.shape[0]])
+        counts = [torch.empty_like(count) for _ in range(cp)]
+        dist.all_gather(counts, count, group=group)
+        sizes = [int(c) for c in counts]
+        pieces = [local.new_empty((n, *local.shape[1:])) for n in sizes]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        ctx.group, ctx.start, ctx.rows = group, sum(sizes[:rank]), sizes[rank]
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total[ctx.start:ctx.start + ctx.rows], None

@@ -212,3 +212,12 @@ def test_cp512_on_a_valid_batch_passes_with_the_default_timeout():
     result = simulation.simulate(load_batch(raw), 512)  # the default timeout
     assert result.spmd_error is None
     assert result.ok, result.findings
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan"])
+def test_check_timeout_zero_negative_or_nan_exits_2(bad):
+    impl = Path(__file__).resolve().parents[2] / "examples" / "impls" / "correct.py"
+    result = runner.invoke(app, ["check", f"{impl}:select_rows", "--cp", "2", "--cases", "1", "--timeout", bad,
+                                 "--no-color"])
+    assert result.exit_code == 2, result.output
+    assert "Where: --timeout." in result.output and "positive number of seconds" in result.output
