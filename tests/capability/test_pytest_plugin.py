@@ -1,5 +1,6 @@
 """The pytest plugin, run through pytest's own ``pytester``: passing and failing rank-dependent tests."""
 
+import importlib.metadata
 from pathlib import Path
 
 pytest_plugins = ["pytester"]
@@ -49,7 +50,10 @@ def test_cp_ranks_fixture(cp_ranks):
 
 def test_marker_and_fixtures_pass_and_fail_with_the_rank_named(pytester):
     pytester.makepyfile(test_ranks=BODY)
-    result = pytester.runpytest_subprocess("-p", "cpinspect.pytest_plugin", "-q", "-p", "no:cacheprovider")
+    # installed, the pytest11 entry point loads the plugin; from a bare checkout, name it
+    installed = any(e.name == "cpinspect" for e in importlib.metadata.entry_points(group="pytest11"))
+    load = [] if installed else ["-p", "cpinspect.pytest_plugin"]
+    result = pytester.runpytest_subprocess(*load, "-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3, failed=2)
     out = result.stdout.str()
     assert "2 of 4 simulated rank(s) failed (2 passed)" in out

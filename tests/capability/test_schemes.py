@@ -41,7 +41,7 @@ def test_every_scheme_gives_every_rank_the_oracles_rows_on_random_batches(seed):
         for rank in range(cp):
             ops = [(c.op, c.shapes, c.dtypes) for c in run.calls[rank]]
             if scheme == "count":  # one fixed-shape gather of this rank's per-piece counts
-                assert ops == [("all_gather", ((result.layout.pieces_per_rank,),), ("int64",))]
+                assert ops == [("all_gather_into_tensor", ((result.layout.pieces_per_rank,),), ("int64",))]
                 assert run.bytes_sent(rank) == 8 * result.layout.pieces_per_rank
             elif scheme == "token-ids":  # one gather of the rank's T/cp token ids
                 assert ops == [("all_gather", ((total // cp,),), ("int64",))]
