@@ -164,9 +164,12 @@ def check_shown(shown, sim, lay):
         assert [c[0] for c in cells] == entry["global_indices"]
         assert [c[1] for c in cells] == list(range(len(cells)))
         assert {c[2] for c in cells} <= {RANK_LETTERS[entry["rank"]]}
-    columns = len(sim["gathered_counts"][0])
-    assert [[s, c, str(n)] for s, row in enumerate(sim["gathered_counts"]) for c, n in enumerate(row)] == \
-        shown["counts"] and columns == (cp if sim["layout"] == "contiguous" else 2 * cp)
+    # The count table: [S, 2cp] for zigzag, else one row of every piece (cp x the pieces each rank sends).
+    table = sim["gathered_counts"]
+    sent = [x for c in sim["ranks"][0]["local_counts"] for x in (c if isinstance(c, list) else [c])]
+    assert [len(row) for row in table] == ([2 * cp] * sim["segments"] if sim["layout"] == "zigzag"
+                                           else [cp * len(sent)])
+    assert [[s, c, str(n)] for s, row in enumerate(table) for c, n in enumerate(row)] == shown["counts"]
     for entry, (rows, text) in zip(sim["ranks"], shown["rows"]):
         assert rows == entry["selected_rows"]
         assert f"rows {format_ranges(torch.tensor(rows, dtype=torch.long), limit=12)}" in text
@@ -179,8 +182,11 @@ def check_shown(shown, sim, lay):
             assert shown["work"][kind] is None
     for entry, mine in zip(sim["ranks"], shown["model"]["ranks"]):
         assert mine["vision_positions"] == entry["vision_positions"]
-        counts = entry["local_counts"]
-        flat = counts if sim["layout"] == "contiguous" else [x for pair in counts for x in pair]
+        counts = entry["local_counts"]  # [rows, 2] for layouts holding chunk pairs, flat otherwise
+        paired = sim["layout"] in ("zigzag", "sequence-zigzag", "head-tail")
+        assert all(isinstance(c, list) and len(c) == 2 for c in counts) if paired else \
+            all(isinstance(c, int) for c in counts)
+        flat = [x for pair in counts for x in pair] if paired else counts
         assert mine["local_counts"] == flat
 
 
@@ -188,6 +194,7 @@ def test_random_settings_through_the_controls_equal_the_cli_json(driver, example
     open_page(driver, example_page)
     rng = random.Random(2026)
     checked = errors = padded = 0
+    per_layout = dict.fromkeys(LAYOUTS, 0)
     for i in itertools.count():
         if checked >= 50 and padded >= 6:
             break
@@ -204,9 +211,11 @@ def test_random_settings_through_the_controls_equal_the_cli_json(driver, example
             s["length"] for s in lay["segments"]]), 0).tolist()]
         check_shown(shown, sim, lay)
         checked += 1
+        per_layout[setting["layout"]] += 1
         padded += setting["pad"] and shown["model"]["cu"][-1] > sum(setting["seqlens"])
     assert driver.get_log("browser") == []
     assert errors >= 1  # some settings the layout cannot cut were tried, and the page said so
+    assert min(per_layout.values()) >= 5, per_layout  # every layout, per-document-head-tail included
 
 
 def token_facts(result, g):
@@ -360,6 +369,8 @@ def test_million_token_page_loads_and_draws_a_chosen_range(driver, tmp_path):
     ["examples/qwen3vl_packed.pt", "--cp", "5", "--pad"],
     ["examples/qwen3vl_packed.pt", "--cp", "3", "--layout", "contiguous"],
     ["examples/qwen3vl_packed.pt", "--cp", "16", "--layout", "sequence-zigzag", "--pad"],
+    ["examples/qwen3vl_packed.pt", "--cp", "3", "--layout", "per-document-head-tail", "--pad"],
+    ["--seqlens", "16,48,8,24", "--cp", "4", "--layout", "per-document-head-tail"],
     ["--cp", "1"],
 ])
 def test_pages_built_for_other_settings_check_themselves_equal(driver, tmp_path, args, monkeypatch):

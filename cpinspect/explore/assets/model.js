@@ -7,7 +7,9 @@
  * everything computed here against the CLI's own JSON for random settings.
  *
  * Adding a layout the CLI learns (cpinspect.core.layout.LAYOUTS) is one entry here: `check`,
- * `pieces` and how `--pad` pads for it; the browser test fails while a CLI layout has no entry.
+ * `pieces` (mapPieces builds them from a per-rank index map) and how `--pad` pads for it; `paired`
+ * (local counts read as [rows, 2], Layout.paired) and `perSegmentChunks` (a piece is named by segment and
+ * chunk); the browser test fails while a CLI layout has no entry.
  */
 "use strict";
 
@@ -40,6 +42,62 @@ function zigzagPieces(split, cp) {
   return { start, len, seg, chunk, rankPieces, columns: n };
 }
 
+/* cpinspect.core.layout_maps.layout_from_indices: the pieces of a layout given by its per-rank index map.
+ * `flat` is rank-major (rank r's local j at r*T/cp + j). Pieces are the maximal runs of consecutive global
+ * positions in a rank's local order inside one segment, in natural (start) order; ranks with fewer runs
+ * get empty pieces (length 0, start T, chunk -1) so every rank holds the same number; the count table is
+ * one row of all pieces. */
+function mapPieces(cu, cp, flat) {
+  const total = cu[cu.length - 1], S = cu.length - 1, share = Math.max(Math.floor(total / cp), 1);
+  const segAt = new Int32Array(total);
+  for (let s = 0; s < S; s++) segAt.fill(s, cu[s], cu[s + 1]);
+  const runStart = [], runLen = [], runRank = [], perRank = new Array(cp).fill(0);
+  for (let i = 0; i < flat.length; i++) {
+    const g = flat[i];
+    if (i % share === 0 || g !== flat[i - 1] + 1 || segAt[g] !== segAt[flat[i - 1]]) {
+      runStart.push(g); runLen.push(1); runRank.push(Math.floor(i / share)); perRank[Math.floor(i / share)]++;
+    } else {
+      runLen[runLen.length - 1]++;
+    }
+  }
+  const real = runStart.length, width = cp ? Math.max(...perRank) : 0, empties = cp * width - real;
+  const runAt = new Int32Array(total).fill(-1);
+  runStart.forEach((g, k) => { runAt[g] = k; });
+  const natural = new Int32Array(real), start = [], len = [], seg = [], chunk = [];
+  for (let g = 0; g < total; g++) {
+    const k = runAt[g];
+    if (k < 0) continue;
+    natural[k] = start.length;
+    const s = segAt[g], j = start.length;
+    chunk.push(j && seg[j - 1] === s ? chunk[j - 1] + 1 : 0);
+    start.push(g); len.push(runLen[k]); seg.push(s);
+  }
+  for (let e = 0; e < empties; e++) { start.push(total); len.push(0); seg.push(S - 1); chunk.push(-1); }
+  const rankPieces = [];
+  for (let r = 0; r < cp; r++) rankPieces.push([]);
+  for (let k = 0; k < real; k++) rankPieces[runRank[k]].push(natural[k]);
+  let next = real;
+  for (const held of rankPieces) while (held.length < width) held.push(next++);
+  return { start, len, seg, chunk, rankPieces, columns: start.length };
+}
+
+/* cpinspect.core.layout_maps.per_document_head_tail_indices: each document rearranged into
+ * [rank 0 head, rank 0 tail, rank 1 head, ...] chunks, then the rearranged row cut into cp shares. */
+function perDocumentHeadTailIndices(cu, cp) {
+  const total = cu[cu.length - 1], flat = new Int32Array(total);
+  for (let s = 0; s + 1 < cu.length; s++) {
+    const a = cu[s], L = cu[s + 1] - a, c = Math.floor(L / (2 * cp)), d = Math.max(2 * c, 1);
+    for (let o = 0; o < L; o++) {
+      if (cp === 1) { flat[a + o] = a + o; continue; }
+      const pair = Math.floor(o / d), within = o % d, head = within < c;
+      flat[a + o] = a + (head ? pair : 2 * cp - 1 - pair) * c + (head ? within : within - c);
+    }
+  }
+  return flat;
+}
+
+const MAX_MAPPED_TOKENS = 2 ** 26;  // cpinspect.core.layout.MAX_MAPPED_TOKENS
+
 function divisibleReason(lengths, multiple, what, kind) {
   for (let s = 0; s < lengths.length; s++) {
     const L = lengths[s];
@@ -63,6 +121,8 @@ const LAYOUTS = {
     pieces: (cu, cp) => zigzagPieces(cu, cp),
     padMultiple: (cp) => (cp > 1 ? 2 * cp : 1),
     padPerSegment: true,
+    paired: true,
+    perSegmentChunks: true,
   },
   "sequence-zigzag": {
     about: "BSHD / per-sequence: the whole row cut as one sequence into 2·cp chunks",
@@ -71,6 +131,7 @@ const LAYOUTS = {
     pieces: (cu, cp) => zigzagPieces([0, cu[cu.length - 1]], cp),
     padMultiple: (cp) => (cp > 1 ? 2 * cp : 1),
     padPerSegment: false,
+    paired: true,
   },
   "contiguous": {
     about: "verl Ulysses / allgather CP: rank r holds [r·T/cp, (r+1)·T/cp)",
@@ -92,6 +153,22 @@ const LAYOUTS = {
     pieces: (cu, cp) => zigzagPieces([0, cu[cu.length - 1]], cp),
     padMultiple: (cp) => (cp > 1 ? 2 * cp : 1),
     padPerSegment: false,
+    paired: true,
+  },
+  "per-document-head-tail": {
+    about: "PyTorch _PerDocumentHeadTailLoadBalancer: each document rearranged into chunk pairs (r, 2cp−1−r), " +
+      "rank-major, then the rearranged row cut into cp contiguous shares (a rank need not hold every document)",
+    check: (cu, cp) => {
+      const total = cu[cu.length - 1];
+      if (total > MAX_MAPPED_TOKENS) {
+        return `the row has ${total} tokens, more than the ${MAX_MAPPED_TOKENS} a per-token index map may hold`;
+      }
+      return cp === 1 ? null : divisibleReason(seqLengths(cu), 2 * cp, (s) => `segment ${s}`, "per-document-head-tail");
+    },
+    pieces: (cu, cp) => mapPieces(cu, cp, perDocumentHeadTailIndices(cu, cp)),
+    padMultiple: (cp) => (cp > 1 ? 2 * cp : 1),
+    padPerSegment: true,
+    perSegmentChunks: true,
   },
 };
 
@@ -199,6 +276,12 @@ function computeModel(setting) {
   return model;
 }
 
+/* How a piece is named: segment and chunk where chunks count per segment, "empty" for a map's padding pieces. */
+function namePiece(kind, P, id) {
+  if (P.chunk[id] < 0) return "empty";
+  return LAYOUTS[kind].perSegmentChunks ? `s${P.seg[id]} c${P.chunk[id]}` : `c${P.chunk[id]}`;
+}
+
 /* Where global position g lives: segment, chunk, owner, local index, embedding row. */
 function tokenInfo(model, g) {
   const P = model.P;
@@ -238,4 +321,4 @@ function formatRanges(values, limit) {
 }
 
 Object.assign(CPX, { LAYOUTS, computeModel, tokenInfo, padLengths, cumsum, toRanges, fromRanges, formatRanges,
-  segmentOf, rankWork });
+  segmentOf, rankWork, namePiece, mapPieces });

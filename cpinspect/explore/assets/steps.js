@@ -4,18 +4,19 @@
 "use strict";
 
 const MAX_LISTED = 12;
-const pieceName = (m, id) => (m.layout === "zigzag" ? `s${m.P.seg[id]} c${m.P.chunk[id]}` : `c${m.P.chunk[id]}`);
+const pieceName = (m, id) => CPX.namePiece(m.layout, m.P, id);
 const span = (a, b) => `[${fmt(a)}, ${fmt(b)})`;
 const shortList = (xs) => (xs.length <= MAX_LISTED ? JSON.stringify(xs)
   : JSON.stringify(xs.slice(0, MAX_LISTED)).slice(0, -1) + `, … ${xs.length - MAX_LISTED} more]`);
 const asRows = (m, flat) => {
-  if (m.layout === "contiguous") return flat;
+  if (!CPX.LAYOUTS[m.layout].paired) return flat;
   const out = [];
   for (let i = 0; i < flat.length; i += 2) out.push([flat[i], flat[i + 1]]);
   return out;
 };
 const countsShape = (m) => (m.layout === "zigzag" ? `[S, 2] = [${m.cu.length - 1}, 2]`
-  : m.layout === "sequence-zigzag" ? "[1, 2] (one sequence)" : "[1] (one piece)");
+  : CPX.LAYOUTS[m.layout].paired ? "[1, 2] (one sequence)"
+  : `[${m.ranks[0].pieces.length}] (${m.ranks[0].pieces.length === 1 ? "one piece" : "pieces in local order"})`);
 
 function lines(...texts) { return texts.map((t) => el("p", { text: t })); }
 

@@ -156,7 +156,7 @@ function drawRow(model, [lo, hi]) {
       const info = CPX.tokenInfo(model, g);
       if (info.piece !== piece) {
         piece = info.piece;
-        cells.append(el("span", { class: "cut", text: `c${P.chunk[piece]}`, title: `chunk ${P.chunk[piece]} ` +
+        cells.append(el("span", { class: "cut", text: `c${P.chunk[piece]}`, title: `${CPX.namePiece(model.layout, P, piece)} ` +
           `[${P.start[piece]}, ${P.start[piece] + P.len[piece]}) → rank ${info.rank}` }));
       }
       const cell = tokenCell(model, g, rankClass(info.rank), { "data-r": info.rank });
@@ -205,7 +205,8 @@ function segmentsShown(model, [lo, hi]) {
 
 function drawCounts(model, range, chosen) {
   const table = el("table", { class: "counts" }), head = el("tr", {}, el("th", { text: "seg" }));
-  for (let c = 0; c < model.columns; c++) head.append(el("th", { text: `c${c}` }));
+  const byPiece = model.layout !== "zigzag";  // one row of all pieces: name each column by its piece
+  for (let c = 0; c < model.columns; c++) head.append(el("th", { text: byPiece ? CPX.namePiece(model.layout, model.P, c) : `c${c}` }));
   table.append(el("thead", {}, head));
   const body = el("tbody");
   const [s0, s1] = segmentsShown(model, range);
@@ -214,7 +215,8 @@ function drawCounts(model, range, chosen) {
     model.gathered[s].forEach((count, c) => {
       const id = s * model.columns + c, r = model.owner[id];
       tr.append(el("td", { class: `${rankClass(r)}${r === chosen ? " mine" : ""}`, "data-seg": s, "data-chunk": c,
-        "data-count": count, "data-owner": r, title: `segment ${s}, chunk ${c}: ${count} vision tokens, held by ` +
+        "data-count": count, "data-owner": r, title: `segment ${model.P.seg[id]}, ${model.P.chunk[id] < 0 ?
+          "empty piece" : `chunk ${model.P.chunk[id]}`}: ${count} vision tokens, held by ` +
         `rank ${r}; its first embedding row is ${model.offsets[id]}` }, String(count), el("sub", { text: letter(r) })));
     });
     body.append(tr);
