@@ -19,8 +19,11 @@ DETAIL_TOKENS = 2048  # token cells the page draws per view; a longer row is dra
 MAX_LISTED_SEGMENTS = 256  # the layout JSON's per-chunk listing is embedded up to this many segments
 
 
+KINDS = ("image", "video", "audio")  # span kinds, in the page's order (model.js: kind 1, 2, 3)
+
+
 def vision_spans(result: Result) -> list[list[Any]]:
-    """``[segment, start in segment, length, "image"|"video"]`` for every run of vision tokens.
+    """``[segment, start in segment, length, "image"|"video"|"audio"]`` for every run of placeholder tokens.
 
     Runs are cut at segment boundaries and where the kind changes; offsets are relative to the
     segment, so they stay put when segments are padded.
@@ -29,9 +32,10 @@ def vision_spans(result: Result) -> list[list[Any]]:
     cu = result.layout.cu_seqlens
     if not int(mask.sum()):
         return []
-    video = result.full_ids == result.tokens.video_token_id if result.full_ids.numel() == mask.numel() else \
-        torch.zeros_like(mask)
-    code = mask.long() * (1 + video.long())
+    ids = result.full_ids if result.full_ids.numel() == mask.numel() else torch.full_like(mask, -1, dtype=torch.long)
+    audio_id = result.tokens.audio_token_id
+    code = mask.long() * (1 + (ids == result.tokens.video_token_id).long()
+                          + 2 * (ids == (audio_id if audio_id is not None else -2)).long())
     boundary = torch.zeros(mask.numel() + 1, dtype=torch.bool)
     boundary[cu[cu <= mask.numel()]] = True
     padded = torch.cat([torch.zeros(1, dtype=torch.long), code, torch.zeros(1, dtype=torch.long)])
@@ -40,7 +44,7 @@ def vision_spans(result: Result) -> list[list[Any]]:
     ends = torch.nonzero(change[1:] & (code != 0)).view(-1) + 1
     segment = torch.searchsorted(cu, starts, right=True) - 1
     kinds = code[starts]
-    return [[s, a - int(cu[s]), e - a, "video" if k == 2 else "image"]
+    return [[s, a - int(cu[s]), e - a, KINDS[k - 1]]
             for s, a, e, k in zip(segment.tolist(), starts.tolist(), ends.tolist(), kinds.tolist())]
 
 

@@ -18,7 +18,7 @@ from bench.batches import packed_batch
 from cpinspect.cli.app import app
 from cpinspect.core import synth
 from cpinspect.core.loading import load_batch
-from cpinspect.core.tokens import VIDEO_PAD
+from cpinspect.core.tokens import AUDIO_PAD, IMAGE_PAD, VIDEO_PAD
 from cpinspect.explore import DETAIL_TOKENS, vision_spans
 from cpinspect.simulation.run import simulate
 
@@ -91,7 +91,7 @@ def literal_spans(ids, mask, cu):
     for p in range(len(mask)):
         if not mask[p]:
             continue
-        kind = "video" if ids[p] == VIDEO_PAD else "image"
+        kind = "video" if ids[p] == VIDEO_PAD else "audio" if ids[p] == AUDIO_PAD else "image"
         seg = max(s for s in range(len(cu) - 1) if cu[s] <= p)
         if spans and p not in starts and spans[-1][3] == kind and spans[-1][0] == seg and \
                 cu[seg] + spans[-1][1] + spans[-1][2] == p:
@@ -107,6 +107,25 @@ def test_vision_spans_are_the_mask_runs(seed):
     result = simulate(batch, 2)
     want = literal_spans(result.full_ids.tolist(), result.full_mask.tolist(), result.layout.cu_seqlens.tolist())
     assert vision_spans(result) == want
+
+
+def test_audio_placeholders_are_spans_of_their_own_kind(tmp_path):
+    from cpinspect.core.tokens import token_config
+
+    ids = [100, IMAGE_PAD, IMAGE_PAD, IMAGE_PAD, IMAGE_PAD, 101, AUDIO_PAD, AUDIO_PAD] + [AUDIO_PAD] * 3 + [102] * 5
+    batch = load_batch({"input_ids": torch.tensor(ids), "cu_seqlens": torch.tensor([0, 8, 16]),
+                        "image_grid_thw": torch.tensor([[1, 4, 4]])})
+    result = simulate(batch, 2, tokens=token_config("qwen3-omni"))
+    want = literal_spans(ids, result.full_mask.tolist(), [0, 8, 16])
+    assert [s[3] for s in want] == ["image", "audio", "audio"]  # the audio run is cut at the segment start
+    assert vision_spans(result) == want
+    out = tmp_path / "omni.html"
+    torch.save({"input_ids": torch.tensor(ids).view(1, -1), "cu_seqlens": torch.tensor([0, 8, 16]),
+                "image_grid_thw": torch.tensor([[1, 4, 4]])}, tmp_path / "omni.pt")
+    shown = runner.invoke(app, ["explore", str(tmp_path / "omni.pt"), "--cp", "2", "--model", "qwen3-omni",
+                                "-o", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert '"audio"' in out.read_text(encoding="utf-8")
 
 
 def test_padded_setting_keeps_spans_relative_to_segments(tmp_path):

@@ -382,3 +382,20 @@ def test_pages_built_for_other_settings_check_themselves_equal(driver, tmp_path,
     badge = driver.find_element("id", "cpx-check")
     assert badge.get_attribute("data-checked") == "equal", badge.text
     assert driver.get_log("browser") == []
+
+
+def test_an_omni_page_draws_audio_spans_and_checks_itself_equal(driver, tmp_path):
+    from cpinspect.core.tokens import AUDIO_PAD, IMAGE_PAD
+
+    ids = [100, IMAGE_PAD, IMAGE_PAD, IMAGE_PAD, IMAGE_PAD, 101, AUDIO_PAD, AUDIO_PAD] + [AUDIO_PAD] * 3 + [102] * 5
+    torch.save({"input_ids": torch.tensor(ids).view(1, -1), "cu_seqlens": torch.tensor([0, 8, 16]),
+                "image_grid_thw": torch.tensor([[1, 4, 4]])}, tmp_path / "omni.pt")
+    page = tmp_path / "page.html"
+    result = CliRunner().invoke(app, ["explore", str(tmp_path / "omni.pt"), "--cp", "2", "--model", "qwen3-omni",
+                                      "-o", str(page)])
+    assert result.exit_code == 0, result.output
+    open_page(driver, page)
+    assert driver.find_element("id", "cpx-check").get_attribute("data-checked") == "equal"
+    audio = driver.find_elements("css selector", "#cpx-row .t.v3")
+    assert sorted(int(c.get_attribute("data-g")) for c in audio) == [p for p, i in enumerate(ids) if i == AUDIO_PAD]
+    assert driver.get_log("browser") == []

@@ -215,13 +215,13 @@ function rankWork(cu, kind, cp) {
 /* The vision mask of the physical row: spans are [segment, start-in-segment, length, kind]. */
 function visionMask(cu, spans) {
   const total = cu[cu.length - 1], mask = new Uint8Array(total);
-  const kind = new Uint8Array(total);  // 0 text, 1 image, 2 video
+  const kind = new Uint8Array(total);  // 0 text, 1 image, 2 video, 3 audio
   let clipped = 0;
   for (const [s, a, n, k] of spans) {
     if (s >= cu.length - 1) { clipped += n; continue; }
     const L = cu[s + 1] - cu[s], end = Math.min(a + n, L);
     clipped += a + n - Math.max(end, a);
-    for (let i = a; i < end; i++) { mask[cu[s] + i] = 1; kind[cu[s] + i] = k === "video" ? 2 : 1; }
+    for (let i = a; i < end; i++) { mask[cu[s] + i] = 1; kind[cu[s] + i] = k === "video" ? 2 : k === "audio" ? 3 : 1; }
   }
   return { mask, kind, clipped };
 }
@@ -291,7 +291,7 @@ function tokenInfo(model, g) {
   return {
     global: g, segment: segmentOf(model.cu, g), chunk: P.chunk[lo], piece: lo, rank,
     local: model.pieceLocal[lo] + g - P.start[lo],
-    row: model.mask[g] ? model.before[g] : null, kind: ["text", "image", "video"][model.vkind[g]],
+    row: model.mask[g] ? model.before[g] : null, kind: ["text", "image", "video", "audio"][model.vkind[g]],
   };
 }
 

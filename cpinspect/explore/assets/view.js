@@ -44,8 +44,8 @@ function parseSpans(text) {
   for (const [i, raw] of text.split(",").entries()) {
     const p = raw.trim();
     if (!p) continue;
-    const m = /^(\d+):(\d+)\+(\d+)(?:\s+(image|video))?$/.exec(p);
-    if (!m) throw new Error(`vision span ${i} is "${p}"; write SEGMENT:START+LENGTH [image|video], e.g. 0:15+64 image`);
+    const m = /^(\d+):(\d+)\+(\d+)(?:\s+(image|video|audio))?$/.exec(p);
+    if (!m) throw new Error(`vision span ${i} is "${p}"; write SEGMENT:START+LENGTH [image|video|audio], e.g. 0:15+64 image`);
     spans.push([Number(m[1]), Number(m[2]), Number(m[3]), m[4] || "image"]);
   }
   return spans;
