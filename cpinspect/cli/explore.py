@@ -24,6 +24,7 @@ from cpinspect.cli.options import (
     ImageIdOpt,
     KeyOpt,
     LayoutOpt,
+    MaxBytesOpt,
     ModelOpt,
     NoColorOpt,
     VideoIdOpt,
@@ -68,6 +69,7 @@ def explore(
     image_token_id: ImageIdOpt = None,
     video_token_id: VideoIdOpt = None,
     key: KeyOpt = None,
+    max_bytes: MaxBytesOpt = None,
     no_color: NoColorOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -89,7 +91,7 @@ def explore(
 
         loaded, source, words = _seqlens_batch(parse_seqlens(seqlens)), f"--seqlens {seqlens}", [f"--seqlens {seqlens}"]
     else:
-        loaded, source = load_cli_batch(batch, key)
+        loaded, source = load_cli_batch(batch, key, max_bytes=max_bytes)
         words = [shlex.quote(str(p)) for p in batch or []]
     page = build(loaded, cp, layout, pad, tokens, source=source, commands=_command_lines(words, cp, layout, pad),
                  start=start)

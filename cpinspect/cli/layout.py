@@ -24,6 +24,7 @@ from cpinspect.cli.options import (
     JsonOpt,
     KeyOpt,
     LayoutOpt,
+    MaxBytesOpt,
     ModelOpt,
     NoColorOpt,
     VideoIdOpt,
@@ -65,6 +66,7 @@ def layout(
     json_out: JsonOpt = False,
     svg: SvgOpt = None,
     html: HtmlOpt = None,
+    max_bytes: MaxBytesOpt = None,
     no_color: NoColorOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -90,7 +92,7 @@ def layout(
         cu, source = seqlens_cu(seqlens, cp, layout, pad)
     else:
         simulated, cu, source = _from_batch(batch, key, cp, layout, pad, vision, model, image_token_id,
-                                            video_token_id)
+                                            video_token_id, max_bytes)
     check_layout_size(cu, cp, layout)
     drawn = simulated[0].layout if simulated is not None else make_layout(cu, cp, layout)
     balances, impossible = compare_layouts(drawn.cu_seqlens, cp)
@@ -116,13 +118,13 @@ def layout(
 
 
 def _from_batch(paths: list[Path] | None, keys: list[str] | None, cp: int, kind: str, pad: bool, vision: bool,
-                model: str, image_token_id: int | None, video_token_id: int | None
+                model: str, image_token_id: int | None, video_token_id: int | None, max_bytes: int | None
                 ) -> tuple[tuple[Result, PackedBatch] | None, torch.Tensor, str]:
     """(the simulation and its batch when --vision, physical cu_seqlens, source name) of the batch or the demo."""
     from cpinspect.core.tokens import token_config
 
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
-    loaded, source = load_cli_batch(paths, keys, align=2 * cp if cp > 1 else 1)
+    loaded, source = load_cli_batch(paths, keys, align=2 * cp if cp > 1 else 1, max_bytes=max_bytes)
     if vision:
         from cpinspect.simulation.run import simulate
 

@@ -109,6 +109,11 @@ def read_file(path: Path, *, max_bytes: int | None = None) -> dict[str, Any]:
         raise InputError(f"the file {path} does not exist", where=str(path), fix="check the path") from None
     if path.is_dir():
         raise InputError(f"{path} is a directory", where=str(path), fix="pass it as a pre-sharded batch directory")
+    try:
+        open(path, "rb").close()  # the permission, checked before any reader (zipfile hides it, torch raises it raw)
+    except PermissionError:
+        raise InputError(f"the file {path} cannot be read (permission denied)", where=str(path),
+                         fix="make it readable (chmod u+r) or copy it somewhere readable") from None
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".pt", ".pth"):
         raise InputError(

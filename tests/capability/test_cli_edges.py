@@ -134,3 +134,14 @@ def test_check_says_it_imports_the_users_module_before_running_it(tmp_path):
     lines = result.output.splitlines()
     assert lines.count(notice) == 1
     assert lines.index(notice) < lines.index("USER TOP LEVEL RAN")
+
+
+@pytest.mark.parametrize("command", [["simulate", "--cp", "2"], ["info"], ["diagnose", "--cp", "2"],
+                                     ["layout", "--cp", "2"], ["explore", "--cp", "2", "-o", "{out}"]])
+def test_every_command_that_loads_a_batch_honours_max_bytes(command, tmp_path):
+    from cpinspect.cli.app import app
+
+    words = [w.replace("{out}", str(tmp_path / "page.html")) for w in command]
+    result = CliRunner().invoke(app, [*words, str(ROOT / "examples" / "qwen3vl_packed.pt"), "--max-bytes", "100"])
+    assert result.exit_code == 2, result.output
+    assert "above the limit of 100 bytes" in " ".join(result.output.split())

@@ -135,3 +135,27 @@ def test_odd_grid_names_the_merge_size_rule():
     grid[2] = torch.tensor([1, 5, 4])
     with pytest.raises(InputError, match="multiples of the spatial merge size 2"):
         load_batch({**data, "image_grid_thw": grid})
+
+
+def test_an_unreadable_file_is_one_paragraph_not_an_internal_error(tmp_path, monkeypatch):
+    """As root every file is readable, so the refusal the OS would give is injected at open()."""
+    import builtins
+
+    from typer.testing import CliRunner
+
+    from cpinspect.cli.app import app
+
+    target = tmp_path / "batch.pt"
+    torch.save({"input_ids": torch.arange(8), "cu_seqlens": torch.tensor([0, 8])}, target)
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(target):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    result = CliRunner().invoke(app, ["simulate", str(target), "--cp", "2"])
+    assert result.exit_code == 2
+    assert f"the file {target} cannot be read (permission denied)" in result.output
+    assert "Traceback" not in result.output and "\x1b[" not in result.output
