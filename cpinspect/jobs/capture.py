@@ -213,8 +213,10 @@ def read(path: PathLike) -> CapturedRank:
     from safetensors.torch import load_file
 
     from cpinspect.core.errors import InputError
+    from cpinspect.core.files import check_declared_sizes
 
     path = Path(path)
+    check_declared_sizes(path)  # a capture is read whole: its header's sizes are checked first, like a batch's
     try:
         tensors = load_file(str(path))
         metadata = _metadata(path)
