@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -117,7 +118,9 @@ def check(
         get_signature(signature)
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
     keys = parse_keys(key)
-    batches = [load_batch(path, keys=keys) for path in batch or []]
+    # a padded [B, T] batch is packed once, every segment aligned for every requested cp (2*cp each)
+    align = math.lcm(*(2 * c for c in cps if c > 1)) if any(c > 1 for c in cps) else 1
+    batches = [load_batch(path, keys=keys, align=align) for path in batch or []]
     make_console(no_color, stderr=True).print(import_notice(target), style="dim", markup=False, highlight=False)
     fn = load_function(target)
     if signature is not None:

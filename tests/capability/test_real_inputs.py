@@ -162,3 +162,13 @@ def test_valid_only_row_through_simulate(tmp_path):
     assert "The expanded size of the tensor (1) must match the existing size (0)" in doc["findings"][0]["message"]
     empty = sorted((c["rank"], c["segment"], c["chunk"]) for c in doc["chunks"] if c["got"] == 0)
     assert empty == [(0, 1, 0), (0, 1, 3), (1, 1, 1), (1, 1, 2)]
+
+
+def test_check_batch_packs_a_padded_batch_for_every_requested_cp():
+    from cpinspect.cli.app import app
+
+    target = str(EXAMPLES / "impls" / "correct.py") + ":select_rows"
+    result = CliRunner().invoke(app, ["check", target, "--cases", "0", "--cp", "2,3,4", "--batch",
+                                      str(REAL / "hf_padded_right.pt"), "--no-color"])
+    assert result.exit_code == 0, result.output
+    assert "all 3 case(s) match the oracle on every rank" in result.output  # one case per cp: none skipped
