@@ -6,7 +6,9 @@ padded layout. A stack that slices the padded zigzag chunk bounds out of that ro
 start past the row's end (empty) or run off it (short); stacking them with full chunks fails with
 "The expanded size of the tensor (N) must match the existing size (M)". Here the slices are
 computed directly: chunk ``c`` of segment ``s`` is ``[cu_padded[s] + c*L_s/(2cp), ... + L_s/(2cp))``
-of the row, clamped to its length, rank ``r`` holding chunks ``r`` and ``2cp-1-r``.
+of the row, clamped to its length, rank ``r`` holding chunks ``r`` and ``2cp-1-r`` (:func:`chunk_slices`).
+The other form a stack slices in, one segment's valid content at a time at its own padded chunk
+size, is :func:`valid_only_cuts` (what ``diagnose`` tests its hypothesis with).
 """
 
 from __future__ import annotations
@@ -71,3 +73,35 @@ def valid_only_finding(row_tokens: int, logical: torch.Tensor, padded: torch.Ten
             "preprocess_packed_seqs does), or clamp the first chunk's bounds to the valid length")
     return Finding("VALID_ONLY_ROW", "error", message, hint, segment=seg,
                    rank=first.rank if first else None, chunk=first.chunk if first else None)
+
+
+# Per segment (Megatron-Bridge preprocess_packed_seqs before the clamp, #5614): each segment's valid
+# content is cut at its own padded chunk size, so a short segment's later chunks come out empty.
+
+
+@dataclass(frozen=True)
+class ChunkCut:
+    """One zigzag chunk cut from a valid-only segment: the size it should have and what it got."""
+
+    segment: int
+    chunk: int
+    rank: int
+    size: int       # padded chunk size: padded length / (2·cp)
+    received: int   # tokens of the valid-only segment inside the chunk's bounds
+    start: int      # the chunk's first offset inside the segment
+    valid: int      # the segment's valid (logical) length
+
+
+def valid_only_cuts(lengths: list[int], cp: int) -> list[ChunkCut]:
+    """Every chunk that is short when padded bounds cut segments of valid ``lengths`` (zigzag, ``cp``)."""
+    pieces = 2 * cp
+    cuts = []
+    for segment, valid in enumerate(lengths):
+        size = -(-valid // pieces)
+        for chunk in range(pieces):
+            start = chunk * size
+            received = max(0, min(valid, start + size) - start)
+            if received < size:
+                rank = chunk if chunk < cp else pieces - 1 - chunk
+                cuts.append(ChunkCut(segment, chunk, rank, size, received, start, valid))
+    return cuts

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from cpinspect.core.findings import Finding
+from cpinspect.core.valid_only import valid_only_cuts
 from cpinspect.diagnose.audits import embed_mismatch
 from cpinspect.diagnose.errortext import ObservedError
 from cpinspect.diagnose.parallel_sizes import parallel_size_predictions
@@ -32,7 +33,7 @@ from cpinspect.diagnose.selection_hypotheses import (
     logical_predictions,
     not_selected_predictions,
 )
-from cpinspect.diagnose.valid_only import HINT, describe, valid_only_cuts
+from cpinspect.diagnose.valid_only import HINT, describe
 
 Hypothesis = Callable[[Scene, ObservedError], list[Prediction]]
 EXTRA_HYPOTHESES: list[Hypothesis] = []

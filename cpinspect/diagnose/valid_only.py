@@ -7,47 +7,18 @@ that starts at or past a short segment's valid end is empty (or short), and the 
 expects ``chunk`` tokens fails: ``The expanded size of the tensor (2) must match the existing
 size (0) at non-singleton dimension 0``.
 
-:func:`valid_only_cuts` is the small computation diagnose tests the hypothesis with (what each
-rank receives per segment); the core module of the input-forms work may replace it.
+The computation (what each rank receives per segment) is :func:`cpinspect.core.valid_only.valid_only_cuts`,
+beside the flat-row form ``simulate`` shows; this module words the diagnosis.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from cpinspect.core.findings import Finding
+from cpinspect.core.valid_only import ChunkCut, valid_only_cuts
 from cpinspect.diagnose.report import cause
 
 HINT = ("pad every segment to a multiple of 2·cp before slicing (and keep cu_seqlens_padded for the bounds), or "
         "slice the valid-only row at its own (logical) bounds; never mix the two")
-
-
-@dataclass(frozen=True)
-class ChunkCut:
-    """One zigzag chunk cut from a valid-only segment: the size it should have and what it got."""
-
-    segment: int
-    chunk: int
-    rank: int
-    size: int       # padded chunk size: padded length / (2·cp)
-    received: int   # tokens of the valid-only segment inside the chunk's bounds
-    start: int      # the chunk's first offset inside the segment
-    valid: int      # the segment's valid (logical) length
-
-
-def valid_only_cuts(lengths: list[int], cp: int) -> list[ChunkCut]:
-    """Every chunk that is short when padded bounds cut segments of valid ``lengths`` (zigzag, ``cp``)."""
-    pieces = 2 * cp
-    cuts = []
-    for segment, valid in enumerate(lengths):
-        size = -(-valid // pieces)
-        for chunk in range(pieces):
-            start = chunk * size
-            received = max(0, min(valid, start + size) - start)
-            if received < size:
-                rank = chunk if chunk < cp else pieces - 1 - chunk
-                cuts.append(ChunkCut(segment, chunk, rank, size, received, start, valid))
-    return cuts
 
 
 def describe(cut: ChunkCut, cp: int) -> str:

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from cpinspect.cli.app import app
 from cpinspect.core.tokens import IMAGE_PAD, VISION_START, token_config
+from cpinspect.core.valid_only import valid_only_cuts
 from cpinspect.diagnose.api import diagnose_batch
 from cpinspect.diagnose.rope_hypotheses import local_rope_length
-from cpinspect.diagnose.valid_only import valid_only_cuts
 from tests import literal
 
 ROOT = Path(__file__).resolve().parents[2]
