@@ -1,8 +1,6 @@
 """Every simulated collective beyond all-gather/all-reduce/broadcast against results computed by hand
 from the rank numbers, at cp 1-8, and their divergence reports. No rank thread is left behind."""
 
-import threading
-import time
 
 import pytest
 import torch
@@ -13,13 +11,7 @@ from cpinspect.groups.simulated import execute_spmd, run_spmd
 CPS = [1, 2, 3, 5, 8]
 
 
-@pytest.fixture(autouse=True)
-def no_thread_left_behind():
-    yield
-    deadline = time.monotonic() + 30.0
-    while any(t.name.startswith("cpinspect-rank") for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(t.name.startswith("cpinspect-rank") for t in threading.enumerate())
+pytestmark = pytest.mark.usefixtures("no_rank_thread_left")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("cp", CPS)

@@ -2,7 +2,6 @@
 rank arithmetic written out by hand, torch's rank queries inside the ranks, and failures that
 name the group and its global ranks. No rank thread is left behind."""
 
-import threading
 import time
 
 import pytest
@@ -16,13 +15,7 @@ from cpinspect.groups.simulated import run_spmd
 TORCH_GET_RANK = c10d.get_rank
 
 
-@pytest.fixture(autouse=True)
-def no_thread_left_behind():
-    yield
-    deadline = time.monotonic() + 30.0
-    while any(t.name.startswith("cpinspect-rank") for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(t.name.startswith("cpinspect-rank") for t in threading.enumerate())
+pytestmark = pytest.mark.usefixtures("no_rank_thread_left")  # tests/conftest.py
 
 
 def test_mesh_ranks_are_row_major_like_init_device_mesh():

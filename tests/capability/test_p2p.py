@@ -1,7 +1,6 @@
 """Point-to-point in the simulated group: data checked by hand at cp 1-8, and each way it goes wrong
 named within the timeout with every rank's state and file:line. No rank thread is left behind."""
 
-import threading
 import time
 
 import pytest
@@ -14,13 +13,7 @@ CPS = [2, 3, 5, 8]
 HERE = "tests/capability/test_p2p.py:"
 
 
-@pytest.fixture(autouse=True)
-def no_thread_left_behind():
-    yield
-    deadline = time.monotonic() + 30.0
-    while any(t.name.startswith("cpinspect-rank") for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(t.name.startswith("cpinspect-rank") for t in threading.enumerate())
+pytestmark = pytest.mark.usefixtures("no_rank_thread_left")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("cp", CPS)
