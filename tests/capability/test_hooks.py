@@ -5,7 +5,9 @@ manager; ``cpinspect analyze`` then reads what was written. An unmodified HF mod
 first image rows into every rank's placeholders: right at cp 1, wrong on rank 1 at cp 2.
 """
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from tests import literal
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
 IMG, VS, VE = 151655, 151652, 151653
 GRID = torch.tensor([[1, 4, 4], [1, 4, 8]])
 
@@ -30,14 +33,11 @@ def _row():
 
 
 def _qwen2vl():
-    config = transformers.Qwen2VLConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=151680,
-                         rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, in_chans=3,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
-    torch.manual_seed(0)
-    return transformers.Qwen2VLForConditionalGeneration(config).eval()
+    """The same tiny Qwen2-VL the torchrun example builds (loaded by path: examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("torchrun_capture_hf", ROOT / "examples" / "torchrun_capture_hf.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example.tiny_qwen2vl()
 
 
 def _qwen3vl():
