@@ -7,8 +7,9 @@ of vision tokens before it in natural order.
 
 Few kernels, all of fixed shape. With ``T`` local tokens and ``k = 2S`` local pieces:
 
-1. local piece bounds ``[k + 1]`` from ``cu_seqlens`` through a cached index table (one gather,
-   a sum, one ``bucketize`` that divides and clamps; :mod:`cpinspect.core.selection_plan`);
+1. local piece bounds ``[k + 1]`` from ``cu_seqlens``: one ``bucketize`` that divides and clamps,
+   then one gather through a cached index table and a pair sum, which also give the bound of
+   every gathered count's destination (:mod:`cpinspect.core.selection_plan`);
 2. a running vision count ``[T + 1]`` (one fill, one copy, one cumulative sum), read at the
    bounds: the local counts ``[k]``;
 3. **one** ``all_gather_into_tensor`` of the ``[k]`` counts (every rank calls it);
@@ -16,9 +17,10 @@ Few kernels, all of fixed shape. With ``T`` local tokens and ``k = 2S`` local pi
    first local piece that comes after it in natural order (a cached table says which), and a
    second cumulative sum over the local row gives every position its row; ``-1`` off vision.
 
-That is 12 tensor operators with ``cu_seqlens`` on the device and 13 from the host (one
-asynchronous copy), plus the all-gather; ``bench/selection.py`` counts them per call (on CUDA:
-kernels and copies from the profiler). Nothing reads a device value on the host, nothing has a
+That is 11 tensor operators with ``cu_seqlens`` on the device and 12 from the host (one
+asynchronous copy), plus the all-gather; on CUDA 14 kernels and copies with the all-gather's
+(each cumulative sum is two), 15 from the host. ``bench/selection.py`` counts them per call with
+the profiler. Nothing reads a device value on the host, nothing has a
 data-dependent shape, and the tables are built once per ``(S, cp, rank, device)``, so the call
 is ``torch.compile(fullgraph=True)``-clean and can be captured in a CUDA graph (see the
 README's Performance section for the pattern). Two things cannot be had for free, and the API
@@ -43,6 +45,7 @@ from cpinspect.core.layout import zigzag_rank_pieces
 from cpinspect.core.selection_plan import (
     check_host_cu_seqlens,
     check_mask_length,
+    minus_one,
     piece_bounds,
     zigzag_bounds,
     zigzag_tables,
@@ -113,8 +116,9 @@ class LocalCounts:
     piece bounds) and ``running_at`` the running count there; ``local_counts`` ``[k]`` is what
     every rank all-gathers (``[cp * k]`` back, rank-major). ``later`` ``[cp * k]`` is the table of
     :mod:`cpinspect.core.selection_plan` (``None`` in :func:`select_rank_rows`, which compacts
-    from the natural-order offsets it builds for display). ``spread`` (``0`` then the mask,
-    ``[T + 1]`` int64) is the dense map's scratch buffer, used up when the map is made.
+    from the natural-order offsets it builds for display) and ``later_bounds`` ``[cp * k]`` the
+    local bound of each ``later`` piece. ``spread`` (``0`` then the mask, ``[T + 1]`` int64) is the
+    dense map's scratch buffer, used up when the map is made.
     """
 
     mask: torch.Tensor
@@ -127,6 +131,7 @@ class LocalCounts:
     global_tokens: torch.Tensor
     cp: int
     cp_rank: int
+    later_bounds: torch.Tensor | None = None
 
     def gather(self, group: dist.ProcessGroup) -> torch.Tensor:
         """``[cp, k]`` every rank's counts, through one ``all_gather_into_tensor`` on ``group``."""
@@ -136,20 +141,22 @@ class LocalCounts:
 
     def row_map(self, gathered: torch.Tensor) -> VisionRowMap:
         """The dense row map from the all-gathered counts (``[cp, k]`` or flat ``[cp * k]``)."""
-        row_map = VisionRowMap(self, gathered.view(self.cp, -1), self.global_tokens, self.cp, self.cp_rank)
+        table = gathered if gathered.dim() == 2 else gathered.view(self.cp, -1)
+        row_map = VisionRowMap(self, table, self.global_tokens, self.cp, self.cp_rank)
         row_map.dense = dense_rows(self, row_map.gathered)
         return row_map
 
 
 def count_pieces(mask: torch.Tensor, bounds: torch.Tensor, later: torch.Tensor | None, global_tokens: torch.Tensor,
-                 cp: int, cp_rank: int) -> LocalCounts:
+                 cp: int, cp_rank: int, later_bounds: torch.Tensor | None = None) -> LocalCounts:
     """The running count over the local row, read at the piece bounds: the counts to all-gather."""
     spread = torch.zeros(mask.numel() + 1, dtype=torch.long, device=mask.device)
-    spread[1:] = mask
+    spread[1:].copy_(mask)
     running = spread.cumsum(0)
-    running_at = running[bounds]
-    local_counts = running_at[1:] - running_at[:-1]
-    return LocalCounts(mask, spread, running, bounds, running_at, local_counts, later, global_tokens, cp, cp_rank)
+    running_at = running.take(bounds)  # take: one kernel, and a cheaper call than advanced indexing
+    local_counts = torch.diff(running_at)
+    return LocalCounts(mask, spread, running, bounds, running_at, local_counts, later, global_tokens, cp, cp_rank,
+                       later_bounds)
 
 
 def dense_rows(counts: LocalCounts, gathered: torch.Tensor) -> torch.Tensor:
@@ -164,9 +171,9 @@ def dense_rows(counts: LocalCounts, gathered: torch.Tensor) -> torch.Tensor:
     if spread is None:  # already used: start again from the mask
         spread = torch.zeros(counts.mask.numel() + 1, dtype=torch.long, device=counts.mask.device)
         spread[1:] = counts.mask
-    assert counts.later is not None, "the dense map needs the later table (local_vision_counts makes it)"
-    spread.index_add_(0, counts.bounds[counts.later], gathered.reshape(-1))
-    return torch.where(counts.mask, spread.cumsum_(0)[:-1], -1)
+    assert counts.later_bounds is not None, "the dense map needs the later bounds (local_vision_counts makes them)"
+    spread.index_add_(0, counts.later_bounds, gathered.reshape(-1))
+    return torch.where(counts.mask, spread.cumsum_(0)[:-1], minus_one(spread.device))
 
 
 def compact_rows(counts: LocalCounts, gathered: torch.Tensor, local_vision_count: int) -> torch.Tensor:
@@ -317,13 +324,19 @@ def local_vision_counts(vision_mask: torch.Tensor, cu_seqlens: torch.Tensor, *, 
     call the three yourself to keep the all-gather outside a compiled or captured region.
     Host-side ``cu_seqlens`` are validated here; nothing is read from the device.
     """
-    mask = vision_mask.reshape(-1).to(torch.bool)
+    mask = vision_mask.reshape(-1)
+    if mask.dtype != torch.bool:
+        mask = mask.to(torch.bool)
     cu = cu_seqlens.reshape(-1)
+    device = mask.device
     if cu.device.type == "cpu":
         check_host_cu_seqlens(cu, mask.numel(), cp)
-    cu = cu.to(mask.device, non_blocking=True)  # as given: a pinned host buffer stays capturable
-    pair, later = zigzag_tables(cu.numel() - 1, cp, cp_rank, mask.device)
-    return count_pieces(mask, zigzag_bounds(cu, cp, pair, mask.numel()), later, cu[-1], cp, cp_rank)
+    if cu.device != device:
+        cu = cu.to(device, non_blocking=True)  # as given: a pinned host buffer stays capturable
+    pieces = 2 * cu.numel() - 1
+    pair, later = zigzag_tables(pieces // 2, cp, cp_rank, device)
+    bounds, later_bounds = zigzag_bounds(cu, cp, pair, mask.numel()).split([pieces, later.numel()])
+    return count_pieces(mask, bounds, later, cu[-1], cp, cp_rank, later_bounds)
 
 
 def local_vision_row_map(

@@ -5,22 +5,28 @@ The index tables depend only on ``(S, cp, rank)``: built once, cached.
 Two small integer tables turn the per-call work into a handful of fixed-shape kernels
 (:mod:`cpinspect.core.selection`):
 
-* ``pair`` ``[2S + 1, 2]``: the local bound ``k`` of this rank's pieces is
-  ``(cu[pair[k, 0]] + cu[pair[k, 1]]) // (2cp)``. Rank ``r`` holds chunks ``r`` and ``2cp-1-r``
-  of every segment back to back, so its local row starts segment ``s`` at ``cu[s] / cp`` (that
-  is ``2 cu[s] / 2cp``) and the second chunk at ``(cu[s] + cu[s+1]) / 2cp``.
 * ``later`` ``[cp * 2S]``: for every entry of the all-gathered count table (rank ``r'``, local
   piece ``j``), the first of *this* rank's pieces that comes after it in natural order; this
   rank's own entries point past its last piece (``2S``). A vision token of local piece ``k``
   has, before it in natural order, exactly its own rank's vision tokens before it plus the
   gathered counts whose ``later`` is at most ``k``: one scatter-add and one running sum give
   every row (:func:`cpinspect.core.selection.dense_rows`).
+* ``pair`` ``[2S + 1 + cp * 2S, 2]``: local bound ``k`` of this rank's pieces is
+  ``units[pair[k, 0]] + units[pair[k, 1]]`` with ``units = cu // 2cp`` (the chunk length of a
+  segment is ``(cu[s+1] - cu[s]) / 2cp``). Rank ``r`` holds chunks ``r`` and ``2cp-1-r`` of
+  every segment back to back, so its local row starts segment ``s`` at ``2 units[s]`` and the
+  second chunk at ``units[s] + units[s+1]``. The rows after the first ``2S + 1`` are
+  ``pair[later]``: the same gather yields the bounds the scatter-add needs, no second index.
 
-A third, ``[T]`` ``2cp, 4cp, ...`` (:func:`chunk_steps`), turns the division of the bounds and
-their clamp into one ``bucketize``.
+``units`` is one ``bucketize`` of ``cu_seqlens`` by ``2cp, 4cp, ...`` (:func:`multiples`, in
+``cu_seqlens``' own dtype, so an int32 ``cu`` needs no cast): it divides and clamps to
+``[0, T // 2]`` at once, so any device ``cu_seqlens`` give bounds inside the local row. At
+cp 1 (chunks need not have equal halves there) the bounds are ``(cu[pair[k, 0]] +
+cu[pair[k, 1]]) // 2``, one kernel more.
 
 The cache holds device tensors keyed by ``(segments, cp, rank, device)`` (the steps by
-``(cp, device)``). Nothing is added to it
+``(step, dtype, device)``), at most 64 keys, oldest dropped first: a CUDA graph captured with a
+table reads it at every replay, so keep fewer captured shapes per process than that. Nothing is added to it
 while ``torch.compile`` traces (a table missing then is built inside the graph, from ``arange``
 arithmetic; one already cached becomes a graph input) or while a CUDA graph is being captured (a
 table made there would hold no values until the graph is replayed).
@@ -35,23 +41,34 @@ import torch
 
 def zigzag_tables(segments: int, cp: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pair, later)`` for rank ``rank`` of ``cp`` under per-document zigzag, on ``device``."""
-    pair, later = _cached(("zigzag", segments, cp, rank, str(device)),
+    pair, later = _cached(("zigzag", segments, cp, rank, device),
                           lambda: build_zigzag_tables(segments, cp, rank, device), device)
     return pair, later
 
 
-def chunk_steps(cp: int, local_tokens: int, device: torch.device) -> torch.Tensor:
-    """``[local_tokens]`` ``2cp, 4cp, ..., 2cp * local_tokens``: bucketizing by it divides and clamps.
+def multiples(step: int, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[count]`` ``step, 2 step, ..., count step`` in ``dtype``: bucketizing by it divides and clamps.
 
-    One table per ``(cp, device)``, grown to the next power of two when a longer row comes, so
-    rows of changing length reuse it (a slice is a view: no kernel).
+    One table per ``(step, dtype, device)``, grown to the next power of two when a longer row comes,
+    so rows of changing length reuse it (a slice is a view: no kernel). Values past the dtype's
+    range are clamped to its maximum (they lie past any ``cu_seqlens`` of that dtype anyway).
     """
-    key = ("steps", cp, str(device))
+    key = ("steps", step, dtype, device)
     steps = _TABLES.get(key)
-    if steps is None or steps[0].numel() < local_tokens:
-        size = 1 << max(local_tokens - 1, 1).bit_length()
-        steps = _cached(key, lambda: (torch.arange(1, size + 1, device=device) * (2 * cp),), device, replace=True)
-    return steps[0][:local_tokens]
+    if steps is None or steps[0].numel() < count:
+        size = 1 << max(count - 1, 1).bit_length()
+
+        def build() -> tuple[torch.Tensor]:
+            values = torch.arange(1, size + 1, device=device) * step
+            return (values.clamp_(max=torch.iinfo(dtype).max).to(dtype),)
+
+        steps = _cached(key, build, device, replace=True)
+    return steps[0][:count]
+
+
+def minus_one(device: torch.device) -> torch.Tensor:
+    """A 0-dim int64 ``-1`` on ``device``: ``torch.where`` with it launches no fill (a Python ``-1`` does)."""
+    return _cached(("minus_one", device), lambda: (torch.full((), -1, dtype=torch.long, device=device),), device)[0]
 
 
 def _cached(key: tuple[object, ...], build: Callable[[], tuple[torch.Tensor, ...]], device: torch.device,
@@ -87,19 +104,25 @@ def build_zigzag_tables(segments: int, cp: int, rank: int,
     half = torch.arange(2, device=device)[None, None, :]
     chunk = torch.where(half == 0, sender, 2 * cp - 1 - sender)
     later = 2 * seg + (chunk > rank).long() + (chunk > 2 * cp - 1 - rank).long()
-    later = torch.where(sender == rank, 2 * segments, later)
-    return pair, later.reshape(-1)
+    later = torch.where(sender == rank, 2 * segments, later).reshape(-1)
+    return torch.cat([pair, pair[later]]), later
 
 
 def zigzag_bounds(cu: torch.Tensor, cp: int, pair: torch.Tensor, local_tokens: int) -> torch.Tensor:
-    """``[2S + 1]`` local piece bounds under zigzag: ``(cu[pair[:, 0]] + cu[pair[:, 1]]) // 2cp``.
+    """Local bounds ``[len(pair)]``: the ``2S + 1`` piece bounds, then the bound of every ``later`` entry.
 
-    Three kernels: the gather, the pair sum, and one ``bucketize`` by :func:`chunk_steps`, which
-    divides and clamps to ``[0, local_tokens]`` at once, so device ``cu_seqlens`` that disagree
-    with the mask (found later by :meth:`VisionRowMap.check`) can never index out of bounds.
+    Three kernels from cp 2 on: one ``bucketize`` of ``cu`` by ``2cp, 4cp, ...`` (``units``,
+    clamped to ``[0, local_tokens // 2]``), the gather through ``pair`` and the pair sum; so device
+    ``cu_seqlens`` that disagree with the mask (found later by :meth:`VisionRowMap.check`) can
+    never index out of bounds. For a valid layout these are exactly the chunk starts.
     """
-    twice = cu[pair].sum(-1, dtype=torch.long)
-    return torch.bucketize(twice, chunk_steps(cp, local_tokens, cu.device), right=True)
+    if cu.dtype not in (torch.int32, torch.int64):
+        cu = cu.to(torch.int64)
+    if cp == 1:  # odd segments are fine at cp 1: halve the pair sum instead
+        twice = cu.take(pair).sum(-1, dtype=torch.long)
+        return torch.bucketize(twice, multiples(2, local_tokens, torch.long, cu.device), right=True)
+    units = torch.bucketize(cu, multiples(2 * cp, local_tokens // 2, cu.dtype, cu.device), right=True)
+    return units.take(pair).sum(-1)
 
 
 def piece_bounds(local_piece_len: torch.Tensor, local_tokens: int) -> torch.Tensor:
@@ -118,19 +141,30 @@ def check_mask_length(local_tokens: int, global_tokens: int, cp: int) -> None:
 
 
 def check_host_cu_seqlens(cu: torch.Tensor, local_tokens: int, cp: int) -> None:
-    """The checks that are free when ``cu_seqlens`` lives on the host: mask length, divisibility.
+    """The checks that are free when ``cu_seqlens`` lives on the host: mask length, order, divisibility.
 
     Eagerly they raise ``ValueError`` naming the numbers. While ``torch.compile`` traces they
     become ``torch._assert_async`` on the host tensors (part of the graph, no device read), which
     raise ``RuntimeError`` with a fixed message when the compiled call runs.
     """
-    lengths = cu[1:] - cu[:-1]
+    lengths = torch.diff(cu)
     if torch.compiler.is_compiling():
         torch._assert_async(cu[-1] == local_tokens * cp, _MASK_LENGTH_MESSAGE)
+        torch._assert_async((cu[0] == 0) & (lengths >= 0).all(), _ORDER_MESSAGE)
         if cp > 1:
             torch._assert_async((lengths % (2 * cp) == 0).all(), _DIVISIBLE_MESSAGE)
         return
-    check_mask_length(local_tokens, int(cu[-1]), cp)
+    if cu.numel() == 0:
+        raise ValueError("cu_seqlens is empty: it needs the start 0 and the end of every segment")
+    ends = cu[:: cu.numel() - 1].tolist() if cu.numel() > 1 else cu.tolist() * 2  # no tensor operator
+    first, last = ends[0], ends[-1]
+    check_mask_length(local_tokens, last, cp)
+    if first != 0 or (lengths.numel() and int(lengths.min()) < 0):
+        bad = int(torch.nonzero(lengths < 0)[0]) + 1 if first == 0 else 0
+        raise ValueError(
+            f"cu_seqlens[{bad}] is {int(cu[bad])}" + (f", below cu_seqlens[{bad - 1}] = {int(cu[bad - 1])}" if bad else "")
+            + ": cu_seqlens must start at 0 and never decrease (the boundaries of the packed row)"
+        )
     if cp > 1 and bool((lengths % (2 * cp)).any()):
         seg = int(torch.nonzero(lengths % (2 * cp))[0])
         raise ValueError(
@@ -139,6 +173,7 @@ def check_host_cu_seqlens(cu: torch.Tensor, local_tokens: int, cp: int) -> None:
         )
 
 
+_ORDER_MESSAGE = "local_vision_row_map: cu_seqlens must start at 0 and never decrease"
 _MASK_LENGTH_MESSAGE = ("local_vision_row_map: cu_seqlens[-1] differs from cp x the local vision mask's length; "
                         "the mask must be this rank's whole local row")
 _DIVISIBLE_MESSAGE = ("local_vision_row_map: a segment length of cu_seqlens is not a multiple of 2*cp; the zigzag "

@@ -193,3 +193,24 @@ def test_compiled_stages_match_the_oracle_on_cuda(cu_form):
             got = finish_fn(counts, counts.gather(group)).row_of_position.cpu()
             assert got[mask.cpu()].tolist() == expected[rank]
             assert (got[~mask.cpu()] == -1).all()
+
+
+@pytest.mark.parametrize("cu_form", ["device", "pinned host"])
+@pytest.mark.parametrize("segments, cp", [(8, 2), (256, 8), (1024, 16)])
+def test_one_call_enqueues_at_most_15_kernels_and_copies(segments, cp, cu_form):
+    """The profiler's device activities of one eager row-map call, the all-gather's copy included (issue 16)."""
+    from bench.kernels import count_per_call
+
+    batches = static_batches(cp, segments=segments, tokens=2 * cp * 8 * segments, seeds=[segments])
+    cu_list, masks, expected, gathered = batches[0]
+    mask = torch.tensor(masks[0], dtype=torch.bool, device="cuda")
+    cu = torch.tensor(cu_list, dtype=torch.int32)
+    cu = cu.pin_memory() if cu_form == "pinned host" else cu.cuda()
+    group = ReplayGroup(0, torch.tensor(gathered, dtype=torch.long, device="cuda"))
+
+    def call():
+        return local_vision_row_map(mask, cu, cp_group=group).row_of_position
+
+    assert call().cpu()[mask.cpu()].tolist() == expected[0]
+    _, kernels, _ = count_per_call(call, "cuda")
+    assert kernels <= (15 if cu_form == "pinned host" else 14)

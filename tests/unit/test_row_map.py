@@ -124,6 +124,20 @@ def test_segment_not_divisible_by_2cp_is_refused():
         run_spmd(2, program)
 
 
+@pytest.mark.parametrize("cu, message", [
+    ([4, 8, 16], "cu_seqlens\\[0\\] is 4: cu_seqlens must start at 0"),
+    ([0, 12, 8, 16], "cu_seqlens\\[2\\] is 8, below cu_seqlens\\[1\\] = 12: cu_seqlens must start at 0 and never "
+                     "decrease"),
+])
+def test_cu_seqlens_that_do_not_start_at_0_or_decrease_are_refused(cu, message):
+    """Both would pass the length and divisibility checks, and give rows silently wrong."""
+    def program(group):
+        return local_vision_row_map(torch.zeros(8, dtype=torch.bool), torch.tensor(cu), cp_group=group)
+
+    with pytest.raises(SpmdError, match=message):
+        run_spmd(2, program)
+
+
 def test_sync_free_forms_are_public_names():
     import cpinspect
 
@@ -171,21 +185,32 @@ def test_operators_per_call_do_not_grow_with_segments_or_cp():
 
 @pytest.mark.parametrize("cp", [1, 2, 3])
 def test_bounds_are_the_chunk_starts_and_stay_inside_the_row_for_any_cu_seqlens(cp):
-    """The bounds formula against the chunk starts written out, and clamped for nonsense values."""
+    """The bounds against the chunk starts written out, and clamped inside the row for nonsense values."""
     from cpinspect.core.selection_plan import zigzag_bounds, zigzag_tables
 
     local_tokens = 10 * cp
-    for cu in ([0, 4 * cp, 10 * cp * cp], [0, 0, 2 * cp, 2 * cp, 10 * cp * cp], [0, -8, 10 ** 6], [3, 5, 7]):
-        pair, _ = zigzag_tables(len(cu) - 1, cp, 0, torch.device("cpu"))
-        got = zigzag_bounds(torch.tensor(cu, dtype=torch.int32), cp, pair, local_tokens).tolist()
-        want = []
-        for s in range(len(cu) - 1):
-            want += [cu[s] // cp, cu[s] // cp + (cu[s + 1] - cu[s]) // (2 * cp)]
-        want.append(cu[-1] // cp)
-        valid = cu == sorted(cu) and cu[-1] == cp * local_tokens and all(c % (2 * cp) == 0 for c in cu)
-        if valid:  # a valid layout: exactly the chunk starts
-            assert got == want
-        assert got == [min(max((cu[k // 2] + cu[(k + 1) // 2]) // (2 * cp), 0), local_tokens) for k in range(len(got))]
+    for cu in ([0, 4 * cp, 10 * cp * cp], [0, 0, 2 * cp, 2 * cp, 10 * cp * cp], [0, -8, 10 ** 6], [3, 5, 7],
+               [0, 2 * cp, 10 ** 9]):
+        for dtype in (torch.int32, torch.int64):
+            segments = len(cu) - 1
+            pair, later = zigzag_tables(segments, cp, 0, torch.device("cpu"))
+            got = zigzag_bounds(torch.tensor(cu, dtype=dtype), cp, pair, local_tokens).tolist()
+            pieces, destinations = got[: 2 * segments + 1], got[2 * segments + 1:]
+            assert destinations == [pieces[k] for k in later.tolist()]
+            want = []
+            for s in range(segments):
+                want += [cu[s] // cp, cu[s] // cp + (cu[s + 1] - cu[s]) // (2 * cp)]
+            want.append(cu[-1] // cp)
+            valid = cu == sorted(cu) and cu[-1] == cp * local_tokens and all(c % (2 * cp) == 0 for c in cu)
+            if valid:  # a valid layout: exactly the chunk starts
+                assert pieces == want
+            if cp == 1:  # the pair sum halved, clamped to the row
+                assert pieces == [min(max((cu[k // 2] + cu[(k + 1) // 2]) // 2, 0), local_tokens)
+                                  for k in range(len(pieces))]
+            else:  # whole chunks of 2cp: each boundary's chunk index clamped to [0, T // 2], then paired
+                units = [min(max(c // (2 * cp), 0), local_tokens // 2) for c in cu]
+                assert pieces == [units[k // 2] + units[(k + 1) // 2] for k in range(len(pieces))]
+            assert all(0 <= b <= local_tokens for b in got)
 
 
 def test_row_map_selection_holds_the_literal_counts_in_natural_order():
