@@ -161,10 +161,9 @@ def check_host_cu_seqlens(cu: torch.Tensor, local_tokens: int, cp: int) -> None:
     check_mask_length(local_tokens, last, cp)
     if first != 0 or (lengths.numel() and int(lengths.min()) < 0):
         bad = int(torch.nonzero(lengths < 0)[0]) + 1 if first == 0 else 0
-        raise ValueError(
-            f"cu_seqlens[{bad}] is {int(cu[bad])}" + (f", below cu_seqlens[{bad - 1}] = {int(cu[bad - 1])}" if bad else "")
-            + ": cu_seqlens must start at 0 and never decrease (the boundaries of the packed row)"
-        )
+        below = f", below cu_seqlens[{bad - 1}] = {int(cu[bad - 1])}" if bad else ""
+        raise ValueError(f"cu_seqlens[{bad}] is {int(cu[bad])}{below}: cu_seqlens must start at 0 and never "
+                         "decrease (the boundaries of the packed row)")
     if cp > 1 and bool((lengths % (2 * cp)).any()):
         seg = int(torch.nonzero(lengths % (2 * cp))[0])
         raise ValueError(
