@@ -75,9 +75,16 @@ class Case:
         """What "smaller" means when shrinking: cp, then segments, tokens, vision tokens."""
         return (self.cp, self.num_segments, self.total_tokens, self.vision_tokens)
 
+    @property
+    def logical_lengths(self) -> list[int]:
+        """The real tokens of each segment (its physical length where the case has no padding)."""
+        return (self.logical_or_physical[1:] - self.logical_or_physical[:-1]).tolist()
+
     def describe(self) -> str:
-        lengths = self.segment_lengths
-        shown = ", ".join(map(str, lengths[:6])) + (", ..." if len(lengths) > 6 else "")
+        """``cp 2, 2 segment(s) [3 in 4, 8], ...``: a padded segment shows its logical length in its physical one."""
+        lengths, logical = self.segment_lengths, self.logical_lengths
+        parts = [str(p) if q == p else f"{q} in {p}" for q, p in zip(logical, lengths)]
+        shown = ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
         return (
             f"cp {self.cp}, {self.num_segments} segment(s) [{shown}], {self.total_tokens} tokens, "
             f"{self.vision_tokens} vision"

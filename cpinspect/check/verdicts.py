@@ -84,6 +84,7 @@ class CaseResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "case": self.case.name, "kind": self.case.kind, "cp": self.case.cp, "segments": self.case.segment_lengths,
+            "logical_segments": self.case.logical_lengths,
             "tokens": self.case.total_tokens, "vision_tokens": self.case.vision_tokens, "verdict": self.verdict,
             "summary": self.summary, "ranks": [r.to_dict() for r in self.ranks],
         }
