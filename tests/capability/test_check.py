@@ -117,6 +117,18 @@ def test_generated_cases_cover_every_kind_at_every_cp_and_are_valid_zigzag_rows(
         assert case.vision_embed_count == case.vision_tokens
 
 
+def test_cp1_cases_include_odd_segments_and_rank_0_expects_every_row_in_order():
+    """Issue 14 class 9: at cp 1 nothing is split, so no length rule applies; odd segments must be generated."""
+    cases = generate_cases([1], 70, seed=0)
+    odd = [c for c in cases if any(n % 2 for n in c.segment_lengths)]
+    assert {c.kind for c in odd} >= {"empty-rank", "text-only", "single-segment", "many-short"}
+    correct = impl("correct.py")
+    for case in odd[:12]:
+        result = run_case(correct, case)
+        assert result.ok, result.summary
+        assert result.ranks[0].expected == list(range(case.vision_tokens))  # one rank holds the row in order
+
+
 def _chunk_of(case, position):
     cu = case.cu_seqlens
     segment = int(torch.searchsorted(cu[1:], torch.tensor(position), right=True))
