@@ -160,3 +160,23 @@ def test_a_text_only_batch_says_it_has_no_vision_spans_instead_of_all_zero_match
     lines = [f.message for f in report.findings if f.code == "CONSISTENT"]
     assert "vision spans: none: no vision placeholder in the row and no grid row in the batch (text only)" in lines
     assert not any(line.startswith("vision spans: all 0") for line in lines)
+
+
+def _class8_forms():
+    from tests.unit.test_errortext_forms import FORMS
+
+    return [text for text, _, _ in FORMS]
+
+
+@pytest.mark.parametrize("text", _class8_forms())
+def test_a_recognised_error_on_a_batch_that_does_not_show_it_is_never_nothing_wrong(text):
+    """Issue 14 acceptance: every class-8 text on the correct example exits 1 and never prints a ✓ verdict."""
+    result = runner.invoke(app, ["diagnose", str(EXAMPLE), "--cp", "2", "--error", text, "--no-color"])
+    assert result.exit_code == 1, result.output
+    assert "nothing wrong found" not in result.output
+    doc = json.loads(runner.invoke(app, ["diagnose", str(EXAMPLE), "--cp", "2", "--error", text, "--json"]).stdout)
+    codes = {f["code"]: f for f in doc["findings"]}
+    assert not doc["ok"] and "ERROR_NOT_RECOGNISED" not in codes
+    said = [f for code, f in codes.items() if code in ("ERROR_RECOGNISED", "UNEXPLAINED")]
+    assert said or any(f["status"] == "confirmed" for f in doc["findings"])
+    assert all(f["hint"] for f in said)  # what input (file, key, command) would show the cause
