@@ -423,6 +423,15 @@ def test_the_reason_for_skipping_the_uniformity_probe_is_the_true_one(tmp_path):
     assert full.ok and full.uniformity.runs == 0
     assert "no clean case with cp > 1 and vision tokens" not in full.text()
     assert "no clean case's vision tokens could be moved" in full.text()
+    # the time budget is spent before the probe: it says so, not that a clean case was lacking
+    from cpinspect.check.signatures import get_signature
+    from cpinspect.check.uniformity import check_uniformity
+
+    clean = run_case(correct, case_from_local_masks(*WORKED[:2], vision_embed_count=12))
+    assert clean.ok
+    late = check_uniformity(correct, get_signature("default"), [clean], timeout=5.0, strict_apply=True,
+                            deadline=time.monotonic() - 1.0)
+    assert late.runs == 0 and late.skipped == "--max-time was reached after 0 perturbed run(s)"
 
 
 def _saved(case, folder):
