@@ -24,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from cpinspect.core.batch import PackedBatch
 from cpinspect.core.findings import Finding
 from cpinspect.core.layout import Layout
 from cpinspect.core.mrope import CONVENTIONS, row_positions
-from cpinspect.diagnose.report import cause
+from cpinspect.diagnose.data_layout import try_layout
+from cpinspect.diagnose.report import cause, info
 from cpinspect.diagnose.scene import Scene
 
 HINT = ("select the table's columns with the global indices (segment start + offset): Megatron "
@@ -50,50 +52,63 @@ class _Form:
 
 
 def segment_offset_findings(scene: Scene) -> list[Finding]:
-    """ROPE_SEGMENT_OFFSET_MISSING when every rank's positions (or RoPE indices) fit the offset-less selection."""
+    """ROPE_SEGMENT_OFFSET_MISSING when every rank's positions (or RoPE indices) fit the offset-less selection.
+
+    Pre-sharded input tests every rank; one rank's file (with ``--rank``) is tested alone in the 1-D
+    forms, whose table needs only the boundaries (mRoPE's needs the full row's ids and grids).
+    """
     batch = scene.batch
-    if scene.form != "presharded" or scene.result is None or scene.full_ids is None:
+    if scene.form == "presharded" and scene.result is not None and scene.full_ids is not None:
+        plan, ranks = scene.result.layout, list(range(scene.cp))
+    elif scene.form == "one rank" and scene.rank is not None and scene.cp > 1:
+        found_plan = try_layout(batch.cu_seqlens, scene.cp, scene.data_layout)
+        if found_plan is None:
+            return []
+        plan, ranks = found_plan, [scene.rank]
+    elif scene.form == "one rank" and scene.cp > 1 and (batch.position_ids or _extra_rows(batch, 1, -1, any_n=True)):
+        return [info("SKIPPED", "one rank's position_ids (or rope_indices) are tested for ROPE_SEGMENT_OFFSET_MISSING "
+                     "only when the rank is known", "pass --rank R (the CP rank this file came from)")]
+    else:
         return []
-    plan = scene.result.layout
     cu = plan.cu_seqlens.to(torch.long)
-    if int(cu[-1]) != scene.full_ids.numel():
+    total, n = int(cu[-1]), plan.global_indices(0).numel()
+    if batch.rows[0].numel() != n:
         return []
-    total = int(cu[-1])
-    indices = _extra_rows(scene)
+    indices = _extra_rows(batch, len(ranks), n)
     if indices is not None:
         form = _Form(indices[0], 1, torch.arange(total).view(1, -1), torch.ones(total, dtype=torch.bool))
-        found = _check(scene, form, indices[1], cu)
-        return [found] if found is not None else []
-    if not batch.position_ids or len(batch.position_ids) != scene.cp:
+        return _found(_check(form, plan, dict(zip(ranks, indices[1])), cu))
+    if not batch.position_ids or len(batch.position_ids) != len(ranks):
         return []
-    n = plan.global_indices(0).numel()
     if all(_one_d(t, n) for t in batch.position_ids):
         form = _Form("1-D position_ids", 1, _segment_positions(cu).view(1, -1), _real(cu, batch.logical_cu_seqlens))
-        found = _check(scene, form, [t.reshape(1, n).to(torch.long) for t in batch.position_ids], cu)
-        return [found] if found is not None else []
-    rows = [_three_d(t, n) for t in batch.position_ids]
-    if any(r is None for r in rows):
+        rows = [t.reshape(1, n).to(torch.long) for t in batch.position_ids]
+        return _found(_check(form, plan, dict(zip(ranks, rows)), cu))
+    three = [_three_d(t, n) for t in batch.position_ids]
+    if scene.full_ids is None or int(cu[-1]) != scene.full_ids.numel() or any(r is None for r in three):
         return []
     for convention in CONVENTIONS:
         table = row_positions(scene.full_ids, cu, scene.tokens, image_grid_thw=batch.image_grid_thw,
                               video_grid_thw=batch.video_grid_thw, logical_cu_seqlens=batch.logical_cu_seqlens,
                               second_per_grid_ts=batch.second_per_grid_ts, convention=convention)
-        found = _check(scene, _Form("mRoPE position_ids", 3, table, torch.ones(total, dtype=torch.bool)),
-                       [r for r in rows if r is not None], cu)
+        form = _Form("mRoPE position_ids", 3, table, torch.ones(total, dtype=torch.bool))
+        found = _check(form, plan, {r: t for r, t in zip(ranks, three) if t is not None}, cu)
         if found is not None:
             return [found]
     return []
 
 
-def _extra_rows(scene: Scene) -> tuple[str, list[torch.Tensor]] | None:
-    """Every rank's RoPE selection indices (``[n]`` each), when the rank files carry them."""
-    extra = scene.batch.extra
+def _found(finding: Finding | None) -> list[Finding]:
+    return [finding] if finding is not None else []
+
+
+def _extra_rows(batch: PackedBatch, files: int, n: int, *,
+                any_n: bool = False) -> tuple[str, list[torch.Tensor]] | None:
+    """Every file's RoPE selection indices (``[n]`` each; any length with ``any_n``), when the files carry them."""
     for key in INDEX_KEYS:
-        values = [e.get(key) for e in extra]
-        if len(values) == scene.cp and all(isinstance(v, torch.Tensor) for v in values):
-            n = scene.result.layout.global_indices(0).numel() if scene.result is not None else -1
-            if all(_one_d(v, n) for v in values if v is not None):
-                return key, [v.reshape(1, n).to(torch.long) for v in values if v is not None]
+        values = [e.get(key) for e in batch.extra]
+        if len(values) == files and all(isinstance(v, torch.Tensor) and (any_n or _one_d(v, n)) for v in values):
+            return key, [v.reshape(1, n).to(torch.long) for v in values if v is not None]
     return None
 
 
@@ -123,11 +138,9 @@ def _real(cu: torch.Tensor, logical_cu: torch.Tensor | None) -> torch.Tensor:
     return offsets < (logical_cu[1:] - logical_cu[:-1]).to(torch.long)[segment]
 
 
-def _check(scene: Scene, form: _Form, rows: list[torch.Tensor], cu: torch.Tensor) -> Finding | None:
-    plan = scene.result.layout if scene.result is not None else None
-    assert plan is not None
+def _check(form: _Form, plan: Layout, rows: dict[int, torch.Tensor], cu: torch.Tensor) -> Finding | None:
     first: tuple[int, int] | None = None
-    for rank, got in enumerate(rows):
+    for rank, got in rows.items():
         index = plan.global_indices(rank)
         offsets = index - cu[torch.searchsorted(cu[1:], index, right=True)]
         real = form.real[index]
@@ -139,10 +152,10 @@ def _check(scene: Scene, form: _Form, rows: list[torch.Tensor], cu: torch.Tensor
             first = (rank, int(differs[0]))
     if first is None:
         return None
-    return _finding(scene, form, plan, cu, *first)
+    return _finding(form, plan, cu, *first, every=len(rows) > 1)
 
 
-def _finding(scene: Scene, form: _Form, plan: Layout, cu: torch.Tensor, rank: int, local: int) -> Finding:
+def _finding(form: _Form, plan: Layout, cu: torch.Tensor, rank: int, local: int, *, every: bool) -> Finding:
     place = plan.locate(rank, local)
     index = plan.global_indices(rank)
     global_index = int(index[local])
@@ -151,11 +164,12 @@ def _finding(scene: Scene, form: _Form, plan: Layout, cu: torch.Tensor, rank: in
     later = index[seg_of == place.segment][:6]
     shown, wrong = later.tolist(), (later - cu[place.segment]).tolist()
     source = int(torch.searchsorted(cu[1:], torch.tensor(offset), right=True))
-    where = (f"first visible on rank {rank}, local token {local} (global {global_index}, segment {place.segment})")
+    where = f"first visible on rank {rank}, local token {local} (global {global_index}, segment {place.segment})"
+    who = "every rank's" if every else f"rank {rank}'s"
     if form.name == "mRoPE position_ids":
         return cause(
             "ROPE_SEGMENT_OFFSET_MISSING",
-            f"every rank's position_ids are the full row's per-segment table taken at each token's offset inside its "
+            f"{who} position_ids are the full row's per-segment table taken at each token's offset inside its "
             f"segment instead of at its global index: rank {rank} takes table columns {wrong} for its "
             f"segment-{place.segment} tokens {shown}; {where}: it got column {offset} of the table (a token of "
             f"segment {source})", HINT, rank=rank, segment=place.segment, chunk=place.chunk)
@@ -163,13 +177,13 @@ def _finding(scene: Scene, form: _Form, plan: Layout, cu: torch.Tensor, rank: in
         got, right = int(form.table[0, offset]), int(form.table[0, global_index])
         return cause(
             "ROPE_SEGMENT_OFFSET_MISSING",
-            f"every rank's 1-D position_ids are the packed row's per-segment positions taken at each token's offset "
+            f"{who} 1-D position_ids are the packed row's per-segment positions taken at each token's offset "
             f"inside its segment instead of at its global index: rank {rank} reads table entries {wrong} for its "
             f"segment-{place.segment} tokens {shown}; {where}: it has position {got} (entry {offset}, a token of "
             f"segment {source}) where {right} is right. (These are 1-D RoPE positions; an mRoPE model such as "
             "Qwen-VL needs [3, 1, T] ones as well.)", HINT_1D, rank=rank, segment=place.segment, chunk=place.chunk)
     return cause(
         "ROPE_SEGMENT_OFFSET_MISSING",
-        f"every rank's {form.name} are the offsets inside each segment, not the global indices of its tokens: rank "
+        f"{who} {form.name} are the offsets inside each segment, not the global indices of its tokens: rank "
         f"{rank} selects table rows {wrong} for its segment-{place.segment} tokens at global {shown}; {where}: row "
         f"{offset} belongs to segment {source}", HINT_1D, rank=rank, segment=place.segment, chunk=place.chunk)

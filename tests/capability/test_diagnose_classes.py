@@ -249,6 +249,23 @@ def test_1d_positions_of_equal_segments_cannot_tell_the_bug_and_are_not_confirme
     assert "ROPE_SEGMENT_OFFSET_MISSING" not in confirmed(report)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_one_rank_file_with_its_rank_is_enough_for_the_1d_form(tmp_path, rank):
+    cu = [0, 8, 32, 44]
+    table = [o for a, b in zip(cu, cu[1:]) for o in range(b - a)]
+    held = literal.zigzag_indices(cu, 2)
+    wrong = [[table[o] for o in _offsets(cu, h)] for h in held]
+    _text_rank_files(tmp_path, cu, "position_ids", wrong)
+    report = diagnose_batch(tmp_path / f"rank{rank}.pt", 2, rank=rank)
+    assert report.form == "one rank" and confirmed(report) == ["ROPE_SEGMENT_OFFSET_MISSING"]
+    assert report.causes[0].message.startswith(f"rank {rank}'s 1-D position_ids")
+    unknown = diagnose_batch(tmp_path / f"rank{rank}.pt", 2)  # which rank's tokens? not guessed
+    assert confirmed(unknown) == [] and any(f.code == "SKIPPED" and "--rank" in f.hint for f in unknown.findings)
+    right = [_offsets(cu, h) for h in held]
+    _text_rank_files(tmp_path, cu, "position_ids", right)
+    assert confirmed(diagnose_batch(tmp_path / f"rank{rank}.pt", 2, rank=rank)) == []
+
+
 def test_the_1d_example_and_a_view_error_are_tied_without_cannot_show():
     directory = BROKEN / "rope_segment_offset_missing_1d"
     shards = [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(2)]
