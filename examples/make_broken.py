@@ -388,6 +388,31 @@ def rope_segment_offset_missing() -> dict[str, Content]:
     return files
 
 
+def rope_segment_offset_missing_1d() -> dict[str, Content]:
+    """NVIDIA/Megatron-LM#5243, 1-D RoPE: the packed per-token table indexed with offsets inside each sequence."""
+    segments = [[("text", 14)], [("text", 37)], [("text", 23)], [("text", 50)]]  # a short first sequence
+    full = _padded_batch(segments, 4, "qwen3-vl", seed=5244)
+    cu = full["cu_seqlens_padded"].to(torch.long)
+    segment = torch.searchsorted(cu[1:], torch.arange(int(cu[-1])), right=True)
+    table = torch.arange(int(cu[-1])) - cu[segment]  # the packed row's positions: each sequence counts from 0
+    plan = make_layout(cu, 2, "zigzag")
+    files: dict[str, Content] = {}
+    for rank, shard in enumerate(shard_batch(full, 2)):
+        index = plan.global_indices(rank)
+        offsets = index - cu[torch.searchsorted(cu[1:], index, right=True)]  # the bug: no cu_seqlens[i] added
+        shard["position_ids"] = table[offsets].view(1, -1).clone()
+        files[f"rank{rank}.pt"] = shard
+    files["error.txt"] = (
+        "step 118 | lm loss 2.47 | grad norm 0.88\n"
+        "step 119 | lm loss 6.02 | grad norm 31.7   (no error: with --context-parallel-size 2 and packed sequences "
+        "the loss is far above the cp 1 run)\n")
+    files["case.json"] = _case("ROPE_SEGMENT_OFFSET_MISSING", 2, "NVIDIA/Megatron-LM#5243 (1-D RoPE)",
+                               "the packed per-token RoPE table (freqs.size(0) == cu_seqlens[-1]) was indexed with "
+                               "each token's offset inside its sequence: a later sequence's tokens past the first "
+                               "sequence's length read another sequence's positions")
+    return files
+
+
 def layout_mismatch_positions() -> dict[str, Content]:
     """THUDM/slime#1871: data laid out contiguously per rank, attention reshuffles it as zigzag (text only)."""
     segments = [[("text", 44)], [("text", 28)], [("text", 19)], [("text", 61)]]
@@ -467,6 +492,7 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "mrope_local_row": mrope_local_row,
     "double_sharded": double_sharded,
     "rope_segment_offset_missing": rope_segment_offset_missing,
+    "rope_segment_offset_missing_1d": rope_segment_offset_missing_1d,
     "layout_mismatch_positions": layout_mismatch_positions,
     "vision_dp_empty_rank_skips_collective": vision_dp_empty_rank_skips_collective,
     "mrope_local_row_positions": mrope_local_row_positions,

@@ -11,6 +11,8 @@ break hand-written selections (the kind cycles with the case number, the cp with
 * ``video``: Qwen-VL video frames and images with real grids, padded segments (logical != physical);
 * ``single-segment`` and ``many-short`` (many segments of one or two chunks per rank);
 * ``random``: :func:`cpinspect.core.synth.random_batch` runs anywhere.
+
+Segments are multiples of ``2*cp`` (the zigzag rule); at cp 1, where nothing is split, they may be odd.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
-from cpinspect.core.layout import check_divisible, make_layout
+from cpinspect.core.layout import check_divisible, make_layout, pad_multiple
 from cpinspect.core.synth import TEXT_HIGH, TEXT_LOW, build_batch, random_batch
 from cpinspect.core.tokens import TokenConfig, token_config
 from cpinspect.core.vision_items import batch_embedding_rows, placeholder_mask
@@ -75,9 +77,16 @@ class Case:
         """What "smaller" means when shrinking: cp, then segments, tokens, vision tokens."""
         return (self.cp, self.num_segments, self.total_tokens, self.vision_tokens)
 
+    @property
+    def logical_lengths(self) -> list[int]:
+        """The real tokens of each segment (its physical length where the case has no padding)."""
+        return (self.logical_or_physical[1:] - self.logical_or_physical[:-1]).tolist()
+
     def describe(self) -> str:
-        lengths = self.segment_lengths
-        shown = ", ".join(map(str, lengths[:6])) + (", ..." if len(lengths) > 6 else "")
+        """``cp 2, 2 segment(s) [3 in 4, 8], ...``: a padded segment shows its logical length in its physical one."""
+        lengths, logical = self.segment_lengths, self.logical_lengths
+        parts = [str(p) if q == p else f"{q} in {p}" for q, p in zip(logical, lengths)]
+        shown = ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
         return (
             f"cp {self.cp}, {self.num_segments} segment(s) [{shown}], {self.total_tokens} tokens, "
             f"{self.vision_tokens} vision"
@@ -180,6 +189,14 @@ def _random_runs(generator: torch.Generator, lengths: Sequence[int], max_runs: i
     return _runs_mask(offset, starts, ends)
 
 
+def _segment_length(generator: torch.Generator, cp: int, chunks: int) -> int:
+    """``2*cp*chunks`` tokens; at cp 1 (nothing is split, no length rule) one fewer half the time, so odd
+    segments are generated too. No extra random draw at cp > 1: those cases stay what they were."""
+    if cp > 1:
+        return 2 * cp * chunks
+    return 2 * chunks - _randint(generator, 0, 1)
+
+
 def _from_mask(name: str, kind: str, cp: int, lengths: Sequence[int], mask: torch.Tensor, tokens: TokenConfig,
                generator: torch.Generator) -> Case:
     """A case whose text positions get random ids and vision positions the image placeholder."""
@@ -209,7 +226,7 @@ def _crossing(generator: torch.Generator, cp: int, tokens: TokenConfig, name: st
 
 
 def _empty_rank(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
-    lengths = [2 * cp * _randint(generator, 1, 4) for _ in range(_randint(generator, 1, 4))]
+    lengths = [_segment_length(generator, cp, _randint(generator, 1, 4)) for _ in range(_randint(generator, 1, 4))]
     case = _from_mask(name, "empty-rank", cp, lengths, _random_runs(generator, lengths), tokens, generator)
     if cp == 1:
         return case.with_mask(torch.zeros_like(case.vision_mask))
@@ -222,7 +239,7 @@ def _empty_rank(generator: torch.Generator, cp: int, tokens: TokenConfig, name: 
 
 
 def _text_only(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
-    lengths = [2 * cp * _randint(generator, 1, 4) for _ in range(_randint(generator, 2, 5))]
+    lengths = [_segment_length(generator, cp, _randint(generator, 1, 4)) for _ in range(_randint(generator, 2, 5))]
     case = _from_mask(name, "text-only", cp, lengths, _random_runs(generator, lengths), tokens, generator)
     if _randint(generator, 0, 2) == 0:
         return case.with_mask(torch.zeros_like(case.vision_mask))
@@ -244,7 +261,7 @@ def _video(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) 
         segments.append(items)
     seed = _randint(generator, 0, 2**31 - 1)
     logical = build_batch(segments, tokens=tokens, seed=seed)["cu_seqlens"].to(torch.long)
-    multiple = 2 * cp
+    multiple = pad_multiple(cp, "zigzag")  # 2·cp; 1 at cp 1, where an odd length needs no padding
     padded = [(-(-int(n) // multiple) + _randint(generator, 0, 1)) * multiple for n in logical[1:] - logical[:-1]]
     batch = build_batch(segments, [max(p, multiple) for p in padded], tokens=tokens, seed=seed)
     ids = batch["input_ids"].reshape(-1)
@@ -256,12 +273,12 @@ def _video(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) 
 
 
 def _single_segment(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
-    lengths = [2 * cp * _randint(generator, 1, 8)]
+    lengths = [_segment_length(generator, cp, _randint(generator, 1, 8))]
     return _from_mask(name, "single-segment", cp, lengths, _random_runs(generator, lengths, 4), tokens, generator)
 
 
 def _many_short(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
-    lengths = [2 * cp * _randint(generator, 1, 2) for _ in range(_randint(generator, 8, 20))]
+    lengths = [_segment_length(generator, cp, _randint(generator, 1, 2)) for _ in range(_randint(generator, 8, 20))]
     mask = _random_runs(generator, lengths, 2)
     case = _from_mask(name, "many-short", cp, lengths, mask, tokens, generator)
     all_vision = torch.randperm(len(lengths), generator=generator)[:2]  # whole segments of vision tokens

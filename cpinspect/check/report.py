@@ -13,7 +13,7 @@ from typing import Any
 
 from cpinspect.check.cases import Case
 from cpinspect.check.uniformity import Uniformity
-from cpinspect.check.verdicts import PASS, RANK_DEPENDENT, SEVERITY, CaseResult
+from cpinspect.check.verdicts import PASS, SEVERITY, CaseResult
 
 # How each kind of line starts in plain text: the verdict marks, the indents of a failure's block.
 PREFIXES = {
@@ -77,7 +77,7 @@ class CheckReport:
         for result in self.results:
             counts[result.verdict] = counts.get(result.verdict, 0) + 1
         if self.uniformity.finding:
-            counts[RANK_DEPENDENT] = 1
+            counts[self.uniformity.verdict] = counts.get(self.uniformity.verdict, 0) + 1
         return counts
 
     def lines(self) -> list[ReportLine]:
@@ -92,7 +92,9 @@ class CheckReport:
             "cases": len(self.results), "ok": self.ok, "verdicts": self.verdict_counts(),
             "results": [r.to_dict() if not r.ok else {"case": r.case.name, "cp": r.case.cp, "verdict": PASS}
                         for r in self.results],
-            "rank_uniform": {"runs": self.uniformity.runs, "finding": self.uniformity.finding},
+            "rank_uniform": {"runs": self.uniformity.runs, "finding": self.uniformity.finding,
+                             "verdict": self.uniformity.verdict if self.uniformity.finding else None,
+                             "skipped": self.uniformity.skipped or None},
             "shrunk": [{"verdict": s.verdict, "from": s.original.name, "case": s.result.to_dict(),
                         "path": str(s.path) if s.path else None, "replay": s.commands} for s in self.shrunk],
             "notes": self.notes, "seconds": round(self.elapsed, 3),
@@ -107,11 +109,16 @@ def report_lines(report: CheckReport) -> list[ReportLine]:
     failures = report.failures
     counts = ", ".join(f"{v} {n}" for v, n in sorted(report.verdict_counts().items()) if v != PASS)
     if report.ok:
-        uniform = (f"collectives are rank-uniform ({report.uniformity.runs} perturbed run(s))" if report.uniformity.runs
-                   else "rank-uniformity not checked (no clean case with cp > 1 and vision tokens)")
+        probe = report.uniformity
+        uniform = (f"collectives are rank-uniform ({probe.runs} perturbed run(s)"
+                   f"{f'; {probe.skipped}' if probe.skipped else ''})" if probe.runs
+                   else f"rank-uniformity not checked ({probe.skipped or 'no perturbed run'})")
         lines.append(ReportLine("pass", f"all {len(report.results)} case(s) match the oracle on every rank; {uniform}"))
     else:
-        lines.append(ReportLine("fail", f"{len(failures)} of {len(report.results)} case(s) failed ({counts})"))
+        probe = report.uniformity
+        shared = (f"; {probe.verdict} 1 is the rank-uniformity probe's" if probe.finding
+                  and any(r.verdict == probe.verdict for r in failures) else "")
+        lines.append(ReportLine("fail", f"{len(failures)} of {len(report.results)} case(s) failed ({counts}{shared})"))
     shrunk = {s.verdict: s for s in report.shrunk}
     for verdict in sorted({r.verdict for r in failures}, key=SEVERITY.index, reverse=True):
         group = [r for r in failures if r.verdict == verdict]
@@ -119,9 +126,9 @@ def report_lines(report: CheckReport) -> list[ReportLine]:
                                         f"{group[0].case.describe()}"))
         lines += _failure_block(group[0], shrunk.get(verdict))
     if report.uniformity.finding:
-        lines.append(ReportLine("fail", f"{RANK_DEPENDENT}: {report.uniformity.finding}"))
+        lines.append(ReportLine("fail", f"{report.uniformity.verdict}: {report.uniformity.finding}"))
         witness = report.uniformity.witness
-        lines += _failure_block(witness, shrunk.get(RANK_DEPENDENT)) if witness else []
+        lines += _failure_block(witness, shrunk.get(report.uniformity.shrink_label)) if witness else []
     lines += [ReportLine("note", note) for note in report.notes]
     return lines
 

@@ -20,7 +20,7 @@ from cpinspect.check.run import DEFAULT_TIMEOUT_S, run_case
 from cpinspect.check.shrink import ShrinkResult, replay_commands, save_case, shrink_case
 from cpinspect.check.signatures import Signature, get_signature, infer_signature
 from cpinspect.check.uniformity import Uniformity, check_uniformity
-from cpinspect.check.verdicts import RANK_DEPENDENT, TIMEOUT, CaseResult
+from cpinspect.check.verdicts import TIMEOUT, CaseResult
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
 from cpinspect.core.loading import load_batch
@@ -83,7 +83,7 @@ def run_check(
                          f"could cost {timeout:g} s too; fix the hang first")
             break
     hung = bool(results) and results[-1].verdict == TIMEOUT
-    uniformity = Uniformity() if hung else check_uniformity(
+    uniformity = Uniformity(skipped="a case timed out, so no perturbed case was run") if hung else check_uniformity(
         fn, sig, results, timeout=timeout, strict_apply=strict_apply, deadline=deadline)
     report = CheckReport(target or target_name(fn), sig.name, cps, seed, results, uniformity, notes=notes)
     if shrink:
@@ -123,7 +123,7 @@ def _shrink_failures(fn: Callable[..., Any], sig: Signature, report: CheckReport
         firsts.setdefault(result.verdict, result)
     targets = [(v, r) for v, r in firsts.items() if v != TIMEOUT][:3]
     if report.uniformity.witness is not None and report.uniformity.witness.verdict != TIMEOUT:
-        targets.append((RANK_DEPENDENT, report.uniformity.witness))
+        targets.append((report.uniformity.shrink_label, report.uniformity.witness))
     shrunk = []
     for label, result in targets:
         verdict = result.verdict

@@ -19,16 +19,29 @@ import torch
 from cpinspect.check.cases import Case
 from cpinspect.check.run import run_case
 from cpinspect.check.signatures import Signature
-from cpinspect.check.verdicts import DIVERGENCE, TIMEOUT, CaseResult
+from cpinspect.check.verdicts import DIVERGENCE, EXCEPTION, RANK_DEPENDENT, TIMEOUT, CaseResult
 
 
 @dataclass
 class Uniformity:
-    """Result of perturbing rank-local masks of cases that ran without divergence."""
+    """Result of perturbing rank-local masks of cases that ran without divergence.
+
+    ``verdict`` names the finding: ``rank-dependent-collectives`` (the ranks' collective sequences
+    part, or one hangs), or ``exception`` when the moved vision tokens only make some ranks raise
+    after the same collectives as the others (an error on rank-local data, not control flow).
+    ``skipped`` says why fewer runs were made than planned (none, or cut short), when that happened.
+    """
 
     runs: int = 0
     finding: str | None = None
     witness: CaseResult | None = None
+    verdict: str = RANK_DEPENDENT
+    skipped: str = ""
+
+    @property
+    def shrink_label(self) -> str:
+        """The shrunk failure's label and file-name part (never the same as a case verdict's)."""
+        return RANK_DEPENDENT if self.verdict == RANK_DEPENDENT else f"{self.verdict}-moved-vision"
 
 
 def mask_variants(case: Case) -> Iterator[tuple[str, Case]]:
@@ -64,22 +77,65 @@ def check_uniformity(fn: Callable[..., Any], signature: Signature, results: Sequ
         if len(per_cp.setdefault(result.case.cp, [])) < 2:
             per_cp[result.case.cp].append(result)
     chosen = [r for group in per_cp.values() for r in group][:max_bases]
-    uniformity = Uniformity()
+    uniformity = Uniformity(skipped=_no_base_reason(results) if not chosen else "")
     for base in chosen:
         for label, variant in mask_variants(base.case):
             if time.monotonic() > deadline:
+                uniformity.skipped = f"--max-time was reached after {uniformity.runs} perturbed run(s)"
                 return uniformity
             run = run_case(fn, replace(variant, name=f"{base.case.name}, {label}"), signature, timeout=timeout,
                            strict_apply=strict_apply)
             uniformity.runs += 1
             if run.verdict in (DIVERGENCE, TIMEOUT) or run.partial:
-                uniformity.finding = (
-                    f"{base.case.name} ({base.case.describe()}) ran without divergence, but with its vision tokens "
-                    f"moved so that {label} (same cu_seqlens, cp and {base.case.vision_embed_count} embeddings) "
-                    f"the ranks disagree ({run.verdict}): the collective sequence follows rank-local data. Control "
-                    "flow before a collective must depend only on what every rank shares (cu_seqlens, cp, "
-                    "vision_embed_count) or has exchanged"
-                )
+                moved = (f"{base.case.name} ({base.case.describe()}) ran without divergence, but with its vision "
+                         f"tokens moved so that {label} (same cu_seqlens, cp and {base.case.vision_embed_count} "
+                         "embeddings)")
+                if run.partial and same_collectives_then_raised(run):
+                    uniformity.verdict = EXCEPTION
+                    raised = [r for r in run.ranks if r.status == "raised"]
+                    who = ", ".join(str(r.rank) for r in raised)
+                    uniformity.finding = (
+                        f"{moved} rank(s) {who} raised after the same {len(raised[0].calls)} collective(s) as every "
+                        f"other rank ({run.summary}): an exception on rank-local data, not control flow. Make the "
+                        "code after the collectives handle a rank without vision tokens (an empty mask gives zero "
+                        "rows, not an error)")
+                else:
+                    uniformity.finding = (
+                        f"{moved} the ranks disagree ({run.verdict}): the collective sequence follows rank-local "
+                        "data. Control flow before a collective must depend only on what every rank shares "
+                        "(cu_seqlens, cp, vision_embed_count) or has exchanged")
                 uniformity.witness = run
                 return uniformity
+    if chosen and not uniformity.runs:
+        uniformity.skipped = ("no clean case's vision tokens could be moved off a rank or onto rank 0 (too many "
+                              "vision tokens for the free positions)")
     return uniformity
+
+
+def _no_base_reason(results: Sequence[CaseResult]) -> str:
+    """Why no case could seed the probe: the first condition every case misses."""
+    if not results:
+        return "no case ran"
+    if not any(r.case.cp > 1 for r in results):
+        return "every case ran at cp 1, where one rank holds everything"
+    if not any(r.case.cp > 1 and r.case.vision_tokens > 0 for r in results):
+        return "no case with cp > 1 has vision tokens"
+    return "no case with cp > 1 and vision tokens completed on every rank"
+
+
+def same_collectives_then_raised(result: CaseResult) -> bool:
+    """Only some ranks raised, each after exactly the collectives every rank completed (the others may wait
+    in one more): the exception, not the collective sequence, is what differs between the ranks."""
+    raised = [r for r in result.ranks if r.status == "raised"]
+    others = [r for r in result.ranks if r.status != "raised"]
+    if not raised or not others:
+        return False
+    done = [c.fingerprint() for c in raised[0].calls]
+    if any([c.fingerprint() for c in r.calls] != done for r in raised):
+        return False
+    for rank in others:
+        calls = [c.fingerprint() for c in rank.calls]
+        if calls[:len(done)] != done or len(calls) > len(done) + 1 or (len(calls) > len(done)
+                                                                           and rank.status != "waiting"):
+            return False
+    return True

@@ -49,6 +49,7 @@ class RankVerdict:
     first_difference: int | None = None
     segment: int | None = None
     chunk: int | None = None
+    status: str = "returned"  # how the rank ended: returned, raised, waiting (aborted in a collective), running
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +85,7 @@ class CaseResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "case": self.case.name, "kind": self.case.kind, "cp": self.case.cp, "segments": self.case.segment_lengths,
+            "logical_segments": self.case.logical_lengths,
             "tokens": self.case.total_tokens, "vision_tokens": self.case.vision_tokens, "verdict": self.verdict,
             "summary": self.summary, "ranks": [r.to_dict() for r in self.ranks],
         }
@@ -110,9 +112,15 @@ def judge(case: Case, states: list[RankState], failure: SpmdError | None) -> Cas
 
 def _stopped(case: Case, verdict: str, summary: str, states: list[RankState],
              expected: list[torch.Tensor]) -> CaseResult:
-    ranks = [RankVerdict(s.rank, verdict, _state_line(s), rows.tolist(), calls=list(s.calls))
+    ranks = [RankVerdict(s.rank, verdict, _state_line(s), rows.tolist(), calls=list(s.calls), status=_status(s))
              for s, rows in zip(states, expected)]
     return CaseResult(case, verdict, summary, ranks)
+
+
+def _status(state: RankState) -> str:
+    if isinstance(state.error, CollectiveAbort) or state.status == "waiting":
+        return "waiting"
+    return state.status
 
 
 def _state_line(state: RankState) -> str:

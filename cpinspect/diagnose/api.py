@@ -9,7 +9,7 @@ Public API (stable: ``cpinspect analyze`` reuses it)::
     report.findings   # list[Finding]: code, status (confirmed|possible|info), severity,
                       #   message, rank, segment, chunk, hint
     report.observed   # dict: the numbers parsed from the error text (and ``embeds``)
-    report.exit_code  # 0 nothing wrong found, 1 a cause confirmed or the batch inconsistent
+    report.exit_code  # 0 nothing wrong found, 1 a cause confirmed, the batch inconsistent or an error recognised
     report.to_dict()  # the --json document {ok, observed, findings: [...]} (plus cp, layout, input)
     render_report(report, console)
 

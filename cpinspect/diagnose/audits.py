@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from cpinspect.core.findings import Finding
+from cpinspect.core.layout import rule_of
 from cpinspect.core.tokens import TokenConfig
 from cpinspect.core.vision_items import VisionItem, placeholder_mask
 from cpinspect.diagnose.report import cause, info
@@ -47,7 +48,7 @@ def _batch_not_flat(scene: Scene) -> list[Finding]:
 
 
 def _segments(scene: Scene) -> list[Finding]:
-    if scene.divisible or scene.layout != "zigzag":
+    if scene.divisible or rule_of(scene.layout) != "zigzag":
         return [] if scene.divisible else [_row_not_divisible(scene)]
     cu, multiple = scene.cu, 2 * scene.cp
     lengths = cu[1:] - cu[:-1]
@@ -60,16 +61,16 @@ def _segments(scene: Scene) -> list[Finding]:
     return [cause(
         "SEGMENT_NOT_DIVISIBLE",
         f"segment {seg} has physical length {length}, which 2·cp = {multiple} does not divide ({length} mod "
-        f"{multiple} = {length % multiple}; {bad.numel()} of {lengths.numel()} segments): the zigzag split needs "
-        f"{multiple} equal "
-        f"chunks per segment, so Megatron/TransformerEngine reject it (Bridge: 'Pre-sharded packed CP inputs require "
+        f"{multiple} = {length % multiple}; {bad.numel()} of {lengths.numel()} segments): the {scene.layout} "
+        f"split needs {multiple} equal chunks per segment, so Megatron/TransformerEngine reject it (Bridge: "
+        f"'Pre-sharded packed CP inputs require "
         f"every physical segment length to be divisible by 2 * cp_size'); {after}",
         f"pad every segment to a multiple of {multiple} before CP (segment {seg}: {length} -> {padded}) and pass the "
         "padded boundaries as cu_seqlens_padded", segment=seg)]
 
 
 def _row_not_divisible(scene: Scene) -> Finding:
-    total, rule = scene.total_tokens, (2 * scene.cp if scene.layout == "sequence-zigzag" else scene.cp)
+    total, rule = scene.total_tokens, (2 * scene.cp if rule_of(scene.layout) == "sequence-zigzag" else scene.cp)
     return cause(
         "SEGMENT_NOT_DIVISIBLE",
         f"the packed row has {total} tokens, which {rule} does not divide, so the {scene.layout} layout cannot cut it "
@@ -278,11 +279,13 @@ def consistent(scene: Scene, findings: list[Finding]) -> list[Finding]:
 
 
 def _split_line(scene: Scene) -> str:
-    """What the layout cut into equal pieces: every segment (zigzag) or the whole row (the others)."""
-    if scene.layout == "zigzag":
+    """What the layout cut into equal pieces: every segment (zigzag rule) or the whole row (the others)."""
+    rule = rule_of(scene.layout)
+    if rule == "zigzag":
+        named = "" if scene.layout == "zigzag" else f" ({scene.layout})"
         return (f"segments: all {scene.batch.num_segments} physical lengths split into 2·cp = {2 * scene.cp} equal "
-                f"pieces at cp={scene.cp}")
-    pieces = 2 * scene.cp if scene.layout == "sequence-zigzag" else scene.cp
+                f"pieces at cp={scene.cp}{named}")
+    pieces = 2 * scene.cp if rule == "sequence-zigzag" else scene.cp
     return (f"row: the {scene.total_tokens} tokens split into {pieces} equal pieces of {scene.total_tokens // pieces} "
             f"({scene.layout}, cp={scene.cp}); segment lengths need not divide")
 
@@ -310,9 +313,12 @@ def _span_lines(scene: Scene, codes: set[str]) -> list[str]:
     id_count = (scene.placeholders_of("image") or 0) + (scene.placeholders_of("video") or 0)
     if any(scene.issues.get(kind) for kind in ("image", "video")) or scene.grid_rows() != id_count:
         return []
-    lines = [f"vision spans: all {items} placeholder run(s) match their grids (Σ t·h·w/{scene.tokens.merge_area} = "
-             f"{scene.grid_rows()} = the {id_count} placeholder ids), with the {scene.tokens.model} ids "
-             f"{scene.tokens.image_token_id}/{scene.tokens.video_token_id}"]
+    if items == 0 and id_count == 0:
+        lines = ["vision spans: none: no vision placeholder in the row and no grid row in the batch (text only)"]
+    else:
+        lines = [f"vision spans: all {items} placeholder run(s) match their grids (Σ t·h·w/{scene.tokens.merge_area} "
+                 f"= {scene.grid_rows()} = the {id_count} placeholder ids), with the {scene.tokens.model} ids "
+                 f"{scene.tokens.image_token_id}/{scene.tokens.video_token_id}"]
     explicit = scene.embeds if scene.embeds is not None else scene.batch.vision_embed_count
     if explicit is not None and explicit == scene.placeholders and "EMBED_COUNT_MISMATCH" not in codes:
         lines.append(f"embedding rows: {explicit} = the {scene.placeholders} placeholders")

@@ -84,7 +84,8 @@ def _explain_divisible(scene: Scene, observed: ObservedError) -> list[Finding]:
              else f"segment {lengths.index(length)}" if length in lengths else None)
     if where is None:
         return [info("UNEXPLAINED", f"the error names a length of {length}; no segment or row of this batch has it "
-                      f"(row {scene.total_tokens}, segments {lengths[:8]})")]
+                      f"(row {scene.total_tokens}, segments {lengths[:8]})",
+                     "pass the batch of the failing step (the one whose packed row or segment has that length)")]
     remainder = length % (2 * cp)
     cp_one = (" With CP size 1 nothing is split at all: the zigzag mapping ran without context parallelism "
               "(slime#2376), where it must be skipped" if cp == 1 else "")
@@ -332,4 +333,5 @@ def _unexplained(scene: Scene, observed: ObservedError) -> Finding:
     return info("UNEXPLAINED",
                  f"no simulated cause reproduces {_numbers_text(observed)} on this batch at cp={scene.cp}: ranks hold "
                  f"{holds or 'unknown'} vision tokens; whole-batch row counts: {rows}",
-                 "check that the batch is the failing step's micro-batch (same rank files, same cp)")
+                 "save the failing step's micro-batch (every rank's file, with cu_seqlens_padded and the grids) and "
+                 "rerun: cpinspect diagnose RANK_DIR --cp <the run's cp> --error-file train.log")

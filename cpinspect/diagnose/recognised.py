@@ -11,6 +11,7 @@ from __future__ import annotations
 from cpinspect.core.findings import Finding
 from cpinspect.diagnose.errortext import ObservedError
 from cpinspect.diagnose.report import cause
+from cpinspect.diagnose.rope_offsets import segment_offset_findings
 from cpinspect.diagnose.scene import Scene
 
 RECOGNISED = "ERROR_RECOGNISED"
@@ -129,10 +130,39 @@ def _view_size(scene: Scene, observed: ObservedError) -> Finding:
                "was sliced for other tokens than the ones it is viewed for (Pai-Megatron-Patch#569)")
     if has and wants:
         meaning += f"; on this batch {size} = {has} and {product} = {wants}"
+    elif (tokens := _token_dims(shape, size, {total: "the full row's", total // max(cp, 1): "one rank's"})):
+        meaning += f"; on this batch {tokens}"
+        has = wants = tokens
+    offset_bug = [f for f in segment_offset_findings(scene) if f.status == "confirmed"]
+    if offset_bug:  # the batch's own positions show a selection mistake: tie the sizes to it, never "cannot show"
+        n = scene.batch.row_tokens
+        return Finding(RECOGNISED, "error", (
+            f"{meaning}. This batch's own position_ids show ROPE_SEGMENT_OFFSET_MISSING (its own finding): a table "
+            f"selected without the segment offsets still has one entry per local token ({n} per rank, {3 * n} as "
+            f"[3, {n}]), so that mistake alone changes no size: the view's {product} elements against {size} point "
+            "to a second slicing of the table with other indices than input_ids"
+            + ("" if has or wants else f" ({size} and {product} are no size of this batch's rows)")),
+            "fix the segment offsets first (ROPE_SEGMENT_OFFSET_MISSING), then slice the table once, with the layout "
+            "indices input_ids were sliced with", status="info")
     return recognised("slice the position/RoPE table with the same layout indices as input_ids, after computing it "
                       "on the full row", meaning,
                       "the batch's own position_ids in each rank file (key position_ids): cpinspect diagnose "
                       "RANK_DIR --cp N compares them with the full row's")
+
+
+def _token_dims(shape: list[int], size: int, counts: dict[int, str]) -> str:
+    """``the view wants 132 tokens x 64 (the full row's), the tensor holds 4224 = 66 x 64 (one rank's)``, or ''."""
+    for axis, dim in enumerate(shape):
+        if dim not in counts:
+            continue
+        width = 1
+        for other, value in enumerate(shape):
+            width *= value if other != axis and value > 0 else 1
+        if width and size % width == 0 and size // width in counts and size // width != dim:
+            held = size // width
+            return (f"the view wants {dim} tokens x {width} ({counts[dim]} tokens), the tensor holds {size} = {held} "
+                    f"x {width} ({counts[held]} tokens)")
+    return ""
 
 
 def _nccl(scene: Scene, observed: ObservedError) -> Finding:

@@ -35,8 +35,9 @@ class DiagnoseReport:
 
     @property
     def recognised_failure(self) -> bool:
-        """An error recognised whose cause this batch cannot show: still a failure (exit 1)."""
-        return any(f.code == "ERROR_RECOGNISED" for f in self.findings)
+        """An error recognised whose cause this batch cannot show (ERROR_RECOGNISED), or whose numbers no
+        simulated cause reproduces on it (UNEXPLAINED): still a failure (exit 1), never "nothing wrong"."""
+        return any(f.code in ("ERROR_RECOGNISED", "UNEXPLAINED") for f in self.findings)
 
     @property
     def ok(self) -> bool:

@@ -75,12 +75,17 @@ def _verdict(report: DiagnoseReport) -> RenderableType:
     if causes:
         codes = ", ".join(dict.fromkeys(f.code for f in causes))
         return Group(Text(f"✗ cause confirmed: {codes}", style="bold red"))
-    if report.recognised_failure:
+    present = {f.code for f in report.findings}
+    if "ERROR_RECOGNISED" in present:
         return Text("✗ failure recognised; its cause needs more input than this batch (see ERROR_RECOGNISED above)",
                     style="bold red")
     possible = [f.code for f in report.findings if f.status == "possible"]
     if possible:
         return Text(f"? nothing confirmed; possible: {', '.join(dict.fromkeys(possible))}", style="bold yellow")
+    if "UNEXPLAINED" in present:
+        return Text("✗ failure recognised, but no simulated cause reproduces its numbers on this batch (see "
+                    "UNEXPLAINED above): is it the failing step's batch, with every rank file, at the run's cp?",
+                    style="bold red")
     if report.form in ("one rank", "double sharded"):
         return Text("✓ nothing wrong found in what these rows show (the checks needing the full row were skipped)",
                     style="bold green")

@@ -35,8 +35,10 @@ def render_info(summary: dict[str, Any], console: Console, *, source: str) -> No
                       f"{' ...' if summary['segments'] > 12 else ''}")
     console.print(f"row: {summary['row_tokens']:,} tokens per row; cu_seqlens ends at {summary['cu_seqlens_end']:,}"
                   + (f"; {summary['rank_files']} rank files" if summary["rank_files"] else ""))
+    grids = [f"{summary[key]} {noun}(s)" if summary[key] is not None else f"no {key[:-1]}_grid_thw"
+             for key, noun in (("images", "image"), ("videos", "video"))]
     console.print(f"vision tokens: {summary['image_tokens']:,} image_pad, {summary['video_tokens']:,} video_pad"
-                  + (f"; grids: {summary['images']} image(s), {summary['videos']} video(s)"
+                  + (f"; grids: {', '.join(grids)}"
                      if summary["images"] is not None or summary["videos"] is not None else ""))
     if summary["vision_embed_count"] is not None:
         console.print(f"vision_embed_count: {summary['vision_embed_count']:,}")

@@ -117,6 +117,18 @@ def test_generated_cases_cover_every_kind_at_every_cp_and_are_valid_zigzag_rows(
         assert case.vision_embed_count == case.vision_tokens
 
 
+def test_cp1_cases_include_odd_segments_and_rank_0_expects_every_row_in_order():
+    """Issue 14 class 9: at cp 1 nothing is split, so no length rule applies; odd segments must be generated."""
+    cases = generate_cases([1], 70, seed=0)
+    odd = [c for c in cases if any(n % 2 for n in c.segment_lengths)]
+    assert {c.kind for c in odd} >= {"empty-rank", "text-only", "single-segment", "many-short"}
+    correct = impl("correct.py")
+    for case in odd[:12]:
+        result = run_case(correct, case)
+        assert result.ok, result.summary
+        assert result.ranks[0].expected == list(range(case.vision_tokens))  # one rank holds the row in order
+
+
 def _chunk_of(case, position):
     cu = case.cu_seqlens
     segment = int(torch.searchsorted(cu[1:], torch.tensor(position), right=True))
@@ -375,6 +387,51 @@ def test_rank_dependent_collectives_are_reported_when_no_case_diverged(tmp_path)
     assert "ran without divergence" in report.uniformity.finding
     assert report.uniformity.witness.verdict == DIVERGENCE
     assert f"✗ {RANK_DEPENDENT}:" in report.text()
+
+
+def test_a_raise_on_some_ranks_after_the_same_collectives_is_the_exception_finding(tmp_path):
+    """Issue 14 class 9: moving the vision tokens off rank 0 makes only rank 0 raise, after the all-gather every
+    rank entered: that is an exception on rank-local data, not rank-dependent collectives."""
+    correct = impl("correct.py")
+
+    def raises_when_empty(vision_mask, cu_seqlens, *, vision_embed_count, cp_group):
+        rows = correct(vision_mask, cu_seqlens, vision_embed_count=vision_embed_count, cp_group=cp_group)
+        if not vision_mask.any():
+            raise IndexError("no vision token on this rank")
+        return rows
+
+    case = case_from_local_masks(*WORKED[:2], vision_embed_count=12)  # both ranks hold vision tokens: it passes
+    report = run_check(raises_when_empty, cp=[2], cases=0, batches=[_saved(case, tmp_path)], shrink=False)
+    assert [r.verdict for r in report.results] == [PASS]
+    assert report.verdict_counts() == {PASS: 1, EXCEPTION: 1}
+    assert report.uniformity.verdict == EXCEPTION and RANK_DEPENDENT not in report.text()
+    assert "raised after the same 1 collective(s) as every other rank" in report.uniformity.finding
+    witness = report.uniformity.witness
+    raised = [r.rank for r in witness.ranks if r.status == "raised"]
+    assert len(raised) == 1 and [c.op for c in witness.ranks[0].calls] == [c.op for c in witness.ranks[1].calls]
+    assert "✗ exception: " in report.text()
+
+
+def test_the_reason_for_skipping_the_uniformity_probe_is_the_true_one(tmp_path):
+    correct = impl("correct.py")
+    at_cp1 = run_check(correct, cp=[1], cases=7, shrink=False)
+    assert at_cp1.ok and at_cp1.uniformity.runs == 0
+    assert "rank-uniformity not checked (every case ran at cp 1, where one rank holds everything)" in at_cp1.text()
+    # every token is a vision token: no variant can move them off a rank, though the case has cp 2 and vision
+    crowded = case_from_local_masks([0, 8], [[1, 1, 1, 1], [1, 1, 1, 1]])
+    full = run_check(correct, cp=[2], cases=0, batches=[_saved(crowded, tmp_path)], shrink=False)
+    assert full.ok and full.uniformity.runs == 0
+    assert "no clean case with cp > 1 and vision tokens" not in full.text()
+    assert "no clean case's vision tokens could be moved" in full.text()
+    # the time budget is spent before the probe: it says so, not that a clean case was lacking
+    from cpinspect.check.signatures import get_signature
+    from cpinspect.check.uniformity import check_uniformity
+
+    clean = run_case(correct, case_from_local_masks(*WORKED[:2], vision_embed_count=12))
+    assert clean.ok
+    late = check_uniformity(correct, get_signature("default"), [clean], timeout=5.0, strict_apply=True,
+                            deadline=time.monotonic() - 1.0)
+    assert late.runs == 0 and late.skipped == "--max-time was reached after 0 perturbed run(s)"
 
 
 def _saved(case, folder):

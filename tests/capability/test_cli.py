@@ -123,6 +123,18 @@ def test_info_reports_keys_segments_and_form():
     assert doc["image_tokens"] + doc["video_tokens"] == 124 and doc["looks_like"] == "full row"
 
 
+def test_info_names_a_missing_grid_key_instead_of_none(tmp_path):
+    """Issue 14 class 9: an image-only batch (no video_grid_thw key) printed "None video(s)"."""
+    import torch
+
+    batch = torch.load(EXAMPLES / "qwen3vl_packed.pt", weights_only=True)
+    del batch["video_grid_thw"]
+    torch.save(batch, tmp_path / "images_only.pt")
+    result = run("info", tmp_path / "images_only.pt", "--no-color")
+    line = next(line for line in result.output.splitlines() if line.startswith("vision tokens:"))
+    assert line.endswith("grids: 3 image(s), no video_grid_thw") and "None" not in line
+
+
 def test_module_entry_point_and_help_do_not_import_torch():
     code = ("import sys, runpy; sys.argv=['cpinspect','--help'];\n"
             "try:\n    runpy.run_module('cpinspect', run_name='__main__')\nexcept SystemExit as e:\n"

@@ -143,13 +143,14 @@ def test_one_rank_file_is_enough_for_rows_not_selected():
     assert finding(report, "PRESHARDED_ROWS_NOT_SELECTED").rank == 1
 
 
-def test_unexplained_numbers_say_so_and_exit_0():
+def test_unexplained_numbers_say_so_and_exit_1():
+    """Issue 14 acceptance: a recognised error the batch does not explain is a failure, never "nothing wrong"."""
     report = diagnose_batch(reference_vision_row(), 2, error_text=scatter(12, 7))
     assert confirmed(report) == []
     assert finding(report, "PRESHARDED_ROWS_NOT_SELECTED", "possible")
     unexplained = finding(report, "UNEXPLAINED", "info")
     assert "rank 0: 2, rank 1: 10" in unexplained.message
-    assert report.exit_code == 0
+    assert report.exit_code == 1 and not report.causes
 
 
 # --------------------------------------------------------------------------- boundaries and segments

@@ -185,6 +185,101 @@ def test_positions_taken_at_the_global_indices_are_not_the_offset_bug(tmp_path):
     assert report.exit_code == 0, confirmed(report)
 
 
+def _text_rank_files(folder, cu, key, values, logical=None):
+    """Text-only rank files of a zigzag cut (the literal layout), each with its ``values`` under ``key``."""
+    indices = literal.zigzag_indices(cu, len(values))
+    ids = torch.arange(1000, 1000 + cu[-1])
+    for rank, held in enumerate(indices):
+        shard = {"input_ids": ids[held].view(1, -1), "cu_seqlens_padded": torch.tensor(cu, dtype=torch.int32),
+                 "cu_seqlens": torch.tensor(logical or cu, dtype=torch.int32), key: torch.tensor(values[rank])}
+        torch.save(shard, folder / f"rank{rank}.pt")
+    return folder
+
+
+def test_the_megatron_5243_rope_indices_are_confirmed_and_the_global_ones_are_not(tmp_path):
+    """The issue's own vectors: cu [0, 4, 8], cp 2, rank 0 selects [0, 3, 0, 3] where [0, 3, 4, 7] is right."""
+    cu = [0, 4, 8]
+    right = literal.zigzag_indices(cu, 2)
+    wrong = [[g - (0 if g < 4 else 4) for g in held] for held in right]
+    assert (right[0], wrong[0]) == ([0, 3, 4, 7], [0, 3, 0, 3])
+    (tmp_path / "bug").mkdir()
+    (tmp_path / "ok").mkdir()
+    report = diagnose_batch(_text_rank_files(tmp_path / "bug", cu, "rope_indices", wrong), 2)
+    assert confirmed(report) == ["ROPE_SEGMENT_OFFSET_MISSING"]
+    assert "rank 0 selects table rows [0, 3] for its segment-1 tokens at global [4, 7]" in report.causes[0].message
+    fine = diagnose_batch(_text_rank_files(tmp_path / "ok", cu, "rope_indices", right), 2)
+    assert "ROPE_SEGMENT_OFFSET_MISSING" not in confirmed(fine)
+
+
+def _offsets(cu, held):
+    return [g - max(c for c in cu[:-1] if c <= g) for g in held]
+
+
+@pytest.mark.parametrize("shape", ["[n]", "[1, n]"])
+def test_1d_position_ids_read_at_the_offsets_are_confirmed(tmp_path, shape):
+    """1-D RoPE: the per-segment position table (each segment from 0) taken at the offsets, not the indices."""
+    cu = [0, 8, 32, 44]  # a short first segment: offsets past 8 land in segment 1 of the table
+    table = [o for a, b in zip(cu, cu[1:]) for o in range(b - a)]
+    held = literal.zigzag_indices(cu, 2)
+    wrong = [[table[o] for o in _offsets(cu, h)] for h in held]
+    values = [w if shape == "[n]" else [w] for w in wrong]
+    report = diagnose_batch(_text_rank_files(tmp_path, cu, "position_ids", values), 2)
+    assert confirmed(report) == ["ROPE_SEGMENT_OFFSET_MISSING"]
+    # rank 0 holds chunks 0 and 3 of every segment: segment 0 (chunks of 2) gives local 0-3; segment 1 (chunks of 6)
+    # global 8-13 (local 4-9, offsets 0-5, all inside segment 0's table part: right) and 26-31 (local 10-15, offsets
+    # 18-23): the first wrong one is local 10, global 26, reading table[18], segment 1's offset 10
+    message = report.causes[0].message
+    assert "1-D position_ids" in message and "local token 10 (global 26, segment 1)" in message
+    assert "it has position 10 (entry 18, a token of segment 1) where 18 is right" in message
+    assert (report.causes[0].rank, report.causes[0].segment) == (0, 1)
+
+
+def test_1d_positions_taken_at_the_global_indices_are_not_the_offset_bug(tmp_path):
+    cu = [0, 8, 32, 44]
+    right = [_offsets(cu, h) for h in literal.zigzag_indices(cu, 2)]  # table[g] = g's offset in its segment
+    report = diagnose_batch(_text_rank_files(tmp_path, cu, "position_ids", right), 2)
+    assert "ROPE_SEGMENT_OFFSET_MISSING" not in confirmed(report)
+
+
+def test_1d_positions_of_equal_segments_cannot_tell_the_bug_and_are_not_confirmed(tmp_path):
+    """cu [0, 4, 8]: every offset lies in segment 0, whose positions equal the right ones: nothing to see."""
+    cu = [0, 4, 8]
+    wrong = [_offsets(cu, h) for h in literal.zigzag_indices(cu, 2)]
+    report = diagnose_batch(_text_rank_files(tmp_path, cu, "position_ids", wrong), 2)
+    assert "ROPE_SEGMENT_OFFSET_MISSING" not in confirmed(report)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_one_rank_file_with_its_rank_is_enough_for_the_1d_form(tmp_path, rank):
+    cu = [0, 8, 32, 44]
+    table = [o for a, b in zip(cu, cu[1:]) for o in range(b - a)]
+    held = literal.zigzag_indices(cu, 2)
+    wrong = [[table[o] for o in _offsets(cu, h)] for h in held]
+    _text_rank_files(tmp_path, cu, "position_ids", wrong)
+    report = diagnose_batch(tmp_path / f"rank{rank}.pt", 2, rank=rank)
+    assert report.form == "one rank" and confirmed(report) == ["ROPE_SEGMENT_OFFSET_MISSING"]
+    assert report.causes[0].message.startswith(f"rank {rank}'s 1-D position_ids")
+    unknown = diagnose_batch(tmp_path / f"rank{rank}.pt", 2)  # which rank's tokens? not guessed
+    assert confirmed(unknown) == [] and any(f.code == "SKIPPED" and "--rank" in f.hint for f in unknown.findings)
+    right = [_offsets(cu, h) for h in held]
+    _text_rank_files(tmp_path, cu, "position_ids", right)
+    assert confirmed(diagnose_batch(tmp_path / f"rank{rank}.pt", 2, rank=rank)) == []
+
+
+def test_the_1d_example_and_a_view_error_are_tied_without_cannot_show():
+    directory = BROKEN / "rope_segment_offset_missing_1d"
+    shards = [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    n = shards[0]["input_ids"].numel()
+    total = 2 * n
+    text = f"[rank0]: RuntimeError: shape '[1, {total}, 1, 64]' is invalid for input of size {n * 64}"
+    report = diagnose_batch(directory, 2, error_text=text)
+    assert confirmed(report) == ["ROPE_SEGMENT_OFFSET_MISSING"] and report.exit_code == 1
+    (view,) = [f for f in report.findings if f.code == "ERROR_RECOGNISED"]
+    assert "cannot show" not in view.message
+    assert f"the view wants {total} tokens x 64 (the full row's tokens), the tensor holds {n * 64} = {n} x 64" in (
+        view.message)
+
+
 # --------------------------------------------------------------------------- class 5: LAYOUT_MISMATCH from positions
 
 

@@ -49,13 +49,31 @@ def _batch(case: str) -> tuple[Path, int, dict]:
     return path, spec["cp"], _options(spec["args"])
 
 
+@pytest.fixture(scope="module")
+def correct_1d(tmp_path_factory):
+    """The 1-D RoPE example's rank files with the right positions: each token's offset in its segment, by hand."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("correct_1d")
+    for rank in range(2):
+        shard = torch.load(BROKEN / "rope_segment_offset_missing_1d" / f"rank{rank}.pt", weights_only=True)
+        cu = shard["cu_seqlens_padded"].tolist()
+        held = [g for s in range(len(cu) - 1) for c in (rank, 3 - rank)  # zigzag at cp 2: chunks r and 3 - r
+                for g in range(cu[s] + c * (cu[s + 1] - cu[s]) // 4, cu[s] + (c + 1) * (cu[s + 1] - cu[s]) // 4)]
+        right = torch.tensor([[g - max(c for c in cu[:-1] if c <= g) for g in held]])
+        assert not torch.equal(right, shard["position_ids"])  # the example's positions are the wrong ones
+        shard["position_ids"] = right
+        torch.save(shard, folder / f"rank{rank}.pt")
+    return folder
+
+
 @pytest.mark.parametrize("error_case", CASES)
-def test_an_error_confirms_its_code_only_on_its_own_batch(error_case):
+def test_an_error_confirms_its_code_only_on_its_own_batch(error_case, correct_1d):
     spec = _spec(error_case)
     code = spec["code"]
     text = (BROKEN / error_case / spec["error_file"]).read_text()
-    for batch_case in [CORRECT, *CASES]:
-        path, cp, options = _batch(batch_case)
+    for batch_case in [CORRECT, "correct_1d", *CASES]:
+        path, cp, options = (correct_1d, 2, {}) if batch_case == "correct_1d" else _batch(batch_case)
         if batch_case != error_case:
             options.pop("rank", None)
         report = diagnose_batch(path, cp, error_text=text, **options)
@@ -63,7 +81,7 @@ def test_an_error_confirms_its_code_only_on_its_own_batch(error_case):
         if batch_case == error_case:
             assert confirmed == {code}, (batch_case, confirmed)
         elif code not in BATCH_FREE:
-            own = {_spec(batch_case)["code"]} if batch_case != CORRECT else set()
+            own = {_spec(batch_case)["code"]} if batch_case not in (CORRECT, "correct_1d") else set()
             assert code not in confirmed - own, (error_case, batch_case, confirmed)
 
 

@@ -120,7 +120,7 @@ def test_the_correct_example_still_passes_and_its_check_marks_hold():
     assert_every_check_mark_holds(report)
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "sequence-zigzag", "contiguous"])
+@pytest.mark.parametrize("layout", ["zigzag", "sequence-zigzag", "contiguous", "head-tail", "per-document-head-tail"])
 def test_the_split_line_names_what_was_split(layout):
     """Class 9: sequence-zigzag cuts the row, not every segment: never claim segments split evenly."""
     segments = [[("text", 5), ("image", (1, 4, 4)), ("text", 3)], [("text", 7)]]  # lengths 14 and 7
@@ -134,11 +134,13 @@ def test_the_split_line_names_what_was_split(layout):
         total += pad
     report = diagnose_batch(batch, 2, layout=layout)
     lines = [f.message for f in report.findings if f.code == "CONSISTENT"]
-    if layout == "zigzag":
-        assert not any("equal pieces" in line for line in lines)  # 14 + 9: segments do not divide 4
+    if layout in ("zigzag", "per-document-head-tail"):  # both cut every segment into 2·cp chunks
+        assert not any("equal pieces" in line for line in lines)  # 14 + 10: segments do not divide 4
         assert report.exit_code == 1
+        (bad,) = [f for f in report.causes if f.code == "SEGMENT_NOT_DIVISIBLE"]
+        assert bad.message.startswith("segment 0 has physical length 14, which 2·cp = 4 does not divide")
     else:
-        pieces = 4 if layout == "sequence-zigzag" else 2
+        pieces = {"sequence-zigzag": 4, "head-tail": 4, "contiguous": 2}[layout]  # head-tail: 2·cp row chunks
         assert f"row: the {total} tokens split into {pieces} equal pieces of {total // pieces}" in "\n".join(lines)
         assert not any(line.startswith("segments: all") for line in lines)
 
@@ -151,3 +153,30 @@ def test_presharded_rows_whose_spans_break_under_every_layout_never_claim_they_r
     intact = diagnose_batch(synth.shard_batch(_example(), 2), 2)
     assert any(f.message.startswith("layout: the rank files reassemble") for f in intact.findings)
     assert_every_check_mark_holds(intact)
+
+
+def test_a_text_only_batch_says_it_has_no_vision_spans_instead_of_all_zero_match():
+    report = diagnose_batch(synth.build_batch([[("text", 8)], [("text", 12)]]), 2)
+    lines = [f.message for f in report.findings if f.code == "CONSISTENT"]
+    assert "vision spans: none: no vision placeholder in the row and no grid row in the batch (text only)" in lines
+    assert not any(line.startswith("vision spans: all 0") for line in lines)
+
+
+def _class8_forms():
+    from tests.unit.test_errortext_forms import FORMS
+
+    return [text for text, _, _ in FORMS]
+
+
+@pytest.mark.parametrize("text", _class8_forms())
+def test_a_recognised_error_on_a_batch_that_does_not_show_it_is_never_nothing_wrong(text):
+    """Issue 14 acceptance: every class-8 text on the correct example exits 1 and never prints a ✓ verdict."""
+    result = runner.invoke(app, ["diagnose", str(EXAMPLE), "--cp", "2", "--error", text, "--no-color"])
+    assert result.exit_code == 1, result.output
+    assert "nothing wrong found" not in result.output
+    doc = json.loads(runner.invoke(app, ["diagnose", str(EXAMPLE), "--cp", "2", "--error", text, "--json"]).stdout)
+    codes = {f["code"]: f for f in doc["findings"]}
+    assert not doc["ok"] and "ERROR_NOT_RECOGNISED" not in codes
+    said = [f for code, f in codes.items() if code in ("ERROR_RECOGNISED", "UNEXPLAINED")]
+    assert said or any(f["status"] == "confirmed" for f in doc["findings"])
+    assert all(f["hint"] for f in said)  # what input (file, key, command) would show the cause
