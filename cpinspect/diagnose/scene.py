@@ -117,8 +117,8 @@ class Scene:
         grid = self.grid_rows()
         if grid is not None:
             audio = self.audio_placeholders()
-            if audio:  # as simulate counts them: no audio feature lengths are read (core.vision_items)
-                return grid + audio, f"Σ t·h·w/4 of the grids + {audio} audio placeholder row(s)"
+            if audio:  # one row per audio placeholder here: diagnose/audio.py checks the audio rows per item
+                return grid + audio, f"Σ t·h·w/4 of the grids + {audio} audio placeholders; audio rows: by modality"
             return grid, "Σ t·h·w/4 of the grids"
         return self.placeholders, "one row per placeholder (no grids in the batch)"
 
