@@ -191,14 +191,18 @@ def breakdown(scene: Scene) -> dict[str, Any] | None:
 
 
 def positions_unknown(scene: Scene) -> list[Finding]:
-    """SKIPPED when the batch's position_ids cannot be judged: audio placeholders under an Omni preset, whose
-    time-aligned mRoPE rule cpinspect does not model (simulate --positions says the same)."""
-    audio_id = scene.tokens.audio_token_id
-    if not scene.batch.position_ids or audio_id is None:
+    """SKIPPED when the batch's position_ids cannot be judged: video placeholders under an Omni preset.
+
+    Where the Omni rule is known it is the Qwen-VL one: text, images and audio-only items (audio takes
+    sequential positions, as text does) give what transformers' Qwen2.5-Omni / Qwen3-Omni ``get_rope_index``
+    gives (tested). Their videos are not modelled: time-aligned ``t`` (``position_id_per_seconds``) and audio
+    interleaved with the video (``use_audio_in_video``).
+    """
+    if not scene.batch.position_ids or scene.tokens.audio_token_id is None:
         return []
-    held = sum(int((row == audio_id).sum()) for row in scene.batch.rows)
-    if not held:
+    videos = sum(int((row == scene.tokens.video_token_id).sum()) for row in scene.batch.rows)
+    if not videos:
         return []
-    return [info("SKIPPED", f"the batch's position_ids were not checked: its rows hold {held} audio placeholders, "
-                            f"and the {scene.tokens.model} audio positions rule (time-aligned mRoPE) is not modelled "
-                            "by cpinspect (only the Qwen-VL image and video rules are)")]
+    return [info("SKIPPED", f"the batch's position_ids were not checked: its rows hold {videos} video placeholders, "
+                            f"and the {scene.tokens.model} video positions rule (time-aligned t, audio interleaved "
+                            "with the video) is not modelled by cpinspect; text, images and audio-only items are")]

@@ -221,8 +221,11 @@ def simulate(
             fix=f"pad segments to a multiple of 2*cp*tp = {pad_multiple(cp, layout, sp)} as Megatron-Bridge does "
                 "(--pad), or drop --sequence-parallel")
     if tokens.audio_token_id is not None and bool((full_ids == tokens.audio_token_id).any()):
-        notes.append("audio placeholders are selected and counted like image and video ones; their mRoPE positions "
-                     "(the Omni models' time-aligned rule) are not modelled: --positions treats them as text")
+        notes.append("audio placeholders are selected and counted like image and video ones; --positions gives an "
+                     "audio-only item sequential positions like text, as the Omni models do")
+    if tokens.audio_token_id is not None and bool((full_ids == tokens.video_token_id).any()):
+        notes.append(f"{tokens.model} video mRoPE positions (time-aligned t, audio interleaved with the video) are not "
+                     "modelled: --positions shows the Qwen-VL rule for them")
     if sp > 1:
         notes.append(f"tp {tp} with sequence parallelism: each rank's {plan.local_tokens:,} tokens are scattered "
                      f"over its TP group as {tp} x {plan.local_tokens // tp:,} (the CP split first, then SP)")

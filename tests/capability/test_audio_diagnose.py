@@ -253,12 +253,79 @@ def test_simulate_counts_the_audio_rows_from_the_lengths(tmp_path):
         assert doc["vision_tokens"] == 80 + 96 + int((batch["input_ids"] == AUDIO_PAD).sum())
 
 
-def test_omni_position_ids_are_not_judged_by_a_rule_cpinspect_does_not_model():
-    batch = BROKEN.omni_batch()
+def transformers_rope(model: str, ids: torch.Tensor, image_grid_thw: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """``[3, T]`` positions of one sample from transformers' own Omni ``get_rope_index`` (skipped if absent)."""
+    import types
+
+    if model == "qwen2.5-omni":
+        omni = pytest.importorskip("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni")
+        config = pytest.importorskip("transformers.models.qwen2_5_omni.configuration_qwen2_5_omni")
+        owner, thinker = omni.Qwen2_5OmniPreTrainedModelForConditionalGeneration, config.Qwen2_5OmniThinkerConfig()
+    else:
+        omni = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
+        config = pytest.importorskip("transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe")
+        owner, thinker = omni.Qwen3OmniMoePreTrainedModelForConditionalGeneration, config.Qwen3OmniMoeThinkerConfig()
+    names = ("image_token_id", "video_token_id", "audio_token_id", "audio_start_token_id", "position_id_per_seconds")
+    # vision_start_token_id is not on the thinker config (the talker's is 151652); the rest is the thinker's own
+    settings = types.SimpleNamespace(**{n: getattr(thinker, n) for n in names}, vision_start_token_id=151652,
+                                     seconds_per_chunk=2, audio_config=types.SimpleNamespace(n_window=50))
+    model_like = types.SimpleNamespace(spatial_merge_size=2, config=settings)
+    model_like.get_llm_pos_ids_for_vision = types.MethodType(owner.get_llm_pos_ids_for_vision, model_like)
+    positions, _ = owner.get_rope_index(model_like, ids.view(1, -1), image_grid_thw=image_grid_thw,
+                                        attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
+                                        audio_seqlens=torch.tensor(lengths))
+    return positions.reshape(3, -1).long()
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-omni", "qwen3-omni"])
+def test_omni_positions_of_text_images_and_audio_equal_transformers_and_are_checked(model):
+    segments = ((("text", 40), ("image", (1, 16, 20)), ("text", 21), ("audio", [250]), ("text", 30),
+                 ("image", (1, 4, 6)), ("audio", [96]), ("text", 5)),
+                (("text", 9), ("audio", [173]), ("text", 3), ("image", (1, 8, 8)), ("text", 11)))
+    batch = BROKEN.omni_batch(segments, model=model)
+    ids, logical, padded = batch["input_ids"].view(-1), batch["cu_seqlens"].tolist(), batch["cu_seqlens_padded"]
+    grids, lengths = batch["image_grid_thw"], batch["audio_feature_lengths"].tolist()
+    per_sample = [(0, 2, 0, 2), (2, 3, 2, 3)]  # (first image, end, first audio, end) of each sample
+    positions = torch.zeros(3, ids.numel(), dtype=torch.long)
+    for s, (i0, i1, a0, a1) in enumerate(per_sample):
+        start, end = int(padded[s]), int(padded[s]) + logical[s + 1] - logical[s]
+        positions[:, start:end] = transformers_rope(model, ids[start:end], grids[i0:i1], lengths[a0:a1])
+    good = diagnose_batch({**batch, "position_ids": positions.unsqueeze(1)}, 2, tokens=token_config(model))
+    assert report_ok(good) and not [f for f in good.findings if f.code == "SKIPPED"]
+    shifted = positions.clone()
+    shifted[:, 60:] += 1
+    bad = diagnose_batch({**batch, "position_ids": shifted.unsqueeze(1)}, 2, tokens=token_config(model))
+    assert "MROPE_MISMATCH" in _codes(bad)
+
+
+def report_ok(report) -> bool:
+    return report.exit_code == 0 and not _codes(report)
+
+
+def test_omni_video_position_ids_are_not_judged_by_a_rule_cpinspect_does_not_model():
+    batch = BROKEN.omni_batch()  # segment 2 holds a video
     total = batch["input_ids"].numel()
     positions = torch.arange(total).expand(3, 1, total).clone()
     report = diagnose_batch({**batch, "position_ids": positions}, 2, tokens=OMNI)
     skipped = [f.message for f in report.findings if f.code == "SKIPPED"]
-    assert skipped and "audio positions rule (time-aligned mRoPE) is not modelled" in skipped[0]
+    assert skipped and "video positions rule (time-aligned t, audio interleaved with the video) is not" in skipped[0]
     assert not {c for c in _codes(report) if c.startswith(("MROPE", "ROPE"))} and report.exit_code == 0
     assert not [f for f in diagnose_batch(batch, 2, tokens=OMNI).findings if f.code == "SKIPPED"]
+
+
+def test_an_omni_batch_with_images_video_and_audio_goes_through_simulate_positions_and_diagnose(tmp_path):
+    torch.save(BROKEN.omni_batch(), tmp_path / "omni.pt")
+    shown = runner.invoke(app, ["simulate", str(tmp_path / "omni.pt"), "--cp", "2", "--model", "qwen3-omni",
+                                "--positions", "--no-color"])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.output.replace("│", " ").split())
+    assert "✓ OK: all 2 rank(s) select exactly the oracle's rows" in text and "mRoPE positions (qwen3-omni" in text
+    assert "gives an audio-only item sequential positions like text" in text
+    assert "qwen3-omni video mRoPE positions (time-aligned t, audio interleaved with the video) are not" in text
+    assert runner.invoke(app, ["diagnose", str(tmp_path / "omni.pt"), "--cp", "2", "--model", "qwen3-omni"]
+                         ).exit_code == 0
+    no_video = BROKEN.omni_batch(BROKEN.OMNI_SEGMENTS[:2])
+    torch.save(no_video, tmp_path / "audio.pt")
+    plain = runner.invoke(app, ["simulate", str(tmp_path / "audio.pt"), "--cp", "2", "--model", "qwen3-omni",
+                                "--positions", "--no-color"])
+    assert plain.exit_code == 0 and "video mRoPE positions" not in " ".join(plain.output.replace("│", " ").split())
