@@ -19,7 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpinspect.core.audio_items import AUDIO_RULES, AudioItems, counted_together, find_audio_items, modality_rows
+from cpinspect.core.audio_items import (
+    AUDIO_RULES,
+    AudioItems,
+    audio_lengths,
+    counted_together,
+    find_audio_items,
+    modality_rows,
+)
 from cpinspect.core.findings import Finding
 from cpinspect.core.tokens import audio_tokens
 from cpinspect.diagnose.errortext import ObservedError
@@ -49,7 +56,25 @@ def audio_testable(scene: Scene, observed: ObservedError) -> bool:
     if observed.kind != "audio_count" or observed.get("tokens") is None or observed.get("rows") is None:
         return False
     audio = scene_audio(scene)
+    if audio is None and scene.form == "one rank":  # one rank's row: the CP cause needs the items' lengths
+        return scene.tokens.audio_token_id is not None and audio_lengths(scene.batch) is not None
     return audio is not None and audio.count > 0
+
+
+def _one_rank_predictions(scene: Scene) -> list[Prediction]:
+    """One rank's file: its own audio placeholders against every item's rows (from the batch's lengths)."""
+    found = audio_lengths(scene.batch)
+    if found is None or scene.tokens.audio_token_id is None:
+        return []
+    lengths, key = found
+    total = sum(audio_tokens(scene.tokens.model, n) for n in lengths)
+    held = int((scene.batch.rows[0] == scene.tokens.audio_token_id).sum())
+    if held == total:
+        return []
+    return [Prediction(CODE, held, total, f"{held} = the audio placeholders of this rank's row and {total} = the rows "
+                       f"the {len(lengths)} items' mel frames ({key}) yield under {scene.tokens.model}'s rule: one CP "
+                       "rank's placeholders were counted against every item's features", HINT_CP, cost=1,
+                       variant="cp-local")]
 
 
 def audio_findings(scene: Scene) -> list[Finding]:
@@ -92,7 +117,8 @@ def audio_predictions(scene: Scene, observed: ObservedError) -> list[Prediction]
     if not audio_testable(scene, observed):
         return []
     audio = scene_audio(scene)
-    assert audio is not None
+    if audio is None:
+        return _one_rank_predictions(scene)
     placeholders, model = audio.total_placeholders, audio.model
     rows = audio.rows()
     total = sum(rows) if rows is not None else placeholders

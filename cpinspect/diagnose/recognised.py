@@ -91,7 +91,8 @@ def explain_recognised(scene: Scene, observed: ObservedError, findings: list[Fin
         return [recognised(
             "pass the audio encoder exactly the features of the audio items in this packed row",
             f"audio placeholders ({observed.get('tokens')}) and audio encoder rows ({observed.get('rows')}) differ; "
-            f"this batch holds no audio placeholders under --model {scene.tokens.model}"
+            f"this batch cannot test it under --model {scene.tokens.model} (no audio placeholders in the row, or one "
+            "rank's row without the items' lengths)"
             if observed.get("tokens") is not None else "the audio placeholders and the audio encoder's rows differ "
             "(the error names no numbers)",
             "the failing step's batch with its audio_feature_lengths (or feature_attention_mask), the error line "

@@ -329,3 +329,21 @@ def test_an_omni_batch_with_images_video_and_audio_goes_through_simulate_positio
     plain = runner.invoke(app, ["simulate", str(tmp_path / "audio.pt"), "--cp", "2", "--model", "qwen3-omni",
                                 "--positions", "--no-color"])
     assert plain.exit_code == 0 and "video mRoPE positions" not in " ".join(plain.output.replace("│", " ").split())
+
+
+def test_one_rank_file_with_the_items_lengths_tests_the_cp_cause(tmp_path):
+    from cpinspect.core.synth import shard_batch
+
+    batch = BROKEN.omni_batch()
+    rank1 = shard_batch(batch, 2)[1]
+    rank1["audio_feature_lengths"] = batch["audio_feature_lengths"]
+    held = int((rank1["input_ids"] == AUDIO_PAD).sum())
+    rows = sum(transformers_rule("qwen3-omni")(n) for n in batch["audio_feature_lengths"].tolist())
+    assert held == sum(batch["input_ids"].view(-1)[g] == AUDIO_PAD
+                       for g in zigzag_indices(batch["cu_seqlens_padded"].tolist(), 2)[1])
+    text = f"[rank1]: Audio features and audio tokens do not match: tokens={held}, features={rows}"
+    report = diagnose_batch(rank1, 2, tokens=OMNI, error_text=text)
+    assert [f.status for f in report.findings if f.code == "AUDIO_COUNT_MISMATCH"] == ["confirmed"]
+    rank1.pop("audio_feature_lengths")
+    report = diagnose_batch(rank1, 2, tokens=OMNI, error_text=text)
+    assert "ERROR_RECOGNISED" in {f.code for f in report.findings} and not _codes(report)
