@@ -110,10 +110,11 @@ class Scene:
 
     def embed_rows(self) -> tuple[int | None, str]:
         """Rows the encoder makes (E): ``embeds`` > ``vision_embed_count`` > grids, with their label."""
-        if self.embeds is not None:
-            return self.embeds, "--embeds"
-        if self.batch.vision_embed_count is not None:
-            return self.batch.vision_embed_count, "vision_embed_count"
+        explicit = ((self.embeds, "--embeds") if self.embeds is not None else
+                    (self.batch.vision_embed_count, "vision_embed_count"))
+        if explicit[0] is not None:  # the vision encoder's rows; audio placeholders (Omni) are the audio encoder's
+            audio = self.audio_placeholders()
+            return (explicit[0] + audio, f"{explicit[1]} + {audio} audio placeholders") if audio else explicit
         grid = self.grid_rows()
         if grid is not None:
             audio = self.audio_placeholders()

@@ -347,3 +347,22 @@ def test_one_rank_file_with_the_items_lengths_tests_the_cp_cause(tmp_path):
     rank1.pop("audio_feature_lengths")
     report = diagnose_batch(rank1, 2, tokens=OMNI, error_text=text)
     assert "ERROR_RECOGNISED" in {f.code for f in report.findings} and not _codes(report)
+
+
+@pytest.mark.parametrize("source", ["--embeds", "vision_embed_count"])
+def test_the_vision_encoder_rows_are_compared_with_the_vision_placeholders_only(tmp_path, source):
+    batch = BROKEN.omni_batch()
+    vision = int(((batch["input_ids"] == IMAGE_PAD) | (batch["input_ids"] == VIDEO_PAD)).sum())
+    for rows, code in ((vision, 0), (vision - 4, 1)):
+        saved = {**batch, "vision_embed_count": torch.tensor(rows)} if source != "--embeds" else batch
+        torch.save(saved, tmp_path / "omni.pt")
+        extra = ["--embeds", str(rows)] if source == "--embeds" else []
+        result = runner.invoke(app, ["diagnose", str(tmp_path / "omni.pt"), "--cp", "2", "--model", "qwen3-omni",
+                                     *extra, "--json"])
+        confirmed = {f["code"] for f in json.loads(result.stdout)["findings"] if f["status"] == "confirmed"}
+        assert (result.exit_code, confirmed) == (code, {"EMBED_COUNT_MISMATCH"} if code else set()), result.output
+    simulated = runner.invoke(app, ["simulate", str(tmp_path / "omni.pt"), "--cp", "2", "--model", "qwen3-omni",
+                                    "--json"])
+    if source == "vision_embed_count":  # the vision encoder's rows plus the audio items' rows
+        audio_rows = sum(transformers_rule("qwen3-omni")(n) for n in batch["audio_feature_lengths"].tolist())
+        assert json.loads(simulated.stdout)["vision_embed_count"] == vision - 4 + audio_rows
