@@ -476,6 +476,106 @@ def mrope_local_row_positions() -> dict[str, Content]:
     return files
 
 
+# --------------------------------------------------------------------------- audio (issue 13 item 5)
+AUDIO_END = 151648  # <|audio_eos|> (audio_end_token_id of the Qwen2.5-Omni configs)
+OMNI_SEGMENTS = (  # (kind, spec): text n / image or video (t, h, w) / audio [mel frames of the items of one span]
+    (("text", 40), ("image", (1, 16, 20)), ("text", 21), ("audio", [250]), ("text", 30)),
+    (("text", 17), ("audio", [173]), ("text", 9), ("audio", [480]), ("text", 30)),
+    (("text", 25), ("video", (2, 12, 16)), ("text", 11), ("audio", [96]), ("text", 8)),
+)
+
+
+def omni_batch(segments: Sequence[Sequence[tuple[str, Any]]] = OMNI_SEGMENTS, *, model: str = "qwen3-omni",
+               rule: str | None = None, multiple: int = 4, seed: int = 5256) -> dict[str, torch.Tensor]:
+    """A Qwen-Omni packed row with images, videos and audio, each segment padded to ``multiple``.
+
+    Every audio span holds ``audio_tokens(rule, sum of its items' frames)`` placeholders (``rule`` defaults
+    to ``model``: a correct batch); ``audio_feature_lengths`` lists every item's mel frames, one per item.
+    """
+    from cpinspect.core.tokens import AUDIO_PAD, AUDIO_START, audio_tokens
+
+    tokens, generator = token_config(model), torch.Generator().manual_seed(seed)
+    rows, logical, physical, images, videos, lengths = [], [], [], [], [], []
+    for items in segments:
+        parts = []
+        for kind, spec in items:
+            if kind == "text":
+                parts.append(torch.randint(100, 150000, (spec,), generator=generator))
+            elif kind == "audio":
+                lengths += spec
+                count = audio_tokens(rule or model, sum(spec))
+                parts.append(torch.tensor([AUDIO_START] + [AUDIO_PAD] * count + [AUDIO_END]))
+            else:
+                (images if kind == "image" else videos).append(list(spec))
+                pad = tokens.image_token_id if kind == "image" else tokens.video_token_id
+                count = spec[0] * spec[1] * spec[2] // tokens.merge_area
+                parts.append(torch.tensor([tokens.vision_start_token_id, *[pad] * count, tokens.vision_end_token_id]))
+        row = torch.cat(parts)
+        logical.append(row.numel())
+        physical.append(_pad(row.numel(), multiple))
+        rows.append(torch.cat([row, torch.full((physical[-1] - row.numel(),), tokens.pad_token_id)]))
+    cumsum = lambda values: torch.cumsum(torch.tensor([0, *values]), 0).to(torch.int32)  # noqa: E731
+    return {"input_ids": torch.cat(rows).view(1, -1), "cu_seqlens": cumsum(logical),
+            "cu_seqlens_padded": cumsum(physical),
+            "image_grid_thw": torch.tensor(images, dtype=torch.long).view(-1, 3),
+            "video_grid_thw": torch.tensor(videos, dtype=torch.long).view(-1, 3),
+            "audio_feature_lengths": torch.tensor(lengths, dtype=torch.long)}
+
+
+def _audio_error(tokens: int, features: int, rank: int | None = None) -> str:
+    prefix = f"[rank{rank}]: " if rank is not None else ""
+    lines = ["Traceback (most recent call last):",
+             f"ValueError: Audio features and audio tokens do not match: tokens={tokens}, features={features}"]
+    return "".join(f"{prefix}{line}\n" for line in lines)
+
+
+def _audio_counts(batch: dict[str, torch.Tensor], rule: str) -> tuple[int, int]:
+    """(audio placeholders in the row, Σ rule(frames) over the items): only to write the error texts."""
+    from cpinspect.core.tokens import AUDIO_PAD, audio_tokens
+
+    lengths = batch["audio_feature_lengths"].tolist()
+    return int((batch["input_ids"] == AUDIO_PAD).sum()), sum(audio_tokens(rule, n) for n in lengths)
+
+
+def audio_count_mismatch_stale_formula() -> dict[str, Content]:
+    """Megatron-Bridge#5256 (a): Qwen3-Omni audio placeholders expanded with the older Qwen2.5-Omni formula."""
+    batch = omni_batch(rule="qwen2.5-omni")
+    tokens, features = _audio_counts(batch, "qwen3-omni")
+    assert (tokens, features) == (249, 130), (tokens, features)
+    return {"batch.pt": batch, "error.txt": _audio_error(tokens, features),
+            "case.json": _case("AUDIO_COUNT_MISMATCH", 2, "NVIDIA-NeMo/Megatron-Bridge#5256 (stale formula)",
+                               "every audio item was expanded to the Qwen2.5-Omni count of placeholders; the "
+                               "Qwen3-Omni encoder yields fewer rows", args=["--model", "qwen3-omni"])}
+
+
+def audio_count_mismatch_per_row() -> dict[str, Content]:
+    """Megatron-Bridge#5256 (b): a sample's two audio items' placeholders counted once, from their summed frames."""
+    segments = (OMNI_SEGMENTS[0], (("text", 17), ("audio", [173, 250]), ("text", 12)), OMNI_SEGMENTS[2])
+    batch = omni_batch(segments)
+    tokens, features = _audio_counts(batch, "qwen3-omni")
+    assert (tokens, features) == (100, 101), (tokens, features)
+    return {"batch.pt": batch, "error.txt": _audio_error(tokens, features),
+            "case.json": _case("AUDIO_COUNT_MISMATCH", 2, "NVIDIA-NeMo/Megatron-Bridge#5256 (per row, not per item)",
+                               "segment 1's two audio items (173 and 250 mel frames) got one span of rule(423) = 55 "
+                               "placeholders; the encoder yields 23 + 33 = 56 rows for them",
+                               args=["--model", "qwen3-omni"])}
+
+
+def audio_count_mismatch_cp_local() -> dict[str, Content]:
+    """A correct Omni batch at cp 2 whose audio check counts rank 1's local placeholders against all features."""
+    from cpinspect.core.tokens import AUDIO_PAD
+
+    batch = omni_batch()
+    held = _held(batch, 2, "zigzag", AUDIO_PAD)
+    tokens, features = _audio_counts(batch, "qwen3-omni")
+    assert tokens == features == 130 and held == [55, 75], (tokens, features, held)
+    log = "[rank0]: step 3 | loss 2.41\n[rank1]: step 3 | loss 2.44\n" + _audio_error(held[1], features, rank=1)
+    return {"batch.pt": batch, "train.log": log,
+            "case.json": _case("AUDIO_COUNT_MISMATCH", 2, "NVIDIA-NeMo/Megatron-Bridge#5256 (CP: local tokens)",
+                               "the audio check ran after the CP split: rank 1's 75 local placeholders against the "
+                               "130 rows of every audio item", error_file="train.log", args=["--model", "qwen3-omni"])}
+
+
 CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "presharded_rows_not_selected": presharded_rows_not_selected,
     "truncated_vision_span": truncated_vision_span,
@@ -496,6 +596,9 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "layout_mismatch_positions": layout_mismatch_positions,
     "vision_dp_empty_rank_skips_collective": vision_dp_empty_rank_skips_collective,
     "mrope_local_row_positions": mrope_local_row_positions,
+    "audio_count_mismatch_stale_formula": audio_count_mismatch_stale_formula,
+    "audio_count_mismatch_per_row": audio_count_mismatch_per_row,
+    "audio_count_mismatch_cp_local": audio_count_mismatch_cp_local,
 }
 
 

@@ -83,10 +83,11 @@ def embedding_rows(grids: Sequence[torch.Tensor | None], merge_area: int) -> int
 
 
 def batch_embedding_rows(batch: PackedBatch, full_mask: torch.Tensor, merge_area: int, audio: int = 0) -> int:
-    """Rows a batch's encoders produced: its ``vision_embed_count``, else its grids' rows (plus one per audio
-    placeholder, ``audio``, for the Omni presets: no audio feature lengths are read), else one per placeholder."""
+    """Rows a batch's encoders produced: its ``vision_embed_count`` (the vision encoder's), else its grids' rows,
+    either plus ``audio``, the audio encoder's rows (:attr:`cpinspect.core.audio_items.AudioItems.total_rows`:
+    from the batch's audio feature lengths, else one per audio placeholder); else one per placeholder."""
     if batch.vision_embed_count is not None:
-        return batch.vision_embed_count
+        return batch.vision_embed_count + audio
     grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None]
     return embedding_rows(grids, merge_area) + audio if grids else int(full_mask.sum())
 

@@ -44,6 +44,7 @@ from cpinspect.core.layout import LAYOUTS
 from cpinspect.core.loading import load_batch
 from cpinspect.core.position_check import check_position_ids
 from cpinspect.core.tokens import TokenConfig, token_config
+from cpinspect.diagnose.audio import audio_findings, breakdown, positions_unknown
 from cpinspect.diagnose.audits import audit, consistent
 from cpinspect.diagnose.errortext import ObservedError, parse_error_text
 from cpinspect.diagnose.hypotheses import explain
@@ -99,10 +100,12 @@ def diagnose_batch(
     scene, form_findings = build_scene(loaded, cp, layout, tokens, embeds=embeds, rank=rank, timeout=timeout)
     if rank is None and observed is not None:
         scene.rank = observed.rank  # a log's rank may lie beyond cp: itself a sign of another cp
-    findings += form_findings + audit(scene) + _vision_dp_findings(scene, timeout)
+    findings += form_findings + audit(scene) + audio_findings(scene) + _vision_dp_findings(scene, timeout)
     if observed is not None:
         findings = explain(scene, observed, findings)
-    findings += _extra_findings(scene) + segment_offset_findings(scene) + local_row_position_findings(scene)
+    unknown = positions_unknown(scene)  # the Omni audio positions rule is not modelled: no position verdicts
+    findings += _extra_findings(scene, skip=(check_position_ids,) if unknown else ()) + unknown + (
+        [] if unknown else segment_offset_findings(scene) + local_row_position_findings(scene))
     findings = _fold_same_root(findings)
     findings += consistent(scene, findings)
     return DiagnoseReport(_ordered(findings), _observed_dict(observed, embeds, scene.rank), scene.cp, layout,
@@ -166,6 +169,7 @@ def _summary(scene: Scene) -> dict[str, Any]:
         "rank_files": len(scene.batch.rows) if scene.batch.per_rank_files else 0,
         "vision_tokens": scene.placeholders, "embed_rows": rows, "embed_rows_from": label,
         "held": scene.actual_held(), "requested_cp": scene.requested_cp, "data_layout": scene.data_layout,
+        "modalities": breakdown(scene),
     }
 
 
@@ -176,10 +180,10 @@ def _ordered(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: (key[f.status or "info"], f.code == "CONSISTENT", rank_of.get(f.code, 99)))
 
 
-def _extra_findings(scene: Scene) -> list[Finding]:
-    """Run :data:`EXTRA_CHECKS`; one that cannot run on this input says so instead of failing."""
+def _extra_findings(scene: Scene, skip: tuple[ExtraCheck, ...] = ()) -> list[Finding]:
+    """Run :data:`EXTRA_CHECKS` (but ``skip``); one that cannot run on this input says so instead of failing."""
     out = []
-    for check in EXTRA_CHECKS:
+    for check in (c for c in EXTRA_CHECKS if c not in skip):
         try:
             found = check(scene.batch, scene.cp, layout=scene.data_layout, tokens=scene.tokens)
         except InputError as exc:

@@ -17,6 +17,7 @@ import torch
 
 from cpinspect.core.findings import Finding
 from cpinspect.core.valid_only import valid_only_cuts
+from cpinspect.diagnose.audio import audio_predictions, audio_testable
 from cpinspect.diagnose.audits import embed_mismatch
 from cpinspect.diagnose.errortext import ObservedError
 from cpinspect.diagnose.parallel_sizes import parallel_size_predictions
@@ -36,7 +37,7 @@ from cpinspect.diagnose.selection_hypotheses import (
 from cpinspect.diagnose.valid_only import HINT, describe
 
 Hypothesis = Callable[[Scene, ObservedError], list[Prediction]]
-EXTRA_HYPOTHESES: list[Hypothesis] = []
+EXTRA_HYPOTHESES: list[Hypothesis] = [audio_predictions]  # AUDIO_COUNT_MISMATCH (diagnose/audio.py)
 """More hypotheses, tested with the built-in ones on every error that names two counts: each returns
 :class:`Prediction` objects for this scene and error (``[]`` when it does not apply). The
 tensor/sequence-parallel ratios (CP_SPLIT_MISSING / SP_SPLIT_MISSING, diagnose/parallel_sizes.py)
@@ -53,9 +54,11 @@ def explain(scene: Scene, observed: ObservedError, findings: list[Finding]) -> l
         return findings + [_apply_kwarg()]
     if observed.kind == "not_divisible":
         return findings + _explain_divisible(scene, observed)
-    if observed.kind in RECOGNISED_KINDS:
+    if observed.kind in RECOGNISED_KINDS and not audio_testable(scene, observed):
         return findings + explain_recognised(scene, observed, findings)
     extra = _extra_predictions(scene, observed)
+    if observed.kind == "audio_count":  # only the audio hypotheses speak to the audio encoder's count
+        return _merge(findings, extra, scene, observed)
     if observed.kind in ("cat_sizes", "rank_tokens"):
         return _merge(findings, _explain_sizes(scene, observed) + extra, scene, observed)
     if observed.kind == "position_shape":
@@ -238,7 +241,7 @@ def _merge(findings: list[Finding], predictions: list[Prediction], scene: Scene,
     if exact:
         exact = sorted(exact, key=lambda p: p.cost)
         return findings + [_possible(p, f"but the error came from rank {scene.rank}") for p in exact[:1]]
-    fallback = _embed_fallback(scene, tokens, rows)
+    fallback = _embed_fallback(scene, tokens, rows) if observed.kind != "audio_count" else None
     if fallback is not None:
         return findings + [fallback]
     partial = [p for p in predictions if p.rows == rows and p.code == "PRESHARDED_ROWS_NOT_SELECTED"]
@@ -291,7 +294,7 @@ def _numbers_text(observed: ObservedError) -> str:
     labels = {"cat_sizes": ("expected size", "got size"), "rank_tokens": ("tokens expected", "tokens held"),
               "position_shape": ("positions to fill", "positions given"),
               "gathered_count": ("gathered vision tokens", "embeddings"),
-              "expanded_size": ("chunk size expected", "tokens there")}
+              "expanded_size": ("chunk size expected", "tokens there"), "audio_count": ("audio tokens", "features")}
     first, second = labels.get(observed.kind, ("tokens", "rows"))
     rank = f" on rank {observed.rank}" if observed.rank is not None else ""
     return f"{first} {tokens}, {second} {rows}{rank}"

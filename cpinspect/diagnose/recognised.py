@@ -92,8 +92,12 @@ def explain_recognised(scene: Scene, observed: ObservedError, findings: list[Fin
         return [recognised(
             "pass the audio encoder exactly the features of the audio items in this packed row",
             f"audio placeholders ({observed.get('tokens')}) and audio encoder rows ({observed.get('rows')}) differ; "
-            "the scene counts image and video placeholders only",
-            "the batch with its audio placeholder ids and audio feature lengths, with an omni --model preset")]
+            f"this batch cannot test it under --model {scene.tokens.model} (no audio placeholders in the row, or one "
+            "rank's row without the items' lengths)"
+            if observed.get("tokens") is not None else "the audio placeholders and the audio encoder's rows differ "
+            "(the error names no numbers)",
+            "the failing step's batch with its audio_feature_lengths (or feature_attention_mask), the error line "
+            "with both numbers, and --model qwen3-omni or qwen2.5-omni")]
     return []
 
 

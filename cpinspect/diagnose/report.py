@@ -12,7 +12,7 @@ CAUSE_CODES = (
     "APPLY_KWARG", "BATCH_NOT_FLAT", "CP_SIZE_MISMATCH", "LOGICAL_CU_AS_PHYSICAL", "LAYOUT_MISMATCH",
     "PRESHARDED_ROWS_NOT_SELECTED", "SEGMENT_NOT_DIVISIBLE", "TOKEN_ID_MISMATCH", "TRUNCATED_VISION_SPAN",
     "GRID_TOKEN_MISMATCH", "EMBED_COUNT_MISMATCH", "VALID_ONLY_ROW", "MROPE_LOCAL_ROW", "DOUBLE_SHARDED",
-    "ROPE_SEGMENT_OFFSET_MISSING", "VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE",
+    "ROPE_SEGMENT_OFFSET_MISSING", "VISION_DP_EMPTY_RANK_SKIPS_COLLECTIVE", "AUDIO_COUNT_MISMATCH",
 )
 INFO_CODES = ("CONSISTENT", "UNEXPLAINED", "ERROR_NOT_RECOGNISED", "SKIPPED", "ERROR_RECOGNISED")
 
@@ -48,7 +48,8 @@ class DiagnoseReport:
         return [f for f in self.findings if f.is_cause]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "cp": self.cp, "layout": self.layout, "input": self.form,
+        modalities = {"modalities": self.summary["modalities"]} if self.summary.get("modalities") else {}
+        return {"ok": self.ok, "cp": self.cp, "layout": self.layout, "input": self.form, **modalities,
                 "observed": self.observed, "findings": [f.to_dict() for f in self.findings]}
 
 

@@ -110,15 +110,16 @@ class Scene:
 
     def embed_rows(self) -> tuple[int | None, str]:
         """Rows the encoder makes (E): ``embeds`` > ``vision_embed_count`` > grids, with their label."""
-        if self.embeds is not None:
-            return self.embeds, "--embeds"
-        if self.batch.vision_embed_count is not None:
-            return self.batch.vision_embed_count, "vision_embed_count"
+        explicit = ((self.embeds, "--embeds") if self.embeds is not None else
+                    (self.batch.vision_embed_count, "vision_embed_count"))
+        if explicit[0] is not None:  # the vision encoder's rows; audio placeholders (Omni) are the audio encoder's
+            audio = self.audio_placeholders()
+            return (explicit[0] + audio, f"{explicit[1]} + {audio} audio placeholders") if audio else explicit
         grid = self.grid_rows()
         if grid is not None:
             audio = self.audio_placeholders()
-            if audio:  # as simulate counts them: no audio feature lengths are read (core.vision_items)
-                return grid + audio, f"Σ t·h·w/4 of the grids + {audio} audio placeholder row(s)"
+            if audio:  # one row per audio placeholder here: diagnose/audio.py checks the audio rows per item
+                return grid + audio, f"Σ t·h·w/4 of the grids + {audio} audio placeholders; audio rows: by modality"
             return grid, "Σ t·h·w/4 of the grids"
         return self.placeholders, "one row per placeholder (no grids in the batch)"
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from cpinspect.core.audio_items import find_audio_items
 from cpinspect.core.batch import PackedBatch, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
@@ -220,8 +221,11 @@ def simulate(
             fix=f"pad segments to a multiple of 2*cp*tp = {pad_multiple(cp, layout, sp)} as Megatron-Bridge does "
                 "(--pad), or drop --sequence-parallel")
     if tokens.audio_token_id is not None and bool((full_ids == tokens.audio_token_id).any()):
-        notes.append("audio placeholders are selected and counted like image and video ones; their mRoPE positions "
-                     "(the Omni models' time-aligned rule) are not modelled: --positions treats them as text")
+        notes.append("audio placeholders are selected and counted like image and video ones; --positions gives an "
+                     "audio-only item sequential positions like text, as the Omni models do")
+    if tokens.audio_token_id is not None and bool((full_ids == tokens.video_token_id).any()):
+        notes.append(f"{tokens.model} video mRoPE positions (time-aligned t, audio interleaved with the video) are not "
+                     "modelled: --positions shows the Qwen-VL rule for them")
     if sp > 1:
         notes.append(f"tp {tp} with sequence parallelism: each rank's {plan.local_tokens:,} tokens are scattered "
                      f"over its TP group as {tp} x {plan.local_tokens // tp:,} (the CP split first, then SP)")
@@ -380,8 +384,8 @@ def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Te
 def _vision_items(batch: PackedBatch, full_mask: torch.Tensor, full_ids: torch.Tensor, cu: torch.Tensor,
                   tokens: TokenConfig) -> tuple[int, int, int]:
     """Vision embedding rows expected, and the number of images and videos."""
-    audio = int((full_ids == tokens.audio_token_id).sum()) if tokens.audio_token_id is not None else 0
-    count = batch_embedding_rows(batch, full_mask, tokens.merge_area, audio)
+    audio = find_audio_items(full_ids, cu, tokens, batch)
+    count = batch_embedding_rows(batch, full_mask, tokens.merge_area, audio.total_rows if audio is not None else 0)
     images = batch.image_grid_thw.shape[0] if batch.image_grid_thw is not None else _run_count(
         full_ids == tokens.image_token_id, cu)
     videos = batch.video_grid_thw.shape[0] if batch.video_grid_thw is not None else _run_count(

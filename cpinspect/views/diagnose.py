@@ -35,6 +35,8 @@ def _header(report: DiagnoseReport) -> Panel:
     rows, label = summary.get("embed_rows"), summary.get("embed_rows_from")
     grid.add_row("vision", f"{'?' if vision is None else f'{vision:,}'} placeholder tokens; "
                            f"{'?' if rows is None else f'{rows:,}'} embedding rows ({label})")
+    for label, line in _modality_lines(summary.get("modalities")):
+        grid.add_row(label, line)
     cp_text = f"{report.cp} ({report.layout} layout)"
     if summary.get("requested_cp") not in (None, report.cp):
         cp_text += f"; --cp {summary['requested_cp']} was given"
@@ -52,6 +54,20 @@ def _header(report: DiagnoseReport) -> Panel:
     else:
         grid.add_row("error", "none given: auditing the batch (pass --error or --error-file to explain a failure)")
     return Panel(grid, title="cpinspect diagnose", title_align="left", expand=False)
+
+
+def _modality_lines(modalities: dict | None) -> list[tuple[str, str]]:
+    """``audio: 412 tokens on rank 0, 380 on rank 1; 792 rows (...)``: one line per modality (Omni presets)."""
+    if not modalities:
+        return []
+    lines = []
+    for i, (name, rows) in enumerate(modalities["rows"].items()):
+        held = [ranked.get(name, 0) for ranked in modalities["ranks"]]
+        ranks = ", ".join(f"{count:,}{' tokens' if r == 0 else ''} on rank {r}" for r, count in enumerate(held[:8]))
+        source = f" ({modalities['audio_rows_from']})" if name == "audio" else ""
+        lines.append(("by modality" if i == 0 else "", f"{name}: {ranks}{', ...' if len(held) > 8 else ''}; "
+                                                       f"{rows:,} rows{source}"))
+    return lines
 
 
 def _finding_text(finding: Finding) -> RenderableType:

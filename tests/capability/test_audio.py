@@ -67,7 +67,7 @@ def test_omni_batch_through_simulate_positions_and_diagnose_says_where_the_rule_
     assert shown.exit_code == 0, shown.output
     text = " ".join(shown.output.replace("│", " ").split())
     assert "by modality" in text and "audio:" in text
-    assert "mRoPE positions (the Omni models' time-aligned rule) are not modelled" in text
+    assert "gives an audio-only item sequential positions like text, as the Omni models do" in text
     diagnosed = runner.invoke(app, ["diagnose", str(tmp_path / "omni.pt"), "--cp", "2", "--model", "qwen3-omni",
                                     "--no-color"])
     assert diagnosed.exit_code == 0, diagnosed.output

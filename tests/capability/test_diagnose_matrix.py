@@ -1,10 +1,12 @@
 """The cross-matrix over examples/broken: each case's error confirms its code on its own batch only.
 
 Every case's error text is diagnosed against every case's batch (and the correct bundled
-example): the error's code may be confirmed only on the batch it came from. A hypothesis that
-confirms on a correct batch or on another class's batch is a false verdict.
+example, and a correct Qwen3-Omni batch from the generator): the error's code may be confirmed
+only on the batch it came from. A hypothesis that confirms on a correct batch or on another
+class's batch is a false verdict.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BROKEN = ROOT / "examples" / "broken"
 CASES = sorted(p.name for p in BROKEN.iterdir() if (p / "case.json").exists())
 CORRECT = "correct"
+CORRECT_OMNI = "correct-omni"  # a consistent Qwen3-Omni batch: images, video, audio with audio_feature_lengths
+CORRECTS = (CORRECT, CORRECT_OMNI)
 # The error alone is the evidence: a keyword to Function.apply involves no batch; "N tokens, M embeddings" on a
 # batch that holds exactly N placeholders says the encoder made M rows for them, whatever the batch's own count.
 BATCH_FREE = {"APPLY_KWARG", "EMBED_COUNT_MISMATCH"}
@@ -40,9 +44,20 @@ def _options(args: list[str]) -> dict:
     return options
 
 
-def _batch(case: str) -> tuple[Path, int, dict]:
+def _omni_batch() -> dict:
+    spec = importlib.util.spec_from_file_location("make_broken", ROOT / "examples" / "make_broken.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    first, _, last = module.OMNI_SEGMENTS  # segment 1 moved: not the cp_local case's own (correct) batch
+    return module.omni_batch((first, (("text", 30), ("audio", [173]), ("text", 9), ("audio", [480]), ("text", 30)),
+                              last))
+
+
+def _batch(case: str) -> tuple[Path | dict, int, dict]:
     if case == CORRECT:
         return ROOT / "examples" / "qwen3vl_packed.pt", 2, {}
+    if case == CORRECT_OMNI:
+        return _omni_batch(), 2, {"tokens": token_config("qwen3-omni")}
     spec = _spec(case)
     directory = BROKEN / case
     path = directory / "batch.pt" if (directory / "batch.pt").exists() else directory
@@ -72,7 +87,7 @@ def test_an_error_confirms_its_code_only_on_its_own_batch(error_case, correct_1d
     spec = _spec(error_case)
     code = spec["code"]
     text = (BROKEN / error_case / spec["error_file"]).read_text()
-    for batch_case in [CORRECT, "correct_1d", *CASES]:
+    for batch_case in [*CORRECTS, "correct_1d", *CASES]:
         path, cp, options = (correct_1d, 2, {}) if batch_case == "correct_1d" else _batch(batch_case)
         if batch_case != error_case:
             options.pop("rank", None)
@@ -81,16 +96,16 @@ def test_an_error_confirms_its_code_only_on_its_own_batch(error_case, correct_1d
         if batch_case == error_case:
             assert confirmed == {code}, (batch_case, confirmed)
         elif code not in BATCH_FREE:
-            own = {_spec(batch_case)["code"]} if batch_case not in (CORRECT, "correct_1d") else set()
+            own = {_spec(batch_case)["code"]} if batch_case not in (*CORRECTS, "correct_1d") else set()
             assert code not in confirmed - own, (error_case, batch_case, confirmed)
 
 
-@pytest.mark.parametrize("case", [CORRECT, *CASES])
+@pytest.mark.parametrize("case", [*CORRECTS, *CASES])
 def test_without_an_error_only_the_batch_own_code_can_be_confirmed(case):
     path, cp, options = _batch(case)
     report = diagnose_batch(path, cp, **options)
     confirmed = {f.code for f in report.findings if f.status == "confirmed"}
-    own = {_spec(case)["code"]} if case != CORRECT else set()
+    own = {_spec(case)["code"]} if case not in CORRECTS else set()
     assert confirmed <= own, (case, confirmed)
-    if case == CORRECT:
+    if case in CORRECTS:
         assert report.exit_code == 0
