@@ -576,6 +576,80 @@ def audio_count_mismatch_cp_local() -> dict[str, Content]:
                                "130 rows of every audio item", error_file="train.log", args=["--model", "qwen3-omni"])}
 
 
+# --------------------------------------------------------------------------- issue 14: classes 6 and 7
+
+
+SP_NOTE = ("the run used tp 4 with sequence parallelism: diagnose reads tp 4 from the numbers (an integer above 1 "
+           "that makes them fit); where diagnose takes --tp 4 --sequence-parallel, those narrow it to that tp")
+
+
+def cp_split_missing() -> dict[str, Content]:
+    """NVIDIA-NeMo/Megatron-Bridge#3881 at tp 4 with sequence parallelism: the MTP embedding skipped the CP split."""
+    segments = [
+        [("text", 1800), ("image", (1, 48, 64)), ("text", 900)],
+        [("text", 2500), ("image", (1, 32, 48)), ("text", 1400)],
+        [("text", 2000), ("video", (2, 32, 32)), ("text", 1992)],
+    ]
+    batch = _padded_batch(segments, 2 * 2 * 4, "qwen3-vl", seed=3881)  # SP on: segments padded to 2·cp·tp = 16
+    total = int(batch["cu_seqlens_padded"][-1])
+    assert total == 12288, batch["cu_seqlens_padded"]
+    return {
+        "batch.pt": batch,
+        "error.txt": "[rank3]: Traceback (most recent call last):\n"
+                     "[rank3]:   File \"megatron/core/transformer/multi_token_prediction.py\", in forward\n"
+                     "[rank3]: RuntimeError: Sizes of tensors must match except in dimension 0. Expected size "
+                     f"{total // 4} but got size {total // 8} for tensor number 1 in the list.\n",
+        "case.json": _case("CP_SPLIT_MISSING", 2, "NVIDIA-NeMo/Megatron-Bridge#3881 (cp 2, tp 4, sequence parallel)",
+                           "Qwen3.5-VL + MTP with context_parallel_size 2, tensor_model_parallel_size 4 and "
+                           "sequence_parallel: the MTP embedding of the 12288-token row was scattered over TP "
+                           "(3072 = 12288 / 4) but not split over CP, and met the 1536-token hidden states; "
+                           + SP_NOTE),
+    }
+
+
+def sp_split_missing() -> dict[str, Content]:
+    """The mirror of Megatron-Bridge#3881: a tensor CP-split but not scattered over TP (sequence parallelism)."""
+    segments = [
+        [("text", 900), ("image", (1, 32, 48)), ("text", 1100)],
+        [("text", 1500), ("image", (1, 32, 32)), ("text", 700)],
+        [("text", 2700), ("text", 620)],
+    ]
+    batch = _padded_batch(segments, 2 * 2 * 4, "qwen3-vl", seed=3882)
+    total = int(batch["cu_seqlens_padded"][-1])
+    assert total == 8192, batch["cu_seqlens_padded"]
+    return {
+        "batch.pt": batch,
+        "error.txt": "[rank1]: RuntimeError: Sizes of tensors must match except in dimension 0. Expected size "
+                     f"{total // 2} but got size {total // 8} for tensor number 1 in the list.\n",
+        "case.json": _case("SP_SPLIT_MISSING", 2, "NVIDIA-NeMo/Megatron-Bridge#3881, the mirrored slip (cp 2, tp 4, "
+                           "sequence parallel)",
+                           "cp 2, tp 4, sequence_parallel: one embedding of the 8192-token row was split over CP "
+                           f"(4096 = 8192 / 2) but never scattered over TP, and met the 1024-token hidden states; "
+                           f"{SP_NOTE}"),
+    }
+
+
+def vision_dp_placeholder() -> dict[str, Content]:
+    """Nemotron Omni vision_dp_over_cp / Megatron-LM#7315: the empty ranks' 1x1 placeholder rows were gathered."""
+    segments = [[("text", 6), ("image", (1, 4, 4)), ("text", 6)], [("text", 10), ("image", (1, 4, 8)), ("text", 10)]]
+    batch = _padded_batch(segments, 8, "qwen3-vl", seed=7315)
+    # two images over cp=4: ranks 2 and 3 encode none, so the stack gives each a 1x1 placeholder image
+    # (4 patches -> 1 merged row) to keep the encoder and its backward all-reduce running on every rank
+    batch["vision_dp_placeholder"] = torch.tensor([True, True, True, True])
+    tokens = int((batch["input_ids"] == token_config("qwen3-vl").image_token_id).sum())
+    assert tokens == (4 * 4 + 4 * 8) // 4 == 12
+    return {
+        "batch.pt": batch,
+        "error.txt": "[rank0]: Traceback (most recent call last):\n"
+                     "[rank0]:   File \"megatron/bridge/models/qwen_vl/modelling_qwen3_vl/model.py\", in forward\n"
+                     f"[rank0]: ValueError: Packed CP ranks contain {tokens} vision tokens, but the vision encoder "
+                     f"produced {tokens + 2} embeddings.\n",
+        "case.json": _case("VISION_DP_PLACEHOLDER", 4, "Nemotron Omni vision_dp_over_cp (Megatron-LM#7315)",
+                           "vision DP over cp=4 with two images: ranks 2 and 3 encode a 1x1 placeholder image, "
+                           "whose one row each was all-gathered with the real rows instead of being dropped"),
+    }
+
+
 CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "presharded_rows_not_selected": presharded_rows_not_selected,
     "truncated_vision_span": truncated_vision_span,
@@ -599,6 +673,9 @@ CASES: dict[str, Callable[[], dict[str, Content]]] = {
     "audio_count_mismatch_stale_formula": audio_count_mismatch_stale_formula,
     "audio_count_mismatch_per_row": audio_count_mismatch_per_row,
     "audio_count_mismatch_cp_local": audio_count_mismatch_cp_local,
+    "cp_split_missing": cp_split_missing,
+    "sp_split_missing": sp_split_missing,
+    "vision_dp_placeholder": vision_dp_placeholder,
 }
 
 

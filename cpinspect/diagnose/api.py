@@ -123,7 +123,8 @@ EXPLAINS = {
 def _fold_same_root(findings: list[Finding]) -> list[Finding]:
     confirmed = {f.code for f in findings if f.status == "confirmed"}
     hidden = {code for root in confirmed for code in EXPLAINS.get(root, ())}
-    return [f for f in findings if f.code not in hidden]
+    # a confirmed cause replaces the simulation's note of the same code (VISION_DP_PLACEHOLDER)
+    return [f for f in findings if f.code not in hidden and not (f.status == "info" and f.code in confirmed)]
 
 
 VISION_DP_KEYS = ("vision_requires_grad", "vision_dp_ranks", "vision_dp_placeholder")

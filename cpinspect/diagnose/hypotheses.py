@@ -35,9 +35,11 @@ from cpinspect.diagnose.selection_hypotheses import (
     not_selected_predictions,
 )
 from cpinspect.diagnose.valid_only import HINT, describe
+from cpinspect.diagnose.vision_dp_placeholder import placeholder_predictions
 
 Hypothesis = Callable[[Scene, ObservedError], list[Prediction]]
-EXTRA_HYPOTHESES: list[Hypothesis] = [audio_predictions]  # AUDIO_COUNT_MISMATCH (diagnose/audio.py)
+EXTRA_HYPOTHESES: list[Hypothesis] = [audio_predictions,  # AUDIO_COUNT_MISMATCH (diagnose/audio.py)
+                                      placeholder_predictions]  # VISION_DP_PLACEHOLDER (vision_dp_placeholder.py)
 """More hypotheses, tested with the built-in ones on every error that names two counts: each returns
 :class:`Prediction` objects for this scene and error (``[]`` when it does not apply). The
 tensor/sequence-parallel ratios (CP_SPLIT_MISSING / SP_SPLIT_MISSING, diagnose/parallel_sizes.py)

@@ -109,3 +109,23 @@ def test_without_an_error_only_the_batch_own_code_can_be_confirmed(case):
     assert confirmed <= own, (case, confirmed)
     if case in CORRECTS:
         assert report.exit_code == 0
+
+
+def test_the_class_6_and_7_examples_are_in_the_matrix_with_their_literal_numbers():
+    """Issue 14 classes 6 and 7: the cases the matrix iterates, and the numbers their errors were built from."""
+    import torch
+
+    assert {"cp_split_missing", "sp_split_missing", "vision_dp_placeholder"} <= set(CASES)
+    cp_total = int(torch.load(BROKEN / "cp_split_missing" / "batch.pt", weights_only=True)["cu_seqlens_padded"][-1])
+    sp_total = int(torch.load(BROKEN / "sp_split_missing" / "batch.pt", weights_only=True)["cu_seqlens_padded"][-1])
+    assert (cp_total, sp_total) == (12288, 8192)  # cp 2 x tp 4: 12288 / 4 = 3072, / 8 = 1536; 8192 / 2 = 4096
+    assert "Expected size 3072 but got size 1536" in (BROKEN / "cp_split_missing" / "error.txt").read_text()
+    assert "Expected size 4096 but got size 1024" in (BROKEN / "sp_split_missing" / "error.txt").read_text()
+    report = diagnose_batch(BROKEN / "vision_dp_placeholder" / "batch.pt", 4,
+                            error_text=(BROKEN / "vision_dp_placeholder" / "error.txt").read_text())
+    cause = next(f for f in report.findings if f.status == "confirmed")
+    # two images (4x4 and 4x8 patches: 4 + 8 rows) on ranks 0 and 1; ranks 2, 3 each add one 2x2-patch row
+    assert cause.code == "VISION_DP_PLACEHOLDER" and "rank(s) 2, 3 hold none" in cause.message
+    assert "12 real rows + 2 placeholder row(s) = 14" in cause.message
+    # the simulation's info note of the same code is replaced by the cause, not shown twice
+    assert [f.code for f in report.findings].count("VISION_DP_PLACEHOLDER") == 1
