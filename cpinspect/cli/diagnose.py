@@ -22,6 +22,7 @@ from cpinspect.cli.options import (
     MaxBytesOpt,
     ModelOpt,
     NoColorOpt,
+    RopeOpt,
     TimeoutOpt,
     VideoIdOpt,
 )
@@ -51,6 +52,7 @@ def diagnose(
     model: ModelOpt = "qwen3-vl",
     image_token_id: ImageIdOpt = None,
     video_token_id: VideoIdOpt = None,
+    rope: RopeOpt = "mrope",
     key: KeyOpt = None,
     max_bytes: MaxBytesOpt = None,
     error: ErrorOpt = None,
@@ -69,7 +71,7 @@ def diagnose(
     if error is not None and error_file is not None:
         raise InputError("both --error and --error-file were given", where="--error / --error-file",
                          fix="give the message inline with --error, or the log with --error-file, not both")
-    tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
+    tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id, rope=rope)
     observed: Any = error
     if error_file is not None:
         observed = read_error_log(error_file)

@@ -30,6 +30,9 @@ ImageIdOpt = Annotated[Optional[int], typer.Option("--image-token-id", help="Ove
                                                    min=0, max=MAX_TOKEN_ID)]
 VideoIdOpt = Annotated[Optional[int], typer.Option("--video-token-id", help="Override the video_pad token id.",
                                                    min=0, max=MAX_TOKEN_ID)]
+RopeOpt = Annotated[str, typer.Option("--rope", help="How the model's position_ids are checked: mrope (3-D "
+                                                   "(t, h, w), the Qwen-VL presets) or 1d (plain 1-D RoPE: each "
+                                                   "token's offset in its segment).")]
 KeyOpt = Annotated[Optional[list[str]], typer.Option("--key", help="Map a field to your key name: "
                                                                     "--key input_ids=tokens_local (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (complete lists).")]

@@ -22,6 +22,7 @@ from cpinspect.cli.options import (
     MaxBytesOpt,
     ModelOpt,
     NoColorOpt,
+    RopeOpt,
     TimeoutOpt,
     VideoIdOpt,
 )
@@ -39,6 +40,7 @@ def simulate(
     model: ModelOpt = "qwen3-vl",
     image_token_id: ImageIdOpt = None,
     video_token_id: VideoIdOpt = None,
+    rope: RopeOpt = "mrope",
     key: KeyOpt = None,
     layout_from: Annotated[Optional[str], typer.Option(
         "--layout-from", help="A .pt/.safetensors file whose 'global_indices' entry holds each rank's global "
@@ -70,7 +72,7 @@ def simulate(
     """Shard a packed batch over CP ranks, select each rank's vision rows, check them against an oracle."""
     from cpinspect.core.tokens import token_config
 
-    tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
+    tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id, rope=rope)
     with progress_steps(not json_out) as step:
         step("loading batch")
         loaded, source = load_cli_batch(batch, key, align=2 * cp if cp > 1 else 1,

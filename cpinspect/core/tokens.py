@@ -35,6 +35,7 @@ class TokenConfig:
     patch_size: int = 14
     audio_token_id: int | None = None  # set for the Omni presets: audio placeholders are selected too
     audio_start_token_id: int | None = None
+    rope: str = "mrope"  # "mrope": 3-D (t, h, w) position_ids, as every preset's model; "1d": plain 1-D RoPE
 
     @property
     def placeholder_ids(self) -> tuple[int, ...]:
@@ -75,6 +76,7 @@ def audio_tokens(model: str, feature_length: int) -> int:
         return after + feature_length // chunk * 13
     raise ValueError(f"{model} has no audio rule")
 DEFAULT_MODEL = "qwen3-vl"
+ROPES = ("mrope", "1d")  # --rope: how the model's position_ids are checked
 
 
 def token_config(
@@ -82,8 +84,9 @@ def token_config(
     *,
     image_token_id: int | None = None,
     video_token_id: int | None = None,
+    rope: str | None = None,
 ) -> TokenConfig:
-    """The preset for ``model`` with the user's explicit ids laid over it."""
+    """The preset for ``model`` with the user's explicit ids (and ``rope``, one of :data:`ROPES`) laid over it."""
     from cpinspect.core.errors import InputError
 
     if model not in MODELS:
@@ -97,4 +100,9 @@ def token_config(
         config = replace(config, image_token_id=image_token_id)
     if video_token_id is not None:
         config = replace(config, video_token_id=video_token_id)
+    if rope is not None:
+        if rope not in ROPES:
+            raise InputError(f"unknown rope kind {rope!r}", where="--rope",
+                             fix="use --rope mrope (3-D mRoPE position_ids, the default) or --rope 1d (1-D RoPE)")
+        config = replace(config, rope=rope)
     return config

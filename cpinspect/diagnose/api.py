@@ -113,10 +113,12 @@ def diagnose_batch(
 
 
 # A confirmed cause that explains another finding's symptom replaces it (cause -> symptoms it explains).
+POSITION_CODES = ("MROPE_MISMATCH", "MROPE_WRONG_SLICE", "MROPE_NOT_PER_SEGMENT",
+                  "ROPE_MISMATCH", "ROPE_WRONG_SLICE", "ROPE_NOT_PER_SEGMENT")  # core/position_check.py (--rope 1d)
 EXPLAINS = {
     "VALID_ONLY_ROW": ("SEGMENT_NOT_DIVISIBLE",),
-    "ROPE_SEGMENT_OFFSET_MISSING": ("MROPE_MISMATCH", "MROPE_WRONG_SLICE", "MROPE_NOT_PER_SEGMENT"),
-    "MROPE_LOCAL_ROW": ("MROPE_MISMATCH", "MROPE_WRONG_SLICE", "MROPE_NOT_PER_SEGMENT"),
+    "ROPE_SEGMENT_OFFSET_MISSING": POSITION_CODES,
+    "MROPE_LOCAL_ROW": POSITION_CODES,
 }
 
 

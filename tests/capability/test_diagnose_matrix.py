@@ -41,6 +41,8 @@ def _options(args: list[str]) -> dict:
             options["rank"] = int(value)
         elif flag == "--embeds":
             options["embeds"] = int(value)
+        elif flag == "--rope":
+            options["tokens"] = token_config(options.get("tokens", token_config()).model, rope=value)
     return options
 
 
@@ -129,3 +131,16 @@ def test_the_class_6_and_7_examples_are_in_the_matrix_with_their_literal_numbers
     assert "12 real rows + 2 placeholder row(s) = 14" in cause.message
     # the simulation's info note of the same code is replaced by the cause, not shown twice
     assert [f.code for f in report.findings].count("VISION_DP_PLACEHOLDER") == 1
+
+
+def test_rope_1d_checks_the_1d_examples_as_1d_positions(correct_1d):
+    """--rope 1d: the right 1-D positions give no position finding; the #5243 example keeps its cause."""
+    one_d = token_config("qwen3-vl", rope="1d")
+    report = diagnose_batch(correct_1d, 2, tokens=one_d)
+    assert not any("ROPE" in f.code for f in report.findings) and report.exit_code == 0
+    without = diagnose_batch(correct_1d, 2)
+    assert any(f.code == "MROPE_MISMATCH" and "pass --rope 1d" in f.message for f in without.findings)
+    broken = diagnose_batch(BROKEN / "rope_segment_offset_missing_1d", 2, tokens=one_d)
+    confirmed = [f.code for f in broken.findings if f.status == "confirmed"]
+    assert confirmed == ["ROPE_SEGMENT_OFFSET_MISSING"]
+    assert not any(f.code in ("ROPE_MISMATCH", "MROPE_MISMATCH") for f in broken.findings)  # folded into the cause
