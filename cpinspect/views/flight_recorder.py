@@ -1,0 +1,84 @@
+"""The rich view of ``cpinspect analyze --flight-recorder``: the first divergence, then every rank's last ops."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+from cpinspect.jobs.flight_recorder import Divergence, FlightReport, call_site, user_frames
+from cpinspect.jobs.flight_recorder_read import Entry, sizes_text
+from cpinspect.jobs.flight_recorder_sites import CpSite, recognise
+
+STACK_DEPTH = 6
+
+
+def render_flight_recorder(report: FlightReport, console: Console) -> None:
+    """Dumps read, each divergence (first one first) with a per-rank table, each rank's position, a verdict."""
+    versions = sorted({d.version for d in report.dumps})
+    console.print(Text.assemble(("cpinspect analyze --flight-recorder ", "bold"), f"{report.directory}: "
+                                f"{len(report.dumps)} dump(s) (ranks {', '.join(str(d.rank) for d in report.dumps)}"
+                                f"; format {', '.join(versions)}), {len(report.groups)} group(s)"))
+    for number, divergence in enumerate(report.divergences):
+        render_divergence(divergence, console, first=number == 0)
+    console.print(Rule("where each rank stood when it dumped", style="dim"))
+    for state in report.ranks:
+        console.print(Text(f"rank {state.rank}", style="bold"))
+        render_position("last completed", state.last_completed, console)
+        render_position("pending", state.pending, console)
+    for group, ranks in report.no_dump.items():
+        console.print(Text(f"! no dump from rank(s) {', '.join(map(str, ranks))} of group {group}: what they did is "
+                           "unknown", style="yellow"))
+    for note in report.notes:
+        console.print(Text(f"note: {note}", style="dim"))
+    if report.divergences:
+        first = report.divergences[0]
+        console.print(Text(f"✗ the ranks diverge at collective #{first.seq} of group {first.group.name} "
+                           f"({first.kind.replace('_', ' ')}); {len(report.divergences)} group(s) diverge",
+                           style="bold red"))
+    else:
+        console.print(Text("✓ no divergence: in every group, the collectives all dumped ranks recorded have the same "
+                           "op, sizes and dtypes", style="bold green"))
+
+
+def render_divergence(divergence: Divergence, console: Console, *, first: bool) -> None:
+    title = "first divergence" if first else "divergence"
+    console.print(Rule(f"{title}: {divergence.group.label()}, collective #{divergence.seq}", style="red"))
+    console.print(Text.assemble(("✗ ", "bold red"), (divergence.kind, "bold"), f"  {divergence.message}"))
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("rank", "op", "input sizes", "output sizes", "dtypes", "state", "call site"):
+        table.add_column(column)
+    for rank in divergence.group.members:
+        entry = divergence.entries.get(rank)
+        if entry is None:
+            missing = "never entered" if rank in divergence.missing_ranks else "no record"
+            table.add_row(str(rank), Text(missing, style="bold red"), "", "", "", "", "")
+            continue
+        style = "bold red" if rank in divergence.differing_ranks else ""
+        table.add_row(str(rank), Text(entry.op, style=style), sizes_text(entry.input_sizes),
+                      sizes_text(entry.output_sizes), "/".join(entry.input_dtypes or ()) or "-", entry.state,
+                      call_site(entry.frames) or "-")
+    console.print(table)
+    shown: set[str] = set()
+    for rank in sorted(divergence.entries):
+        site = divergence.site(rank)
+        if site is not None and site.site + site.evidence not in shown:
+            shown.add(site.site + site.evidence)
+            render_site(f"rank {rank}'s stack", site, console)
+
+
+def render_site(who: str, site: CpSite, console: Console) -> None:
+    console.print(Text.assemble(("→ ", "bold cyan"), f"{who} is ", (site.site, "bold"), f": {site.evidence}"))
+    console.print(Text(f"  cpinspect: {site.finding}"))
+
+
+def render_position(label: str, entry: Entry | None, console: Console) -> None:
+    if entry is None:
+        console.print(Text(f"  {label}: none"))
+        return
+    site = recognise(entry.op, entry.frames)
+    console.print(Text.assemble(f"  {label}: ", (entry.describe(), "bold"), f" in group {entry.group} "
+                                f"(state {entry.state})", (f", {site.site}" if site else "", "cyan")))
+    for frame in user_frames(entry.frames)[:STACK_DEPTH]:
+        console.print(Text(f"      {frame.name} at {frame.where()}", style="dim"))
