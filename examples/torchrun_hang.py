@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import time
 from datetime import timedelta
@@ -103,8 +104,21 @@ def run_step(step: int, args: argparse.Namespace, group: dist.ProcessGroup) -> b
 
 
 def dump(out: Path, rank: int) -> Path:
+    """Write this rank's record once gloo has noted the end of every collective it ran (at most 2 s).
+
+    gloo notes a finished collective a little after the call returned; a dump taken at once can
+    show the last ones as pending.
+    """
+    deadline = time.monotonic() + 2
+    while True:
+        data = torch._C._distributed_c10d._dump_fr_trace()
+        status = pickle.loads(data).get("pg_status", {})  # our own process's record
+        if time.monotonic() > deadline or all(s["last_completed_collective"] == s["last_enqueued_collective"]
+                                              for s in status.values()):
+            break
+        time.sleep(0.05)
     path = out / f"fr_trace_rank_{rank}"
-    path.write_bytes(torch._C._distributed_c10d._dump_fr_trace())
+    path.write_bytes(data)
     return path
 
 

@@ -18,7 +18,6 @@ from cpinspect.cli.options import (
     ImageIdOpt,
     JsonOpt,
     LayoutOpt,
-    MaxBytesOpt,
     ModelOpt,
     NoColorOpt,
     TimeoutOpt,
@@ -32,6 +31,9 @@ FlightOpt = Annotated[Optional[Path], typer.Option(
     "--flight-recorder", help="Read torch flight-recorder dumps (one file per rank, <prefix><rank>) from this "
     "directory instead: the first collective where the ranks diverge, and where each rank stood.",
     show_default=False)]
+DumpBytesOpt = Annotated[Optional[int], typer.Option(
+    "--max-bytes", help="With --flight-recorder: refuse a dump file larger than this (default: 256 MiB, less "
+    "when memory is short).", min=1, show_default=False)]
 StepOpt = Annotated[Optional[list[int]], typer.Option("--step", help="Analyze only this step (repeatable).",
                                                       show_default=False)]
 FullOpt = Annotated[bool, typer.Option("--full", help="Print the whole diagnosis of consistent steps too.")]
@@ -41,7 +43,7 @@ FullOpt = Annotated[bool, typer.Option("--full", help="Print the whole diagnosis
 def analyze(
     directory: DirArg = None,
     flight_recorder: FlightOpt = None,
-    max_bytes: MaxBytesOpt = None,
+    max_bytes: DumpBytesOpt = None,
     step: StepOpt = None,
     layout: LayoutOpt = "zigzag",
     model: ModelOpt = "qwen3-vl",
@@ -55,8 +57,7 @@ def analyze(
 ) -> None:
     """Reassemble each captured step from its per-rank files, rerun the oracle and the diagnosis, report.
 
-    With --flight-recorder DIR: read every rank's torch flight-recorder dump instead and name the first
-    collective where the ranks diverge (exit 1), with each rank's last completed and pending collective.
+    With --flight-recorder DIR: where the ranks of torch flight-recorder dumps diverge, and where each stood.
     """
     if (directory is None) == (flight_recorder is None):
         raise InputError("give either a capture directory or --flight-recorder DIR (exactly one)",

@@ -70,16 +70,18 @@ class Divergence:
 
 @dataclass(frozen=True)
 class RankState:
-    """Where one rank stood when it dumped: its last completed and its first not completed op."""
+    """Where one rank stood when it dumped: its last completed, its first not completed, and its last op."""
 
     rank: int
     last_completed: Entry | None
     pending: Entry | None
+    last_entered: Entry | None
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "last_completed": None if self.last_completed is None
                 else entry_dict(self.last_completed),
-                "pending": None if self.pending is None else entry_dict(self.pending)}
+                "pending": None if self.pending is None else entry_dict(self.pending),
+                "last_entered": None if self.last_entered is None else entry_dict(self.last_entered)}
 
 
 @dataclass
@@ -140,6 +142,9 @@ def analyze_flight_recorder(directory: Path, *, max_bytes: int | None = None) ->
     if p2p:
         report.notes.append(f"{p2p} point-to-point entr{'y' if p2p == 1 else 'ies'} recorded: shown per rank, "
                             "not matched across ranks")
+    if any(e.backend == "gloo" for d in dumps for e in d.entries):
+        report.notes.append("gloo notes the end of a collective (completed, or timed out) some time after it "
+                            "happened: a rank's 'last completed' and 'pending' can lag behind what it did")
     if any(g.inferred for g in groups):
         report.notes.append("the dumps list no ranks for some groups (gloo records none): their members are the "
                             "ranks whose dumps mention them, all dumped ranks for the default group")
@@ -234,7 +239,8 @@ def rank_state(dump: Dump) -> RankState:
     ordered = sorted(dump.entries, key=lambda e: e.record_id)
     done = [e for e in ordered if e.completed]
     pending = [e for e in ordered if not e.completed]
-    return RankState(dump.rank, done[-1] if done else None, pending[0] if pending else None)
+    return RankState(dump.rank, done[-1] if done else None, pending[0] if pending else None,
+                     ordered[-1] if ordered else None)
 
 
 def is_library_frame(filename: str) -> bool:

@@ -86,7 +86,7 @@ def _match(family: str, frame: Frame, caller: Frame | None) -> tuple[str, str] |
             return COUNT, "Megatron-Bridge's pre-sharded selection _get_cp_local_vision_embed_indices"
         if path.endswith("cpinspect/core/selection.py") and frame.name in ("gather", "local_vision_rows",
                                                                             "local_vision_row_map"):
-            return COUNT, f"cpinspect's selection ({frame.name} in cpinspect/core/selection.py)"
+            return COUNT, f"cpinspect's selection, {frame.name}"
         if frame.name == "all_gather_vision_embeddings" and path.endswith("cpinspect/simulation/vision_dp_split.py"):
             return VISION_DP, "cpinspect's all_gather_vision_embeddings"
         if frame.name == "forward" and in_autograd:

@@ -7,6 +7,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
+from cpinspect.groups.callsite import short_path
 from cpinspect.jobs.flight_recorder import Divergence, FlightReport, call_site, user_frames
 from cpinspect.jobs.flight_recorder_read import Entry, sizes_text
 from cpinspect.jobs.flight_recorder_sites import CpSite, recognise
@@ -20,13 +21,16 @@ def render_flight_recorder(report: FlightReport, console: Console) -> None:
     console.print(Text.assemble(("cpinspect analyze --flight-recorder ", "bold"), f"{report.directory}: "
                                 f"{len(report.dumps)} dump(s) (ranks {', '.join(str(d.rank) for d in report.dumps)}"
                                 f"; format {', '.join(versions)}), {len(report.groups)} group(s)"))
+    last_ops = {state.rank: state.last_completed for state in report.ranks if state.last_completed is not None}
     for number, divergence in enumerate(report.divergences):
-        render_divergence(divergence, console, first=number == 0)
+        render_divergence(divergence, console, first=number == 0, last_ops=last_ops)
     console.print(Rule("where each rank stood when it dumped", style="dim"))
     for state in report.ranks:
         console.print(Text(f"rank {state.rank}", style="bold"))
         render_position("last completed", state.last_completed, console)
         render_position("pending", state.pending, console)
+        if state.last_entered not in (state.pending, state.last_completed):
+            render_position("last entered", state.last_entered, console)
     for group, ranks in report.no_dump.items():
         console.print(Text(f"! no dump from rank(s) {', '.join(map(str, ranks))} of group {group}: what they did is "
                            "unknown", style="yellow"))
@@ -42,23 +46,26 @@ def render_flight_recorder(report: FlightReport, console: Console) -> None:
                            "op, sizes and dtypes", style="bold green"))
 
 
-def render_divergence(divergence: Divergence, console: Console, *, first: bool) -> None:
+def render_divergence(divergence: Divergence, console: Console, *, first: bool,
+                      last_ops: dict[int, Entry]) -> None:
     title = "first divergence" if first else "divergence"
     console.print(Rule(f"{title}: {divergence.group.label()}, collective #{divergence.seq}", style="red"))
     console.print(Text.assemble(("✗ ", "bold red"), (divergence.kind, "bold"), f"  {divergence.message}"))
     table = Table(show_edge=False, pad_edge=False)
-    for column in ("rank", "op", "input sizes", "output sizes", "dtypes", "state", "call site"):
-        table.add_column(column)
+    for column in ("rank", "op", "input", "output", "dtypes", "call site"):
+        table.add_column(column, overflow="fold")
     for rank in divergence.group.members:
         entry = divergence.entries.get(rank)
         if entry is None:
             missing = "never entered" if rank in divergence.missing_ranks else "no record"
-            table.add_row(str(rank), Text(missing, style="bold red"), "", "", "", "", "")
+            last = last_ops.get(rank)
+            table.add_row(str(rank), Text(missing, style="bold red"), "", "", "",
+                          f"its last: {last.op} #{last.seq}" if last is not None else "")
             continue
         style = "bold red" if rank in divergence.differing_ranks else ""
         table.add_row(str(rank), Text(entry.op, style=style), sizes_text(entry.input_sizes),
-                      sizes_text(entry.output_sizes), "/".join(entry.input_dtypes or ()) or "-", entry.state,
-                      call_site(entry.frames) or "-")
+                      sizes_text(entry.output_sizes), "/".join(entry.input_dtypes or ()) or "-",
+                      short_site(call_site(entry.frames)))
     console.print(table)
     shown: set[str] = set()
     for rank in sorted(divergence.entries):
@@ -69,7 +76,9 @@ def render_divergence(divergence: Divergence, console: Console, *, first: bool) 
 
 
 def render_site(who: str, site: CpSite, console: Console) -> None:
-    console.print(Text.assemble(("→ ", "bold cyan"), f"{who} is ", (site.site, "bold"), f": {site.evidence}"))
+    evidence, _, where = site.evidence.rpartition(" (")
+    console.print(Text.assemble(("→ ", "bold cyan"), f"{who} is ", (site.site, "bold"), f": {evidence} "
+                                f"({short_site(where.rstrip(')'))})"))
     console.print(Text(f"  cpinspect: {site.finding}"))
 
 
@@ -81,4 +90,10 @@ def render_position(label: str, entry: Entry | None, console: Console) -> None:
     console.print(Text.assemble(f"  {label}: ", (entry.describe(), "bold"), f" in group {entry.group} "
                                 f"(state {entry.state})", (f", {site.site}" if site else "", "cyan")))
     for frame in user_frames(entry.frames)[:STACK_DEPTH]:
-        console.print(Text(f"      {frame.name} at {frame.where()}", style="dim"))
+        console.print(Text(f"      {frame.name} at {short_site(frame.where())}", style="dim"))
+
+
+def short_site(where: str) -> str:
+    """``file:line`` with the file relative to the working directory when it lies below it."""
+    path, _, line = where.rpartition(":")
+    return f"{short_path(path)}:{line}" if path else where or "-"

@@ -64,9 +64,8 @@ def test_a_skipped_count_all_gather_names_the_collective_and_the_missing_rank(tm
     assert waiting["call_site"].endswith("cpinspect/core/selection.py:" + str(gather_line()))
     assert "cpinspect check" in waiting["cp_site"]["finding"]
     ranks = {r["rank"]: r for r in report["ranks"]}
-    assert ranks[1]["last_completed"]["seq"] == 3 * BUG_STEP
-    assert ranks[1]["last_completed"]["cp_site"]["site"] == "the backward all-reduce"
-    assert ranks[1]["pending"] is None
+    assert ranks[1]["last_entered"]["seq"] == 3 * BUG_STEP
+    assert ranks[1]["last_entered"]["cp_site"]["site"] == "the backward all-reduce"
     # torch's text for it: the entry rank 0 holds and rank 1 lacks
     assert raw_entry(tmp_path, 0, first["group"], first["seq"])["profiling_name"] == "gloo:all_gather"
 
