@@ -1,12 +1,13 @@
 """Reading torch flight-recorder dumps: one pickle per rank, unpickled without building any object but plain data.
 
 A dump (``torch._C._distributed_c10d._dump_fr_trace()``, or the file the NCCL watchdog writes to
-``TORCH_FR_DUMP_TEMP_FILE`` + rank) is a pickled dict: ``version``, ``pg_config``, ``pg_status`` and
-``entries``, one dict per recorded collective (``profiling_name`` such as ``gloo:all_gather`` or
-``nccl:send 0->1``, ``process_group`` ``(name, desc)``, ``collective_seq_id``, ``input_sizes``,
-``input_dtypes``, ``state``, ``frames``, ...). The same keys serve gloo and NCCL from format 2.x on
-(torch 2.10 to 2.13 write "2.10"); gloo leaves ``state`` at ``scheduled`` and its ``pg_config``
-empty, so completion comes from ``pg_status`` and membership from the dumps themselves.
+``TORCH_FR_DUMP_TEMP_FILE`` + rank; its JSON twin ``_dump_fr_trace_json()`` is read too) is a
+pickled dict: ``version``, ``pg_config``, ``pg_status`` and ``entries``, one dict per recorded
+collective (``profiling_name`` such as ``gloo:all_gather`` or ``nccl:send 0->1``, ``process_group``
+``(name, desc)``, ``collective_seq_id``, ``input_sizes``, ``input_dtypes``, ``state``, ``frames``,
+...). The same keys serve gloo and NCCL from format 2.x on (torch 2.10 to 2.13 write "2.10").
+gloo leaves ``state`` at ``scheduled`` and its ``pg_config`` empty, so completion comes from
+``pg_status`` and membership from the dumps themselves.
 
 The unpickler refuses every global (``find_class``) and every persistent id, so only dicts, lists,
 tuples, sets, strings, bytes, numbers, bools and ``None`` can be built: a ``__reduce__`` payload
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import io
+import json
 import pickle
 import re
 from dataclasses import dataclass
@@ -154,6 +156,8 @@ def read_dump(path: Path, rank: int, *, limit: int) -> Dump:
         raise InputError(f"refused to read the dump: it has {size:,} bytes, above the limit of {limit:,} bytes",
                          where=str(path), fix="raise the limit with --max-bytes N if the dump really is that large")
     raw = path.read_bytes()
+    if raw.lstrip()[:1] == b"{":  # _dump_fr_trace_json / _dump_nccl_trace_json: the same keys, no stacks
+        return parse_dump(read_json(raw, path), rank, str(path))
     try:
         data = PlainUnpickler(io.BytesIO(raw)).load()
     except RefusedPickle as exc:
@@ -161,10 +165,18 @@ def read_dump(path: Path, rank: int, *, limit: int) -> Dump:
                          "with pickle.load could run code); nothing in it was run", where=str(path),
                          fix="use only dumps written by torch's flight recorder; do not open this file with "
                              "pickle.load or torch's fr_trace") from None
-    except Exception as exc:  # any malformed pickle: EOFError, UnpicklingError, ValueError, ...
+    except (Exception, RecursionError) as exc:  # any malformed pickle: EOFError, UnpicklingError, ValueError, ...
         raise InputError(f"the file is not a readable pickle ({type(exc).__name__}: {str(exc)[:160]})",
                          where=str(path), fix="the dump is truncated or is not a flight-recorder dump") from None
     return parse_dump(data, rank, str(path))
+
+
+def read_json(raw: bytes, path: Path) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"the file starts like JSON but is not readable JSON ({str(exc)[:160]})", where=str(path),
+                         fix="the dump is truncated or is not a flight-recorder dump") from None
 
 
 def parse_dump(data: Any, rank: int, path: str) -> Dump:
@@ -211,7 +223,7 @@ def parse_entry(raw: Any, rank: int, where: str) -> Entry:
             state=state, completed=state == "completed", frames=tuple(_frame(f) for f in raw.get("frames") or ()),
             time_created_ns=int(raw.get("time_created_ns") or 0),
         )
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, RecursionError) as exc:
         raise InputError(f"a recorded entry is malformed ({type(exc).__name__}: {str(exc)[:120]})", where=where,
                          fix="the dump is corrupt or from an unknown flight-recorder format") from None
 
@@ -246,7 +258,10 @@ def parse_status(status: Any) -> dict[str, GroupStatus]:
 
 
 def _number(value: Any) -> int | None:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A non-negative collective number (the JSON dumps write them as strings), else ``None`` (-1: none yet)."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _sizes(raw: Any) -> tuple[tuple[int, ...], ...]:

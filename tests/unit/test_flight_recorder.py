@@ -176,3 +176,31 @@ AUTOGRAD = Frame("apply", "/usr/lib/python3/site-packages/torch/autograd/functio
 def test_cp_sites_are_named_from_the_function_names(op, frames, site):
     found = recognise(op, tuple(frames))
     assert (found.site if found else None) == site
+
+
+def test_the_json_form_of_a_dump_reads_like_the_pickle(tmp_path):
+    """torch's ``_dump_fr_trace_json`` writes the same keys, collective numbers in pg_status as strings, no frames."""
+    dumps = {0: real_dump(), 1: real_dump()}
+    entry(dumps[1], "1", 7).update(input_dtypes=["Half"], output_dtypes=["Half"])
+    for rank, dump in dumps.items():
+        for status in dump["pg_status"].values():
+            status.update({key: str(value) for key, value in status.items()})
+        for e in dump["entries"]:
+            e.pop("frames")
+        (tmp_path / f"nccl_trace_rank_{rank}").write_text(json.dumps(dump))
+    report = analyze_flight_recorder(tmp_path)
+    assert [(d.group.name, d.seq, d.kind, d.differing_ranks) for d in report.divergences] == [("1", 7, "dtype", (1,))]
+    assert report.dumps[0].status["1"].last_enqueued == 8
+
+
+def test_the_text_view_names_the_missing_rank_and_its_last_op(tmp_path):
+    full, short = real_dump(), real_dump()
+    short["entries"] = short["entries"][:3]  # cp #1, #2, #3: it stopped after the first all-reduce
+    short["pg_status"]["1"]["last_enqueued_collective"] = 3
+    result = run_cli("--flight-recorder", str(write(tmp_path, {0: full, 1: short})), "--no-color")
+    assert result.exit_code == 1
+    rows = [line.split("│") for line in result.output.splitlines() if line.count("│") == 5]
+    assert [cell.strip() for cell in rows[1]][:2] == ["1", "never entered"]
+    assert "its last: all_reduce #3" in rows[1][5]
+    words = " ".join(result.output.split())
+    assert "rank(s) 1 never entered all_to_all #4 of group 1 (cp), global ranks [0, 1]" in words
