@@ -130,12 +130,16 @@ def entry_dict(entry: Entry, skipped: bool = True) -> dict[str, Any]:
 
 def analyze_flight_recorder(directory: Path, *, max_bytes: int | None = None) -> FlightReport:
     """Read every rank's dump in ``directory`` and find where the ranks diverged."""
-    dumps = read_dumps(directory, max_bytes=max_bytes)
+    return analyze_dumps(read_dumps(directory, max_bytes=max_bytes), str(directory))
+
+
+def analyze_dumps(dumps: list[Dump], directory: str = "<dumps>") -> FlightReport:
+    """The report for dumps already read (one per rank, in rank order)."""
     groups = find_groups(dumps)
     present = {d.rank for d in dumps}
     divergences = [d for g in groups if (d := first_divergence(g, dumps)) is not None]
     divergences.sort(key=lambda d: min((e.time_created_ns for e in d.entries.values()), default=0))
-    report = FlightReport(str(directory), dumps, groups, divergences, [rank_state(d) for d in dumps])
+    report = FlightReport(directory, dumps, groups, divergences, [rank_state(d) for d in dumps])
     report.no_dump = {g.name: tuple(r for r in g.members if r not in present)
                       for g in groups if not set(g.members) <= present}
     p2p = sum(e.is_p2p for d in dumps for e in d.entries)

@@ -97,3 +97,20 @@ def short_site(where: str) -> str:
     """``file:line`` with the file relative to the working directory when it lies below it."""
     path, _, line = where.rpartition(":")
     return f"{short_path(path)}:{line}" if path else where or "-"
+
+
+if __name__ == "__main__":  # pragma: no cover - a demo for eyeballing the view
+    from cpinspect.jobs.flight_recorder import analyze_dumps
+    from cpinspect.jobs.flight_recorder_read import parse_dump
+
+    def demo_entry(seq: int, op: str, sizes: list[list[int]], where: str) -> dict:
+        return {"profiling_name": f"gloo:{op}", "process_group": ("1", "cp"), "collective_seq_id": seq,
+                "input_sizes": sizes, "output_sizes": [[2, *s] for s in sizes], "input_dtypes": ["Long"],
+                "output_dtypes": ["Long"], "state": "scheduled", "record_id": seq - 1,
+                "frames": [{"name": "_get_cp_local_vision_embed_indices", "filename": where, "line": 88}]}
+
+    steps = [demo_entry(s, "all_gather", [[4, 2]], "/job/bridge/vision.py") for s in (1, 2, 3)]
+    demo = [parse_dump({"version": "2.10", "entries": steps[:n], "pg_config": {"1": {"ranks": "[0, 1]"}},
+                        "pg_status": {"1": {"last_enqueued_collective": n, "last_completed_collective": 2}}},
+                       rank, f"demo/trace_{rank}") for rank, n in ((0, 3), (1, 2))]
+    render_flight_recorder(analyze_dumps(demo, "demo/"), Console())
