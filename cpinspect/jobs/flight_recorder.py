@@ -23,6 +23,7 @@ from typing import Any
 
 from cpinspect.jobs.flight_recorder_read import Dump, Entry, Frame, read_dumps, sizes_text
 from cpinspect.jobs.flight_recorder_sites import CpSite, recognise
+from cpinspect.jobs.flight_recorder_torch import torch_verdict
 
 # what torch's analyzer calls each kind (MatchState names; "missing" is its "Not all ranks joining collective")
 TORCH_WORDS = {"missing_ranks": "Not all ranks joining collective", "op": "COLLECTIVE_TYPE_MISMATCH",
@@ -56,6 +57,7 @@ class Divergence:
     entries: dict[int, Entry]
     missing_ranks: tuple[int, ...]
     differing_ranks: tuple[int, ...]
+    torch_verdict: str | None = None
 
     def site(self, rank: int) -> CpSite | None:
         entry = self.entries.get(rank)
@@ -65,6 +67,7 @@ class Divergence:
         return {"group": self.group.name, "group_desc": self.group.desc, "global_ranks": list(self.group.members),
                 "seq": self.seq, "kind": self.kind, "torch_words": TORCH_WORDS[self.kind], "message": self.message,
                 "missing_ranks": list(self.missing_ranks), "differing_ranks": list(self.differing_ranks),
+                "torch_verdict": self.torch_verdict,
                 "ranks": {str(r): entry_dict(e, self.kind == "missing_ranks") for r, e in sorted(self.entries.items())}}
 
 
@@ -226,7 +229,9 @@ def compare(group: Group, seq: int, entries: dict[int, Entry]) -> Divergence | N
             differing = tuple(r for r in sorted(values) if values[r] != reference)
             per_rank = "; ".join(f"rank {r}: {show(v)}" for r, v in sorted(values.items()))
             message = f"{op} #{seq} of {group.label()}: {what} ({per_rank})"
-            return Divergence(group, seq, kind, message, entries, (), differing)
+            agreeing = next(r for r in sorted(values) if values[r] == reference)
+            verdict = torch_verdict(entries[agreeing], entries[differing[0]], group.members)
+            return Divergence(group, seq, kind, message, entries, (), differing, verdict)
     return None
 
 

@@ -51,6 +51,8 @@ def render_divergence(divergence: Divergence, console: Console, *, first: bool,
     title = "first divergence" if first else "divergence"
     console.print(Rule(f"{title}: {divergence.group.label()}, collective #{divergence.seq}", style="red"))
     console.print(Text.assemble(("✗ ", "bold red"), (divergence.kind, "bold"), f"  {divergence.message}"))
+    if divergence.torch_verdict:
+        console.print(Text(f"  torch's matcher (Op.match): {divergence.torch_verdict}", style="dim"))
     table = Table(show_edge=False, pad_edge=False)
     for column in ("rank", "op", "input", "output", "dtypes", "call site"):
         table.add_column(column, overflow="fold")

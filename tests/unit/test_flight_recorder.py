@@ -94,6 +94,7 @@ def test_each_mismatch_kind_is_found_where_torch_finds_it(tmp_path, kind, change
     report = analyze_flight_recorder(write(tmp_path, dumps))
     assert [(d.group.name, d.seq, d.kind, d.differing_ranks) for d in report.divergences] == [("1", 7, kind, (1,))]
     assert torch_match(entry(dumps[0], "1", 7), entry(dumps[1], "1", 7), {0, 1}) == TORCH_KIND[kind]
+    assert report.divergences[0].torch_verdict.split(":")[0] == TORCH_KIND[kind]  # torch's words, passed on
 
 
 def test_all_to_all_may_differ_in_sizes(tmp_path):
