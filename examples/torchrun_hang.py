@@ -37,7 +37,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")  # > 0 turns the flight recorder on (TORCH_NCCL_TRACE_..)
+os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")  # > 0 records (older name: TORCH_NCCL_TRACE_BUFFER_SIZE)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
