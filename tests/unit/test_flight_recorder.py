@@ -154,12 +154,26 @@ def test_malformed_dumps_say_what_is_wrong(tmp_path, content, words):
 
 
 def test_directories_without_one_set_of_dumps_are_refused(tmp_path):
+    assert run_cli("--flight-recorder", str(tmp_path / "absent")).exit_code == 2
     assert run_cli("--flight-recorder", str(tmp_path)).exit_code == 2
     write(tmp_path, {0: real_dump()})
     (tmp_path / "other_0").write_bytes(NCCL.read_bytes())
     result = run_cli("--flight-recorder", str(tmp_path))
     assert result.exit_code == 2 and "2 different name prefixes" in result.output
     assert run_cli(str(tmp_path), "--flight-recorder", str(tmp_path)).exit_code == 2
+
+
+@pytest.mark.parametrize("path, library", [
+    ("/usr/lib/python3/dist-packages/torch/distributed/distributed_c10d.py", True),
+    ("/opt/venv/lib/python3.12/site-packages/typing_extensions.py", True),
+    ("/opt/venv/lib/python3.12/site-packages/megatron/bridge/models/vision.py", False),
+    ("/home/me/torch/train.py", False),  # a folder named torch outside site-packages is the user's
+])
+def test_torch_frames_are_told_from_the_recorded_path_alone(path, library):
+    from cpinspect.jobs.flight_recorder import call_site
+
+    frames = (Frame("f", path, 1), Frame("main", "/job/train.py", 7))
+    assert call_site(frames) == ("/job/train.py:7" if library else f"{path}:1")
 
 
 AUTOGRAD = Frame("apply", "/usr/lib/python3/site-packages/torch/autograd/function.py", 581)
