@@ -1,0 +1,59 @@
+"""The CP programs of examples/cp_programs under gloo (real processes): the three attention programs match
+full attention on random packed rows (outputs and q/k/v gradients), and the Megatron-Bridge-style vision
+all-gather matches the unsharded encoder (forward and backward), with the oracles of
+tests/capability/test_cp_programs.py (torch's scaled_dot_product_attention per document; the encoder on
+all patches). One process run per cp executes all four programs."""
+
+import pytest
+
+from cpinspect.groups.gloo import execute_gloo
+from tests.capability.test_cp_programs import (
+    assert_matches_full_attention,
+    assert_vision_matches_unsharded,
+    attention,
+    random_row,
+    rank_program,
+    vision_case,
+    vision_rank,
+)
+
+PROGRAMS = ["allgather_kv_attention", "ulysses_attention", "ring_attention"]
+
+
+def every_program(group, row, vision):
+    """Each rank: every attention program on the same row (programs named: the example is loaded by path),
+    then the vision all-gather in the padded form (gloo has no uneven all-gather; see the test below)."""
+    out = {name: rank_program(group, getattr(attention, name), *row) for name in PROGRAMS}
+    out["vision"] = vision_rank(group, *vision, True)
+    return out
+
+
+def bridge_vision(group, vision):
+    return vision_rank(group, *vision, False)
+
+
+@pytest.mark.parametrize("cp,seed", [(2, 5), (4, 6)])
+def test_cp_programs_under_gloo_match_full_attention_and_the_unsharded_encoder(cp, seed):
+    row, vision = random_row(seed, cp), vision_case(cp, seed)
+    states, failure = execute_gloo(cp, every_program, row, vision, timeout=120.0)
+    assert failure is None, str(failure)
+    ops = {c.op for c in states[0].calls}
+    # the programs' collectives went through real gloo, recorded
+    assert {"all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "all_reduce"} <= ops
+    for name in PROGRAMS:
+        assert_matches_full_attention([s.value[name] for s in states], *row)
+    assert_vision_matches_unsharded([s.value["vision"] for s in states], *vision)
+
+
+def test_the_bridge_style_uneven_all_gather_is_named_as_a_limit_of_gloo_not_as_the_users_error():
+    vision = vision_case(2, 1)
+    assert len({vision[1][r + 1] - vision[1][r] for r in range(2)}) == 2  # the ranks hold different row counts
+    states, failure = execute_gloo(2, bridge_vision, vision, timeout=60.0)
+    assert failure is not None and failure.kind == "exception"
+    text = str(failure)
+    assert text.startswith("all ranks raised: rank 0 raised GlooLimitError: all_gather with different sizes per "
+                           "rank (out=[")
+    assert "is not implemented by gloo (ProcessGroupGloo::allgather needs every rank's tensor to have the same " \
+           "size)" in text
+    assert "attention.py" not in text and "test_" not in text  # not the user's line: the program is right on NCCL
+    assert [len(s.calls) for s in states] == [1, 1]  # the count all-gather ran; the uneven one never reached gloo
