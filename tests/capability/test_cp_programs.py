@@ -23,12 +23,12 @@ ring_attention, zigzag_indices = attention.ring_attention, attention.zigzag_indi
 HEADS, DIM = 4, 8
 
 
-def random_row(seed, cp):
+def random_row(seed, cp, heads=HEADS):
     g = torch.Generator().manual_seed(seed)
     docs = torch.randint(1, 4, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g) * 2 * cp
     cu = [0, *torch.cumsum(docs, 0).tolist()]
-    q, k, v = (torch.randn(cu[-1], HEADS, DIM, generator=g, dtype=torch.float64) for _ in range(3))
-    weight = torch.randn(cu[-1], HEADS, DIM, generator=g, dtype=torch.float64)
+    q, k, v = (torch.randn(cu[-1], heads, DIM, generator=g, dtype=torch.float64) for _ in range(3))
+    weight = torch.randn(cu[-1], heads, DIM, generator=g, dtype=torch.float64)
     return cu, q, k, v, weight
 
 
