@@ -93,10 +93,16 @@ class Watchdog(Coordinator):
 
     def finish(self, rank: int, value: Any = None, error: BaseException | None = None, site: str = "") -> None:
         super().finish(rank, value, error, site)
+        if self.states[rank].died:  # died() reports it as RANK_DIED, naming where the others wait
+            return
         with self.cond:
             for op in list(self.blocked_in.values()):
                 if self.failure is None:
                     self.mailbox.peer_gone(op)
+
+    def _unmatched_waits(self) -> bool:
+        """Some rank waits in a send/receive not yet matched (a matched one is gloo moving data: no deadline)."""
+        return any(not op.done for op in self.blocked_in.values())
 
     def left(self, rank: int) -> None:
         with self.cond:
@@ -122,7 +128,7 @@ class Watchdog(Coordinator):
                 if self.failure is None and now >= self.wait_deadline(seq):
                     first = min(self.pending[seq].items())[1][0]
                     self.fail_timeout(first)
-            if self.failure is None and self.blocked_in and now >= self.progress + self.timeout:
+            if self.failure is None and self._unmatched_waits() and now >= self.progress + self.timeout:
                 self.mailbox.fail_timeout()
             limit = stall_limit(self.timeout)
             if self.failure is None and self.stalled(limit):
@@ -130,7 +136,7 @@ class Watchdog(Coordinator):
 
     def next_deadline(self) -> float:
         starts = [self.wait_deadline(seq) for seq in self.pending]
-        p2p = [self.progress + self.timeout] if self.blocked_in else []
+        p2p = [self.progress + self.timeout] if self._unmatched_waits() else []
         return min([self.progress + stall_limit(self.timeout), time.monotonic() + 1.0, *starts, *p2p])
 
     @property

@@ -5,7 +5,12 @@ tests/capability/test_cp_programs.py (torch's scaled_dot_product_attention per d
 all patches). One process run executes all four programs (real processes are slow to start). The
 Megatron-Bridge-style vision all-gather (uneven sizes) is refused under gloo as gloo's limit."""
 
+import pytest
+import torch
+import torch.distributed as dist
+
 from cpinspect.groups.gloo import execute_gloo
+from cpinspect.groups.recording import GlooLimitError, RecordingGroup
 from tests.capability.test_cp_programs import (
     assert_matches_full_attention,
     assert_vision_matches_unsharded,
@@ -15,6 +20,7 @@ from tests.capability.test_cp_programs import (
     vision_case,
     vision_rank,
 )
+from tests.threaded_gloo import run_gloo_threads
 
 PROGRAMS = ["allgather_kv_attention", "ulysses_attention", "ring_attention"]
 
@@ -58,3 +64,32 @@ def test_the_bridge_style_uneven_all_gather_is_named_as_a_limit_of_gloo_not_as_t
            "size)" in text
     assert "attention.py" not in text and "test_" not in text  # not the user's line: the program is right on NCCL
     assert [len(s.calls) for s in states] == [1, 1]  # the count all-gather ran; the uneven one never reached gloo
+
+
+def _uneven_call(op, group, r):
+    if op == "all_to_all":
+        ins, outs = [torch.zeros(r + j + 1) for j in range(2)], [torch.empty(s + r + 1) for s in range(2)]
+        return lambda g: dist.all_to_all(outs, ins, group=g)
+    return lambda g: dist.all_gather([torch.empty(s + 1) for s in range(2)], torch.zeros(r + 1), group=g)
+
+
+@pytest.mark.parametrize("op, gloo_says, ours", [
+    ("all_to_all", "ProcessGroupGloo::alltoall: invalid tensor size",
+     "all_to_all with tensors of different shapes ("),
+    ("all_gather", "ProcessGroupGloo::allgather: invalid tensor size",
+     "all_gather with different sizes per rank (out=[[1], [2]])"),
+])
+def test_what_gloo_itself_refuses_is_named_as_its_limit_before_the_watchdog_is_asked(op, gloo_says, ours):
+    # in-process: real gloo backends on threads (tests/threaded_gloo.py), bare and under the recording group
+    def rank(group):
+        asked = []
+        recording = RecordingGroup(group, asked.append, lambda event: asked.append(event) or b"go")
+        with pytest.raises(RuntimeError, match=gloo_says):  # torch's own gloo backend refuses the call
+            _uneven_call(op, group, group.rank())(group)
+        with pytest.raises(GlooLimitError) as limit:
+            _uneven_call(op, group, group.rank())(recording)
+        return str(limit.value), asked
+
+    for text, asked in run_gloo_threads(2, rank, timeout=60.0):
+        assert text.startswith(ours) and "is not implemented by gloo (ProcessGroupGloo::" in text
+        assert asked == []  # refused before the watchdog (and gloo) saw it
