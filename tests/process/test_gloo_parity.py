@@ -224,7 +224,7 @@ DIVERGENCES = {
 
 def _parts(text):
     """A message's clauses, order aside (ranks arrive at the watchdog in any order)."""
-    return sorted(text.replace(": ", "; ").split("; "))
+    return sorted(text.replace(": ", "; ").replace(". ", "; ").split("; "))
 
 
 @pytest.mark.usefixtures("no_rank_thread_left")
