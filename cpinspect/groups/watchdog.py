@@ -2,8 +2,9 @@
 
 :func:`supervise` starts the rank processes of :func:`cpinspect.groups.gloo.execute_gloo`, waits
 until all joined the gloo group, releases them, and feeds every event they send (entered a
-collective, left it, returned, raised, died) into a :class:`Watchdog`: the coordinator the thread
-backend uses, so a divergence is reported with the same words as soon as it is visible.
+collective, left it, posted a send or receive, blocked in it, returned, raised, died) into a
+:class:`Watchdog`: the coordinator the thread backend uses, so a divergence is reported with the
+same words as soon as it is visible.
 """
 
 from __future__ import annotations
