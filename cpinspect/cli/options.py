@@ -38,3 +38,10 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the Python traceba
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")]
 MaxBytesOpt = Annotated[Optional[int], typer.Option("--max-bytes", help="Refuse a batch file declaring more bytes "
                                                     "than this (default: half the available memory).", min=1)]
+TpOpt = Annotated[int, typer.Option("--tp", help="Tensor-parallel size (with --sequence-parallel: the sequence is "
+                                                 "also split over tp after the CP split).", min=1, max=MAX_CP)]
+SequenceParallelOpt = Annotated[bool, typer.Option("--sequence-parallel", help="Megatron sequence parallelism: "
+                                                   "--pad aligns segments to 2*cp*tp.")]
+CpPerSegmentOpt = Annotated[Optional[str], typer.Option(
+    "--cp-per-segment", help="Hybrid / dynamic CP (Megatron-LM): one local CP size per segment, each dividing --cp "
+                             "(e.g. 2,2,4); the batch's local_cp_size field does the same.", show_default=False)]
