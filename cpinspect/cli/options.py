@@ -45,3 +45,9 @@ SequenceParallelOpt = Annotated[bool, typer.Option("--sequence-parallel", help="
 CpPerSegmentOpt = Annotated[Optional[str], typer.Option(
     "--cp-per-segment", help="Hybrid / dynamic CP (Megatron-LM): one local CP size per segment, each dividing --cp "
                              "(e.g. 2,2,4); the batch's local_cp_size field does the same.", show_default=False)]
+RunTpOpt = Annotated[Optional[int], typer.Option(
+    "--tp", help="The failing run's tensor-parallel size: size-mismatch hypotheses keep only this tp (default: "
+                 "read it from the error's numbers).", min=1, max=MAX_CP, show_default=False)]
+RunSequenceParallelOpt = Annotated[Optional[bool], typer.Option(
+    "--sequence-parallel/--no-sequence-parallel", help="Whether the failing run had sequence parallelism "
+    "(default: unknown, assumed where the numbers need it).", show_default=False)]

@@ -82,6 +82,8 @@ def diagnose_batch(
     embeds: int | None = None,
     rank: int | None = None,
     timeout: float = 10.0,
+    tp: int | None = None,
+    sequence_parallel: bool | None = None,
 ) -> DiagnoseReport:
     """Audit ``batch`` for ``cp`` ranks and explain ``error_text`` by simulating candidate causes.
 
@@ -97,6 +99,7 @@ def diagnose_batch(
         findings.append(info("ERROR_NOT_RECOGNISED", f"the error text matched none of the known forms: "
                               f"{clip(error_text)!r}", "paste the line with the numbers (see the README's list)"))
     scene, form_findings = build_scene(loaded, cp, layout, tokens, embeds=embeds, rank=rank, timeout=timeout)
+    scene.tp, scene.sequence_parallel = tp, sequence_parallel  # narrow CP_/SP_SPLIT_MISSING (diagnose.parallel_sizes)
     if rank is None and observed is not None:
         scene.rank = observed.rank  # a log's rank may lie beyond cp: itself a sign of another cp
     findings += form_findings + audit(scene) + _vision_dp_findings(scene, timeout)

@@ -70,6 +70,8 @@ class Scene:
     issues: dict[str, list[SpanIssue]] = field(default_factory=dict)
     foreign: dict[str, list[int]] = field(default_factory=dict)
     spans_intact: bool = False  # pre-sharded rows reassembled under data_layout gave whole vision spans
+    tp: int | None = None  # the run's tensor-parallel size and sequence parallelism, when the user gave them
+    sequence_parallel: bool | None = None
     _held: dict[tuple[str, int], list[int] | None] = field(default_factory=dict)
 
     @property

@@ -128,6 +128,8 @@ class Result:
         extra: dict[str, Any] = {}
         if self.tokens.audio_token_id is not None:
             extra["modalities"] = self.modalities()
+        if self.layout.segment_cp is not None:
+            extra["local_cp_size"] = self.layout.segment_cp.tolist()  # hybrid CP: one per segment
         return {
             **extra,
             "cp": self.cp,
