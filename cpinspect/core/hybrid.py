@@ -180,8 +180,8 @@ def _check_equal_shares(held: torch.Tensor, cu: torch.Tensor, segment_cp: torch.
         return
     cp = held.numel()
     shares = ", ".join(f"rank {r}: {int(n)}" for r, n in enumerate(held[:8]))
-    placed = ", ".join(f"segment {s} -> ranks {int(f)}..{int(f) + int(c) - 1}"
-                       for s, (f, c) in enumerate(zip(first_rank[:6], segment_cp[:6])))
+    placed = ", ".join(f"segment {s} -> rank {f}" if c == 1 else f"segment {s} -> ranks {f}..{f + c - 1}"
+                       for s, (f, c) in enumerate(zip(first_rank[:6].tolist(), segment_cp[:6].tolist())))
     raise InputError(
         f"hybrid CP with these local CP sizes gives the {cp} ranks unequal shares ({shares}{', ...' if cp > 8 else ''};"
         f" placed {placed}{', ...' if segment_cp.numel() > 6 else ''}), and cpinspect simulates one packed row "
