@@ -108,7 +108,7 @@ def diagnose_batch(
     findings += _extra_findings(scene) + segment_offset_findings(scene) + local_row_position_findings(scene)
     findings = _fold_same_root(findings)
     findings += consistent(scene, findings)
-    return DiagnoseReport(_ordered(findings), _observed_dict(observed, embeds, scene.rank), scene.cp, layout,
+    return DiagnoseReport(_ordered(findings), _observed_dict(observed, embeds, scene.rank), scene.cp, scene.layout,
                           scene.form, loaded.source, _summary(scene))
 
 

@@ -282,6 +282,10 @@ def _split_line(scene: Scene) -> str:
     if scene.layout == "zigzag":
         return (f"segments: all {scene.batch.num_segments} physical lengths split into 2·cp = {2 * scene.cp} equal "
                 f"pieces at cp={scene.cp}")
+    if scene.segment_cp is not None:
+        sizes = ", ".join(map(str, sorted(set(scene.segment_cp.tolist()))))
+        return (f"segments: all {scene.batch.num_segments} physical lengths split into 2·c equal chunks for their "
+                f"own local cp c ({sizes}; hybrid CP over a group of {scene.cp}, the batch's local_cp_size)")
     pieces = 2 * scene.cp if scene.layout == "sequence-zigzag" else scene.cp
     return (f"row: the {scene.total_tokens} tokens split into {pieces} equal pieces of {scene.total_tokens // pieces} "
             f"({scene.layout}, cp={scene.cp}); segment lengths need not divide")

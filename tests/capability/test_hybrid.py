@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from cpinspect.cli.app import app
 from cpinspect.core import synth
-from tests.literal import expected_rows, hybrid_indices
+from cpinspect.core.errors import InputError
+from tests.literal import expected_rows, hybrid_indices, layout_indices
 from tests.unit.test_hybrid import balanced_mix, cu_of
 
 runner = CliRunner()
@@ -130,3 +131,32 @@ def test_bad_cp_per_segment_exits_2_with_one_paragraph(tmp_path, option, words):
     assert result.exit_code == 2, result.output
     assert words in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_diagnose_reads_the_batchs_local_cp_size_and_finds_the_rank_by_its_hybrid_share(tmp_path):
+    from cpinspect.diagnose.api import diagnose_batch
+
+    batch = batch_of([16, 8, 8, 16], 3)
+    batch["local_cp_size"] = torch.tensor([2, 1, 1, 4], dtype=torch.int32)
+    mask = vision_mask(batch)
+    held = [sum(mask[g] for g in h) for h in hybrid_indices([0, 16, 24, 32, 48], 4, [2, 1, 1, 4])]
+    zigzag = [sum(mask[g] for g in h) for h in layout_indices("zigzag", [0, 16, 24, 32, 48], 4)]
+    rank = next(r for r in range(4) if held[r] != zigzag[r] and held.count(held[r]) == 1)
+    error = f"Image features and image tokens do not match: tokens: {held[rank]}, features: {sum(mask)}"
+    report = diagnose_batch(batch, 4, error_text=error)
+    found = [f for f in report.findings if f.code == "PRESHARDED_ROWS_NOT_SELECTED"]
+    assert report.layout == "hybrid" and report.findings
+    assert [(f.status, f.rank) for f in found] == [("confirmed", rank)]
+
+
+def test_diagnose_takes_a_hybrid_segment_that_only_its_own_cp_divides(tmp_path):
+    from cpinspect.diagnose.api import diagnose_batch
+
+    batch = batch_of([16, 7, 7], 3)  # 7 is no multiple of 2*cp = 4, but its local cp is 1
+    batch["local_cp_size"] = torch.tensor([2, 1, 1], dtype=torch.int32)
+    report = diagnose_batch(batch, 2)
+    assert report.exit_code == 0 and not [f for f in report.findings if f.is_problem]
+    assert any("2·c equal chunks for their own local cp" in f.message for f in report.findings)
+    batch["local_cp_size"] = torch.tensor([2, 2, 1], dtype=torch.int32)
+    with pytest.raises(InputError, match="segment 1 has physical length 7 and local CP size 2"):
+        diagnose_batch(batch, 2)
