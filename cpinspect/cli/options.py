@@ -23,7 +23,8 @@ CpOpt = Annotated[int, typer.Option("--cp", help="Context-parallel size (number 
                                     max=MAX_CP)]
 LayoutOpt = Annotated[str, typer.Option("--layout", help="zigzag (Megatron per-document THD), sequence-zigzag "
                                                           "(whole row as one sequence), contiguous, head-tail or "
-                                                          "per-document-head-tail (PyTorch's balancers).")]
+                                                          "per-document-head-tail (PyTorch's balancers); hybrid CP "
+                                                          "comes from --cp-per-segment or local_cp_size.")]
 ModelOpt = Annotated[str, typer.Option("--model", help="Token preset: qwen2-vl, qwen2.5-vl, qwen3-vl, "
                                                         "qwen2.5-omni or qwen3-omni (audio placeholders too).")]
 ImageIdOpt = Annotated[Optional[int], typer.Option("--image-token-id", help="Override the image_pad token id.",

@@ -113,14 +113,19 @@ def check_segments_cut(cu_seqlens: torch.Tensor, segment_cp: torch.Tensor) -> No
 
 
 def place_segments(cu_seqlens: torch.Tensor, cp: int, segment_cp: torch.Tensor) -> torch.Tensor:
-    """``[S]`` first rank of the block that holds each segment (the least loaded aligned block of its size)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    load = torch.zeros(cp, dtype=torch.long)
+    """``[S]`` first rank of the block that holds each segment (the least loaded aligned block of its size).
+
+    Plain Python over the segments: each step reads the loads left by the ones before it, and small tensor
+    ops per segment would cost more than the arithmetic.
+    """
+    load = [0] * cp
     first_rank = []
-    for length, size in zip(lengths, segment_cp.tolist()):
-        block = int(torch.argmin(load.view(cp // size, size).max(dim=1).values))  # argmin: first of the ties
-        load[block * size:(block + 1) * size] += length // size
-        first_rank.append(block * size)
+    for length, size in zip((cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), segment_cp.tolist()):
+        peaks = [max(load[start:start + size]) for start in range(0, cp, size)]
+        start = peaks.index(min(peaks)) * size  # index(): the first of the ties, the lowest block
+        for rank in range(start, start + size):
+            load[rank] += length // size
+        first_rank.append(start)
     return torch.tensor(first_rank, dtype=torch.long)
 
 
@@ -129,30 +134,22 @@ def hybrid_layout(cu_seqlens: torch.Tensor, cp: int, segment_cp: torch.Tensor) -
     cu = check_cu_seqlens(cu_seqlens)
     check_segments_cut(cu, segment_cp)
     first_rank = place_segments(cu, cp, segment_cp)
-    starts, lengths, segments, chunks, owners = [], [], [], [], []
-    for seg, (start, end, size, first) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), segment_cp.tolist(),
-                                                        first_rank.tolist())):
-        count = 1 if size == 1 else 2 * size
-        chunk_len = (end - start) // count
-        if not chunk_len:
-            continue
-        for chunk in range(count):
-            starts.append(start + chunk * chunk_len)
-            lengths.append(chunk_len)
-            segments.append(seg)
-            chunks.append(chunk)
-            owners.append(first + (chunk if chunk < size else 2 * size - 1 - chunk))
-    owner = torch.tensor(owners, dtype=torch.long)
-    held = torch.bincount(owner, weights=torch.tensor(lengths, dtype=torch.float64), minlength=cp).long()
+    lengths = cu[1:] - cu[:-1]
+    count = torch.where(segment_cp > 1, 2 * segment_cp, 1) * (lengths > 0)  # pieces per segment (none if empty)
+    segment = torch.repeat_interleave(torch.arange(lengths.numel()), count)
+    chunk = torch.arange(segment.numel()) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    size = segment_cp[segment]
+    piece_len = lengths[segment] // count[segment]
+    owner = first_rank[segment] + torch.where(chunk < size, chunk, 2 * size - 1 - chunk)
+    held = torch.zeros(cp, dtype=torch.long).index_add_(0, owner, piece_len)
     _check_equal_shares(held, cu, segment_cp, first_rank)
-    return _layout(cu, cp, segment_cp, starts, lengths, segments, chunks, owner)
+    return _layout(cu, cp, segment_cp, cu[segment] + chunk * piece_len, piece_len, segment, chunk, owner)
 
 
-def _layout(cu: torch.Tensor, cp: int, segment_cp: torch.Tensor, starts: list[int], lengths: list[int],
-            segments: list[int], chunks: list[int], owner: torch.Tensor) -> Layout:
+def _layout(cu: torch.Tensor, cp: int, segment_cp: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+            segments: torch.Tensor, chunks: torch.Tensor, owner: torch.Tensor) -> Layout:
     """Pieces in natural order, each rank's in increasing order (its segments in row order, head before tail),
     and empty pieces (start ``T``) so that every rank holds the same number."""
-    total = int(cu[-1])
     per_rank = torch.bincount(owner, minlength=cp)
     width = int(per_rank.max()) if owner.numel() else 1
     real = owner.numel()
@@ -163,15 +160,12 @@ def _layout(cu: torch.Tensor, cp: int, segment_cp: torch.Tensor, starts: list[in
     rank_pieces[owner[order], slot] = order
     filled = torch.arange(width)[None, :] < per_rank[:, None]
     rank_pieces[~filled] = torch.arange(real, real + empties)
-    last = cu.numel() - 2
-    return Layout(
-        KIND, cp, cu,
-        torch.tensor(starts + [total] * empties, dtype=torch.long),
-        torch.tensor(lengths + [0] * empties, dtype=torch.long),
-        torch.tensor(segments + [last] * empties, dtype=torch.long),
-        torch.tensor(chunks + [-1] * empties, dtype=torch.long),
-        rank_pieces, segment_cp=segment_cp,
-    )
+
+    def padded(values: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.cat([values.to(torch.long), torch.full((empties,), fill, dtype=torch.long)])
+
+    return Layout(KIND, cp, cu, padded(starts, int(cu[-1])), padded(lengths, 0), padded(segments, cu.numel() - 2),
+                  padded(chunks, -1), rank_pieces, segment_cp=segment_cp)
 
 
 def _check_equal_shares(held: torch.Tensor, cu: torch.Tensor, segment_cp: torch.Tensor,
