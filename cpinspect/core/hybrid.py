@@ -19,6 +19,7 @@ What the stacks do (read in NVIDIA/Megatron-LM, ``main`` at d98e8a6 and ``dev``;
   several documents into one micro-batch with one ``local_cp_size`` and cuts it per document (TE
   ``thd_get_partitioned_indices`` over ``cu_seqlens_padded``) over the group of that size, made of the same
   aligned blocks (``create_dynamic_dp_cp_groups``). For one document both cuts are chunks ``j`` and ``2c-1-j``.
+  (Its ``cp_partition_mode="contiguous"`` cuts the micro-batch into ``c`` equal slices instead: not modelled.)
 * Ranks outside a segment's block hold none of it: they run other sub-samples meanwhile.
 
 What cpinspect adds, a model rather than a stack's code: *which* block. The schedulers pick it at run time from
