@@ -160,3 +160,16 @@ def test_diagnose_takes_a_hybrid_segment_that_only_its_own_cp_divides(tmp_path):
     batch["local_cp_size"] = torch.tensor([2, 2, 1], dtype=torch.int32)
     with pytest.raises(InputError, match="segment 1 has physical length 7 and local CP size 2"):
         diagnose_batch(batch, 2)
+
+
+def test_presharded_rank_files_cut_by_hybrid_cp_select_the_literal_rows(tmp_path):
+    batch = batch_of([16, 8, 8, 16], 4)
+    held = hybrid_indices([0, 16, 24, 32, 48], 4, [2, 1, 1, 4])
+    for rank, positions in enumerate(held):
+        torch.save({"input_ids": batch["input_ids"][0][positions].view(1, -1), "cu_seqlens": batch["cu_seqlens"],
+                    "local_cp_size": torch.tensor([2, 1, 1, 4])}, tmp_path / f"rank{rank}.pt")
+    result = run("simulate", tmp_path, "--cp", 4, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["input"] == "presharded" and doc["layout"] == "hybrid"
+    assert [r["selected_rows"] for r in doc["ranks"]] == [expected_rows(vision_mask(batch), h) for h in held]
