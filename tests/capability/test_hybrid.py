@@ -173,3 +173,32 @@ def test_presharded_rank_files_cut_by_hybrid_cp_select_the_literal_rows(tmp_path
     doc = json.loads(result.output)
     assert doc["input"] == "presharded" and doc["layout"] == "hybrid"
     assert [r["selected_rows"] for r in doc["ranks"]] == [expected_rows(vision_mask(batch), h) for h in held]
+
+
+def test_positions_of_hybrid_rank_files_are_checked_under_the_hybrid_layout(tmp_path):
+    cu = [0, 16, 24, 32, 48]
+    within = [g - max(c for c in cu[:-1] if c <= g) for g in range(48)]  # text only: mRoPE t = h = w = offset
+    for rank, positions in enumerate(hybrid_indices(cu, 4, [2, 1, 1, 4])):
+        local = torch.tensor([within[g] for g in positions]).expand(3, 1, -1).clone()
+        torch.save({"input_ids": torch.full((1, 12), 100), "cu_seqlens": torch.tensor(cu),
+                    "local_cp_size": torch.tensor([2, 1, 1, 4]), "position_ids": local}, tmp_path / f"rank{rank}.pt")
+    result = run("simulate", tmp_path, "--cp", 4, "--positions", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["ok"] is True
+    (tmp_path / "rank1.pt").write_bytes((tmp_path / "rank0.pt").read_bytes())  # rank 1 given rank 0's positions
+    assert run("simulate", tmp_path, "--cp", 4, "--positions", "--json").exit_code == 1
+
+
+def test_diagnose_checks_the_position_ids_of_hybrid_rank_files(tmp_path):
+    from cpinspect.diagnose.api import diagnose_batch
+
+    cu = [0, 16, 24, 32, 48]
+    for rank in range(4):  # zeros: every token after a segment's first has the wrong position
+        zeros = torch.zeros(3, 1, 12, dtype=torch.long)
+        torch.save({"input_ids": torch.full((1, 12), 100), "cu_seqlens": torch.tensor(cu),
+                    "local_cp_size": torch.tensor([2, 1, 1, 4]), "position_ids": zeros}, tmp_path / f"rank{rank}.pt")
+    report = diagnose_batch(tmp_path, 4)
+    assert report.layout == "hybrid"
+    assert sorted(f.rank for f in report.findings if f.code == "MROPE_MISMATCH" and f.status == "confirmed") == \
+        [0, 1, 2, 3]
+    assert not [f for f in report.findings if f.code == "SKIPPED"]
