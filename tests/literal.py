@@ -107,3 +107,14 @@ def hybrid_indices(cu: list[int], cp: int, sizes: list[int]) -> list[list[int]]:
         for j, m in enumerate(members):
             ranks[m] += chunks[j] + chunks[2 * c - 1 - j]
     return ranks
+
+
+def hybrid_rank_padding(cu: list[int], cp: int, sizes: list[int]) -> tuple[list[int], list[int]]:
+    """Pad sequences (local cp 1) appended so every rank holds the fullest rank's share, largest gap first."""
+    held = [len(h) for h in hybrid_indices(cu, cp, sizes)]
+    gaps = sorted(((max(held) - n, r) for r, n in enumerate(held) if n < max(held)), key=lambda g: (-g[0], g[1]))
+    cu, sizes = list(cu), list(sizes)
+    for gap, _ in gaps:
+        cu.append(cu[-1] + gap)
+        sizes.append(1)
+    return cu, sizes

@@ -91,7 +91,7 @@ def layout(
                              fix="create the folder first or pick another path")
     import_torch()
     from cpinspect.core.balance import balance_of, compare_layouts
-    from cpinspect.core.hybrid import segment_cp_sizes
+    from cpinspect.core.hybrid import segment_cp_sizes, with_pad_sequences
     from cpinspect.core.layout import make_layout
     from cpinspect.core.layout_report import check_layout_size, layout_document, parse_seqlens, seqlens_cu
     from cpinspect.core.parallel import sp_document
@@ -109,7 +109,8 @@ def layout(
             batch, key, cp, layout, pad=pad, vision=vision, tokens=config, max_bytes=max_bytes, tp=tp,
             sequence_parallel=sequence_parallel, cp_per_segment=cp_per_segment)
     check_layout_size(cu, cp, layout)
-    drawn = simulated[0].layout if simulated is not None else make_layout(cu, cp, layout, segment_cp)
+    drawn = simulated[0].layout if simulated is not None else make_layout(cu, cp, layout,
+                                                                          with_pad_sequences(segment_cp, cu))
     balances, impossible = compare_layouts(drawn.cu_seqlens, cp)
     if drawn.kind not in balances:
         balances[drawn.kind] = balance_of(drawn)

@@ -27,8 +27,9 @@ their workload estimate; cpinspect places the segments in row order, each on the
 most loaded member holds the fewest tokens so far (ties: the lowest block), the schedulers' "least loaded
 group" rule counted in tokens. A rank's local row is its share of each of its segments, in row order. Every rank
 must end with the same number of tokens (the count exchange is one fixed-shape all-gather, as for every layout);
-a mix that does not is an exit-2 error. A run that placed its segments otherwise: save its per-rank indices and
-pass ``--layout-from``.
+a mix that does not is an exit-2 error unless ``--pad`` fills the short ranks with pad sequences
+(:func:`with_rank_padding`). A run that placed its segments otherwise: save its per-rank indices and pass
+``--layout-from``.
 
 A scalar ``local_cp_size`` describes one micro-batch on one subgroup, so ``--cp`` must be that size (the
 layout is then per-document zigzag over it); a per-segment ``local_cp_size`` (or ``--cp-per-segment``) spreads
@@ -114,11 +115,13 @@ def check_segments_cut(cu_seqlens: torch.Tensor, segment_cp: torch.Tensor) -> No
 
 
 def place_segments(cu_seqlens: torch.Tensor, cp: int, segment_cp: torch.Tensor) -> torch.Tensor:
-    """``[S]`` first rank of the block that holds each segment (the least loaded aligned block of its size).
+    """``[S]`` first rank of the block that holds each segment (the least loaded aligned block of its size)."""
+    return torch.tensor(_place(cu_seqlens, cp, segment_cp)[0], dtype=torch.long)
 
-    Plain Python over the segments: each step reads the loads left by the ones before it, and small tensor
-    ops per segment would cost more than the arithmetic.
-    """
+
+def _place(cu_seqlens: torch.Tensor, cp: int, segment_cp: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(first rank of each segment's block, tokens each rank holds): plain Python over the segments, since each
+    step reads the loads the ones before it left, and small tensor ops per segment would cost more."""
     load = [0] * cp
     first_rank = []
     for length, size in zip((cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), segment_cp.tolist()):
@@ -127,7 +130,34 @@ def place_segments(cu_seqlens: torch.Tensor, cp: int, segment_cp: torch.Tensor) 
         for rank in range(start, start + size):
             load[rank] += length // size
         first_rank.append(start)
-    return torch.tensor(first_rank, dtype=torch.long)
+    return first_rank, load
+
+
+def with_rank_padding(cu_seqlens: torch.Tensor, cp: int, segment_cp: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` with pad sequences (local cp 1) appended that fill every rank to the fullest rank's share.
+
+    Megatron's dynamic CP pads each rank's micro-batch to one length with a dummy sequence after its real ones
+    (``pad_sequence_for_thd``). Largest gap first, ties to the lower rank: the placement rule then gives each
+    pad sequence to the rank it was cut for (every later rank holds at least as much). Segments ``2c`` cannot
+    cut are left to :func:`hybrid_layout`'s error.
+    """
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    multiple = torch.where(segment_cp > 1, 2 * segment_cp, torch.ones_like(segment_cp))
+    if bool((lengths % multiple).any()):
+        return cu_seqlens
+    _, load = _place(cu_seqlens, cp, segment_cp)
+    gaps = sorted(((max(load) - held, rank) for rank, held in enumerate(load) if held < max(load)),
+                  key=lambda gap: (-gap[0], gap[1]))
+    ends = int(cu_seqlens[-1]) + torch.cumsum(torch.tensor([gap for gap, _ in gaps], dtype=torch.long), 0)
+    return torch.cat([cu_seqlens, ends.to(cu_seqlens.dtype)])
+
+
+def with_pad_sequences(segment_cp: torch.Tensor | None, cu_seqlens: torch.Tensor) -> torch.Tensor | None:
+    """``segment_cp`` with local cp 1 for the pad sequences :func:`with_rank_padding` appended to ``cu_seqlens``."""
+    if segment_cp is None:
+        return None
+    extra = cu_seqlens.numel() - 1 - segment_cp.numel()
+    return torch.cat([segment_cp, torch.ones(extra, dtype=segment_cp.dtype)]) if extra > 0 else segment_cp
 
 
 def hybrid_layout(cu_seqlens: torch.Tensor, cp: int, segment_cp: torch.Tensor) -> Layout:
@@ -182,8 +212,9 @@ def _check_equal_shares(held: torch.Tensor, cu: torch.Tensor, segment_cp: torch.
         f" placed {placed}{', ...' if segment_cp.numel() > 6 else ''}), and cpinspect simulates one packed row "
         "whose ranks hold equal shares",
         where="--cp-per-segment / local_cp_size",
-        fix="check a mix whose sub-samples fill every rank equally (e.g. one step's sub-samples of a balanced "
-            "scheduler), or save the run's per-rank global indices and pass --layout-from")
+        fix="pad every rank to one share as Megatron's dynamic CP does (simulate / layout --pad append a pad "
+            "sequence to each short rank), check a mix whose sub-samples fill every rank equally, or save the "
+            "run's per-rank global indices and pass --layout-from")
 
 
 def segment_ranks(layout: Layout) -> list[tuple[int, int]]:

@@ -339,9 +339,13 @@ def pad_multiple(cp: int, kind: str, sp: int = 1) -> int:
 def padded_boundaries(cu_seqlens: torch.Tensor, cp: int, kind: str, sp: int = 1,
                       segment_cp: torch.Tensor | None = None) -> torch.Tensor:
     """The boundaries ``--pad`` gives: every segment padded for zigzag, only the row's end otherwise; with
-    ``segment_cp`` (hybrid CP) every segment to ``2c`` times ``sp`` for its own ``c`` (``c`` = 1: ``sp``)."""
+    ``segment_cp`` (hybrid CP) every segment to ``2c`` times ``sp`` for its own ``c`` (``c`` = 1: ``sp``), then
+    pad sequences that fill every rank to one share (:func:`cpinspect.core.hybrid.with_rank_padding`)."""
     if segment_cp is not None:
-        return padded_cu_seqlens(cu_seqlens, torch.where(segment_cp > 1, 2 * segment_cp, 1) * sp)
+        from cpinspect.core.hybrid import with_rank_padding
+
+        rounded = padded_cu_seqlens(cu_seqlens, torch.where(segment_cp > 1, 2 * segment_cp, 1) * sp)
+        return with_rank_padding(rounded, cp, segment_cp)
     multiple = pad_multiple(cp, kind, sp)
     if rule_of(kind) == "zigzag":
         return padded_cu_seqlens(cu_seqlens, multiple)
@@ -358,9 +362,10 @@ def padded_cu_seqlens(cu_seqlens: torch.Tensor, multiple: int | torch.Tensor) ->
 
 
 def pad_row(row: torch.Tensor, cu_seqlens: torch.Tensor, new_cu: torch.Tensor, fill: int | bool) -> torch.Tensor:
-    """Move each segment of ``row`` (last dim) to its padded place; the gaps take ``fill``."""
+    """Move each segment of ``row`` (last dim) to its padded place; the gaps (and segments ``new_cu`` adds at
+    the end) take ``fill``."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    shift = torch.repeat_interleave(new_cu[:-1] - cu_seqlens[:-1], lengths)
+    shift = torch.repeat_interleave(new_cu[:lengths.numel()] - cu_seqlens[:-1], lengths)
     target = torch.arange(row.shape[-1]) + shift
     out = row.new_full((*row.shape[:-1], int(new_cu[-1])), fill)
     out[..., target] = row

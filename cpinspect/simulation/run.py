@@ -17,7 +17,7 @@ from cpinspect.core.batch import PackedBatch, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
 from cpinspect.core.hybrid import KIND as HYBRID
-from cpinspect.core.hybrid import placement_note, segment_cp_sizes
+from cpinspect.core.hybrid import placement_note, segment_cp_sizes, with_pad_sequences
 from cpinspect.core.layout import (
     Layout,
     make_layout,
@@ -209,14 +209,14 @@ def simulate(
         full_ids, full_mask, cu, padded = _pad(batch, full_ids, full_mask, cu, cp, layout, form, tokens, sp,
                                                segment_cp)
         if padded:
-            unit = pad_multiple(cp, layout, sp) if segment_cp is None else "2 x its local CP size"
+            unit = pad_multiple(cp, layout, sp) if segment_cp is None else "2c (its own cp), every rank one share"
             what = "every segment length" if rule_of(layout) == "zigzag" else "the row length"
             notes.append(f"padded {padded} token(s) so {what} divides {unit}"
                          + (" (2*cp*tp, as Megatron-Bridge pads under sequence parallelism)" if sp > 1 else ""))
     if index_map is not None:
         layout, plan = "file", file_layout(cu, cp, index_map)
     else:
-        plan = make_layout(cu, cp, layout, segment_cp)
+        plan = make_layout(cu, cp, layout, segment_cp := with_pad_sequences(segment_cp, cu))
         if segment_cp is not None:
             index_map = plan.all_global_indices()  # the oracle reads positions from the map, as for "file"
             notes.append(placement_note(plan))

@@ -202,3 +202,22 @@ def test_diagnose_checks_the_position_ids_of_hybrid_rank_files(tmp_path):
     assert sorted(f.rank for f in report.findings if f.code == "MROPE_MISMATCH" and f.status == "confirmed") == \
         [0, 1, 2, 3]
     assert not [f for f in report.findings if f.code == "SKIPPED"]
+
+
+def test_pad_appends_a_pad_sequence_to_each_short_rank(tmp_path):
+    from tests.literal import hybrid_rank_padding
+
+    batch = batch_of([16, 8, 12, 12], 6)  # one rank each: 16, 8, 12, 12 tokens
+    torch.save(batch, tmp_path / "batch.pt")
+    refused = run("simulate", tmp_path / "batch.pt", "--cp", 4, "--cp-per-segment", "1,1,1,1")
+    assert refused.exit_code == 2 and "unequal shares (rank 0: 16, rank 1: 8, rank 2: 12, rank 3: 12" in \
+        " ".join(refused.output.split())
+    result = run("simulate", tmp_path / "batch.pt", "--cp", 4, "--cp-per-segment", "1,1,1,1", "--pad", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    cu, sizes = hybrid_rank_padding([0, 16, 24, 36, 48], 4, [1, 1, 1, 1])
+    assert cu == [0, 16, 24, 36, 48, 56, 60, 64] and doc["local_cp_size"] == sizes  # gaps 8, 4, 4 by hand
+    held = hybrid_indices(cu, 4, sizes)
+    mask = vision_mask(batch) + [False] * 16
+    assert [r["global_indices"] for r in doc["ranks"]] == held
+    assert [r["selected_rows"] for r in doc["ranks"]] == [expected_rows(mask, h) for h in held] and doc["ok"]

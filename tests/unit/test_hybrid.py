@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from cpinspect.core.errors import InputError
-from cpinspect.core.hybrid import segment_cp_sizes, segment_ranks
+from cpinspect.core.hybrid import segment_cp_sizes, segment_ranks, with_pad_sequences
 from cpinspect.core.layout import make_layout, padded_boundaries
-from tests.literal import hybrid_indices
+from tests.literal import hybrid_indices, hybrid_rank_padding
 
 
 def divisors(cp):
@@ -71,10 +71,13 @@ def test_locate_names_the_block_member_and_chunk():
     assert (place.rank, place.local, place.segment, place.chunk) == (3, 11, 3, 4)
 
 
-def test_pad_rounds_each_segment_to_twice_its_own_cp():
+def test_pad_rounds_each_segment_to_twice_its_own_cp_then_fills_the_short_ranks():
+    # 5 -> 8 (cp 2: ranks 0-1 hold 4 each), 4 stays (cp 1: rank 2), 3 -> 8 (cp 4: 2 each); rank 3 then holds 2
+    # of the others' 6, so a pad sequence of 4 follows
     padded = padded_boundaries(torch.tensor([0, 5, 9, 12]), 4, "zigzag", 1, torch.tensor([2, 1, 4]))
-    assert padded.tolist() == [0, 8, 12, 20]
-    assert padded_boundaries(torch.tensor([0, 5, 9]), 4, "zigzag", 2, torch.tensor([2, 1])).tolist() == [0, 8, 12]
+    assert padded.tolist() == [0, 8, 12, 20, 24]
+    # with sp 2: 5 -> 8 (2*2*2), 4 stays (a multiple of 1*2); rank 3 holds nothing of the others' 4
+    assert padded_boundaries(torch.tensor([0, 5, 9]), 4, "zigzag", 2, torch.tensor([2, 1])).tolist() == [0, 8, 12, 16]
 
 
 @pytest.mark.parametrize(("option", "value", "words"), [
@@ -101,3 +104,17 @@ def test_a_scalar_local_cp_size_equal_to_cp_is_per_document_zigzag():
 def test_a_segment_its_chunks_cannot_cut_names_the_segment():
     with pytest.raises(InputError, match=r"segment 1 has physical length 6 and local CP size 2.*not divisible by 4"):
         make_layout(torch.tensor([0, 8, 14]), 2, "hybrid", torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("cp", range(1, 9))
+@pytest.mark.parametrize("seed", range(12))
+def test_pad_fills_every_rank_to_one_share_with_trailing_pad_sequences(cp, seed):
+    lengths, sizes = random_mix(random.Random(seed * 10 + cp), cp)
+    cu = cu_of(lengths)
+    padded_cu, padded_sizes = hybrid_rank_padding(cu, cp, sizes)
+    held = hybrid_indices(padded_cu, cp, padded_sizes)
+    assert len({len(h) for h in held}) == 1  # the definition's claim, checked on the literal layout
+    assert padded_boundaries(torch.tensor(cu), cp, "zigzag", 1, torch.tensor(sizes)).tolist() == padded_cu
+    sizes_after = with_pad_sequences(torch.tensor(sizes), torch.tensor(padded_cu))
+    assert sizes_after.tolist() == padded_sizes
+    assert make_layout(torch.tensor(padded_cu), cp, "hybrid", sizes_after).all_global_indices().tolist() == held
