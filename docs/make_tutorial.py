@@ -77,8 +77,8 @@ def sections(n: dict[str, str]) -> list[str | Command]:
         "This walk-through goes from *why a contiguous split is unbalanced* to *why pre-sharded vision rows "
         "need a count all-gather*. Every block below is a real `cpinspect` command followed by its real output "
         f"({WIDTH} columns, no colour); `python docs/make_tutorial.py` regenerates this file and "
-        "`tests/capability/test_transcripts.py` re-runs every block, so what you read is what the tool prints. Run the same "
-        "commands in a terminal to see each rank in its own colour.",
+        "`tests/capability/test_transcripts.py` re-runs every block, so what you read is what the tool prints. "
+        "Run the same commands in a terminal to see each rank in its own colour.",
         "## 1. Why a contiguous split is unbalanced",
         "Causal attention lets the query at offset *k* of a sequence see *k + 1* keys: itself and everything "
         "before it. Cut a 16-token sequence into two contiguous halves and the second rank's queries see far "

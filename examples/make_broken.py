@@ -579,8 +579,9 @@ def audio_count_mismatch_cp_local() -> dict[str, Content]:
 # --------------------------------------------------------------------------- issue 14: classes 6 and 7
 
 
-SP_NOTE = ("the run used tp 4 with sequence parallelism: diagnose reads tp 4 from the numbers (an integer above 1 "
-           "that makes them fit); where diagnose takes --tp 4 --sequence-parallel, those narrow it to that tp")
+SP_NOTE = ("the run used tp 4 with sequence parallelism: --tp 4 --sequence-parallel keeps only that tp; without "
+           "them diagnose reads tp 4 from the numbers (an integer above 1 that makes them fit)")
+SP_ARGS = ("--tp", "4", "--sequence-parallel")
 
 
 def cp_split_missing() -> dict[str, Content]:
@@ -603,7 +604,7 @@ def cp_split_missing() -> dict[str, Content]:
                            "Qwen3.5-VL + MTP with context_parallel_size 2, tensor_model_parallel_size 4 and "
                            "sequence_parallel: the MTP embedding of the 12288-token row was scattered over TP "
                            "(3072 = 12288 / 4) but not split over CP, and met the 1536-token hidden states; "
-                           + SP_NOTE),
+                           + SP_NOTE, args=SP_ARGS),
     }
 
 
@@ -625,7 +626,7 @@ def sp_split_missing() -> dict[str, Content]:
                            "sequence parallel)",
                            "cp 2, tp 4, sequence_parallel: one embedding of the 8192-token row was split over CP "
                            f"(4096 = 8192 / 2) but never scattered over TP, and met the 1024-token hidden states; "
-                           f"{SP_NOTE}"),
+                           f"{SP_NOTE}", args=SP_ARGS),
     }
 
 

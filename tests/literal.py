@@ -86,3 +86,35 @@ def layout_indices(kind: str, cu: list[int], cp: int) -> list[list[int]]:
     if kind == "per-document-head-tail":
         return per_document_head_tail_indices(cu, cp) if cp > 1 else [list(range(cu[-1]))]
     return contiguous_indices(cu[-1], cp)
+
+
+def hybrid_indices(cu: list[int], cp: int, sizes: list[int]) -> list[list[int]]:
+    """Hybrid CP: segment s with local cp c goes to the aligned block of c ranks whose most loaded member holds
+    the fewest tokens (the first such block); inside it member j holds chunks j and 2c-1-j of 2c (c = 1: all)."""
+    load = [0] * cp
+    ranks: list[list[int]] = [[] for _ in range(cp)]
+    for s, c in enumerate(sizes):
+        length = cu[s + 1] - cu[s]
+        blocks = [list(range(b * c, (b + 1) * c)) for b in range(cp // c)]
+        members = min(blocks, key=lambda block: max(load[m] for m in block))
+        for m in members:
+            load[m] += length // c
+        if c == 1:
+            ranks[members[0]] += list(range(cu[s], cu[s + 1]))
+            continue
+        n = length // (2 * c)
+        chunks = [list(range(cu[s] + i * n, cu[s] + (i + 1) * n)) for i in range(2 * c)]
+        for j, m in enumerate(members):
+            ranks[m] += chunks[j] + chunks[2 * c - 1 - j]
+    return ranks
+
+
+def hybrid_rank_padding(cu: list[int], cp: int, sizes: list[int]) -> tuple[list[int], list[int]]:
+    """Pad sequences (local cp 1) appended so every rank holds the fullest rank's share, largest gap first."""
+    held = [len(h) for h in hybrid_indices(cu, cp, sizes)]
+    gaps = sorted(((max(held) - n, r) for r, n in enumerate(held) if n < max(held)), key=lambda g: (-g[0], g[1]))
+    cu, sizes = list(cu), list(sizes)
+    for gap, _ in gaps:
+        cu.append(cu[-1] + gap)
+        sizes.append(1)
+    return cu, sizes

@@ -80,6 +80,7 @@ class Signature:
     positional: int = 2
     keywords: tuple[str, ...] = ()
     first: tuple[str, ...] = ()
+    accepts: Callable[[Callable[..., Any]], bool] | None = None  # a fit test of its own (the generic signature)
 
 
 SIGNATURES: dict[str, Signature] = {}
@@ -102,6 +103,8 @@ def fits(fn: Callable[..., Any], signature: Signature) -> bool:
     """Whether ``fn``'s parameters accept the call ``signature`` makes (unknown parameters: assume yes)."""
     import inspect
 
+    if signature.accepts is not None:
+        return signature.accepts(fn)
     try:
         params = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -139,6 +142,8 @@ def infer_signature(fn: Callable[..., Any]) -> Signature:
 
 
 def _second_fits(sig: Signature, name: str) -> bool:
+    if sig.accepts is not None:  # its own fit test already read every name
+        return True
     return ("packed_seq_params" in name) == (sig.name != "default")
 
 
@@ -224,8 +229,6 @@ def _call_megatron_bridge(fn: Callable[..., Any], inputs: RankInputs, cp_group: 
     keywords=("image_token_id", "vision_embed_count", "cp_group"), first=IDS_NAMES,
 )
 def _call_physical_cu(fn: Callable[..., Any], inputs: RankInputs, cp_group: dist.ProcessGroup) -> Any:
-    import torch
-
     from cpinspect.core.tokens import token_config
 
     image = token_config().image_token_id
@@ -233,10 +236,71 @@ def _call_physical_cu(fn: Callable[..., Any], inputs: RankInputs, cp_group: dist
     longest = int((physical[1:] - physical[:-1]).max()) if physical.numel() > 1 else 0
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=physical, cu_seqlens_kv=physical.clone(),
                              max_seqlen_q=longest, max_seqlen_kv=longest)
-    text = torch.full(inputs.vision_mask.shape, TEXT_TOKEN_ID, dtype=torch.long)
-    ids = torch.where(inputs.vision_mask.to(torch.bool), torch.full_like(text, image), text)
-    return fn(ids.view(1, -1), params, image_token_id=image, vision_embed_count=inputs.vision_embed_count,
-              cp_group=cp_group)
+    return fn(_local_ids(inputs).view(1, -1), params, image_token_id=image,
+              vision_embed_count=inputs.vision_embed_count, cp_group=cp_group)
 
 
 TEXT_TOKEN_ID = 1000  # any id that is not a vision placeholder
+
+
+def _local_ids(inputs: RankInputs) -> torch.Tensor:
+    """The rank's local token ids ``[local_T]``: ``image_token_id`` at vision tokens, a text id elsewhere."""
+    import torch
+
+    from cpinspect.core.tokens import token_config
+
+    text = torch.full(inputs.vision_mask.shape, TEXT_TOKEN_ID, dtype=torch.long)
+    return torch.where(inputs.vision_mask.to(torch.bool), torch.full_like(text, token_config().image_token_id), text)
+
+
+# --- the generic signature: fn(group, **batch) ------------------------------------------------------------------
+
+GROUP_NAMES = ("group", "cp_group", "process_group", "pg")
+BATCH_FIELDS = ("input_ids", "vision_mask", "cu_seqlens", "cu_seqlens_padded", "vision_embed_count",
+                "image_token_id")
+
+
+def _generic_fits(fn: Callable[..., Any]) -> bool:
+    """The group first (by one of :data:`GROUP_NAMES`), then only batch fields, defaulted or ``**kwargs`` parameters."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not params or params[0].kind not in positional or params[0].name not in GROUP_NAMES:
+        return False
+    rest = params[1:]
+    return all(p.name in BATCH_FIELDS and p.kind != inspect.Parameter.POSITIONAL_ONLY
+               or p.default is not inspect.Parameter.empty
+               or p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL) for p in rest)
+
+
+def _call_generic(fn: Callable[..., Any], inputs: RankInputs, cp_group: dist.ProcessGroup) -> Any:
+    import inspect
+
+    from cpinspect.core.tokens import token_config
+
+    batch = {
+        "input_ids": _local_ids(inputs).view(1, -1), "vision_mask": inputs.vision_mask,
+        "cu_seqlens": inputs.logical_cu_seqlens, "cu_seqlens_padded": inputs.cu_seqlens,
+        "vision_embed_count": inputs.vision_embed_count, "image_token_id": token_config().image_token_id,
+    }
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return fn(cp_group, **batch)
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+        return fn(cp_group, **batch)
+    return fn(cp_group, **{p.name: batch[p.name] for p in params if p.name in batch})
+
+
+SIGNATURES["generic"] = Signature(
+    "generic",
+    "fn(group, **batch) -> LongTensor; the rank's process group first (named group, cp_group, process_group or pg), "
+    "then, as keywords, the fields of the rank's batch the function names (**batch: all): input_ids [1, local_T], "
+    "vision_mask [local_T], cu_seqlens (logical) and cu_seqlens_padded (physical) [S+1] int32 as in a batch file, "
+    "vision_embed_count, image_token_id",
+    _call_generic, 1, (), GROUP_NAMES, _generic_fits,
+)

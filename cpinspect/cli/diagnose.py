@@ -23,6 +23,8 @@ from cpinspect.cli.options import (
     ModelOpt,
     NoColorOpt,
     RopeOpt,
+    RunSequenceParallelOpt,
+    RunTpOpt,
     TimeoutOpt,
     VideoIdOpt,
 )
@@ -59,6 +61,8 @@ def diagnose(
     error_file: ErrorFileOpt = None,
     embeds: EmbedsOpt = None,
     rank: RankOpt = None,
+    tp: RunTpOpt = None,
+    sequence_parallel: RunSequenceParallelOpt = None,
     timeout: TimeoutOpt = 10.0,
     json_out: JsonOpt = False,
     no_color: NoColorOpt = False,
@@ -85,7 +89,8 @@ def diagnose(
                            align=2 * cp if cp is not None and cp > 1 else 1, max_bytes=max_bytes)
         step("simulating hypotheses")
         report = diagnose_batch(loaded, cp if cp is not None else _infer_cp(loaded), layout=layout, tokens=tokens,
-                                error_text=observed, embeds=embeds, rank=rank, timeout=timeout)
+                                error_text=observed, embeds=embeds, rank=rank, timeout=timeout, tp=tp,
+                                sequence_parallel=sequence_parallel)
     if error_file is not None and observed is None:
         from cpinspect.core.findings import Finding
 

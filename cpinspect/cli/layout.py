@@ -19,6 +19,7 @@ from cpinspect.cli.options import (
     EXIT_OK,
     BatchArg,
     CpOpt,
+    CpPerSegmentOpt,
     DebugOpt,
     ImageIdOpt,
     JsonOpt,
@@ -27,6 +28,8 @@ from cpinspect.cli.options import (
     MaxBytesOpt,
     ModelOpt,
     NoColorOpt,
+    SequenceParallelOpt,
+    TpOpt,
     VideoIdOpt,
 )
 from cpinspect.core.errors import InputError
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from cpinspect.core.batch import PackedBatch
+    from cpinspect.core.tokens import TokenConfig
     from cpinspect.simulation.run import Result
 
 SeqlensOpt = Annotated[Optional[str], typer.Option(
@@ -46,7 +50,8 @@ CompareOpt = Annotated[bool, typer.Option("--compare", help="Draw zigzag, sequen
 SvgOpt = Annotated[Optional[Path], typer.Option("--svg", help="Also write the picture to this SVG file.")]
 HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Also write the picture to this HTML file.")]
 FullOpt = Annotated[bool, typer.Option("--full", help="Draw every segment and list every item.")]
-PadOpt = Annotated[bool, typer.Option("--pad", help="Pad segments to a multiple of 2*cp like frameworks.")]
+PadOpt = Annotated[bool, typer.Option("--pad", help="Pad segments to a multiple of 2*cp like frameworks (2*cp*tp "
+                                                     "with --sequence-parallel, 2*c per segment with hybrid CP).")]
 
 
 @guarded
@@ -59,6 +64,9 @@ def layout(
     compare: CompareOpt = False,
     full: FullOpt = False,
     pad: PadOpt = False,
+    tp: TpOpt = 1,
+    sequence_parallel: SequenceParallelOpt = False,
+    cp_per_segment: CpPerSegmentOpt = None,
     model: ModelOpt = "qwen3-vl",
     image_token_id: ImageIdOpt = None,
     video_token_id: VideoIdOpt = None,
@@ -82,29 +90,40 @@ def layout(
             raise InputError(f"cannot write {target}: the folder {target.parent} does not exist", where=str(target),
                              fix="create the folder first or pick another path")
     import_torch()
-    from cpinspect.core.balance import compare_layouts
+    from cpinspect.core.balance import balance_of, compare_layouts
+    from cpinspect.core.hybrid import segment_cp_sizes, with_pad_sequences
     from cpinspect.core.layout import make_layout
-    from cpinspect.core.layout_report import check_layout_size, layout_document, seqlens_cu
+    from cpinspect.core.layout_report import check_layout_size, layout_document, parse_seqlens, seqlens_cu
+    from cpinspect.core.parallel import sp_document
     from cpinspect.views.layout_page import build_views, export_picture
 
-    simulated = None
+    simulated, sp = None, tp if sequence_parallel else 1
     if seqlens is not None:
-        cu, source = seqlens_cu(seqlens, cp, layout, pad)
+        segment_cp = segment_cp_sizes(cp, len(parse_seqlens(seqlens)), option=cp_per_segment)
+        cu, source = seqlens_cu(seqlens, cp, layout, pad, sp, segment_cp)
     else:
-        simulated, cu, source = _from_batch(batch, key, cp, layout, pad, vision, model, image_token_id,
-                                            video_token_id, max_bytes)
+        from cpinspect.core.tokens import token_config
+
+        config = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
+        simulated, cu, source, segment_cp = _from_batch(
+            batch, key, cp, layout, pad=pad, vision=vision, tokens=config, max_bytes=max_bytes, tp=tp,
+            sequence_parallel=sequence_parallel, cp_per_segment=cp_per_segment)
     check_layout_size(cu, cp, layout)
-    drawn = simulated[0].layout if simulated is not None else make_layout(cu, cp, layout)
+    drawn = simulated[0].layout if simulated is not None else make_layout(cu, cp, layout,
+                                                                          with_pad_sequences(segment_cp, cu))
     balances, impossible = compare_layouts(drawn.cu_seqlens, cp)
+    if drawn.kind not in balances:
+        balances[drawn.kind] = balance_of(drawn)
+    parallel = sp_document(drawn, tp, sequence_parallel) if tp > 1 or sequence_parallel else None
     if json_out:
-        write_json(layout_document(drawn, balances), sys.stdout)
+        write_json(layout_document(drawn, balances, parallel=parallel), sys.stdout)
         sys.stdout.write("\n")
     ok = simulated is None or simulated[0].ok
     if json_out and svg is None and html is None:
         raise typer.Exit(EXIT_OK if ok else EXIT_INCONSISTENT)
     console = make_console(no_color)
     views = build_views(drawn, balances, impossible, source=source, width=console.width, compare=compare,
-                        full=full, vision=simulated)
+                        full=full, vision=simulated, parallel=parallel)
     if simulated is not None:
         from cpinspect.views.simulate import verdict
 
@@ -117,20 +136,24 @@ def layout(
     raise typer.Exit(EXIT_OK if ok else EXIT_INCONSISTENT)
 
 
-def _from_batch(paths: list[Path] | None, keys: list[str] | None, cp: int, kind: str, pad: bool, vision: bool,
-                model: str, image_token_id: int | None, video_token_id: int | None, max_bytes: int | None
-                ) -> tuple[tuple[Result, PackedBatch] | None, torch.Tensor, str]:
-    """(the simulation and its batch when --vision, physical cu_seqlens, source name) of the batch or the demo."""
-    from cpinspect.core.tokens import token_config
+def _from_batch(paths: list[Path] | None, keys: list[str] | None, cp: int, kind: str, *, pad: bool, vision: bool,
+                tokens: TokenConfig, max_bytes: int | None, tp: int, sequence_parallel: bool,
+                cp_per_segment: str | None
+                ) -> tuple[tuple[Result, PackedBatch] | None, torch.Tensor, str, torch.Tensor | None]:
+    """(the simulation and its batch when --vision, physical cu_seqlens, source name, hybrid CP sizes) of the
+    batch or the demo."""
+    from cpinspect.core.hybrid import segment_cp_sizes
 
-    tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
     loaded, source = load_cli_batch(paths, keys, align=2 * cp if cp > 1 else 1, max_bytes=max_bytes)
+    segment_cp = segment_cp_sizes(cp, loaded.num_segments, option=cp_per_segment, batch_value=loaded.local_cp_size)
     if vision:
         from cpinspect.simulation.run import simulate
 
-        result = simulate(loaded, cp, kind, tokens=tokens, pad=pad)
-        return (result, loaded), result.layout.cu_seqlens, source
+        result = simulate(loaded, cp, kind, tokens=tokens, pad=pad, tp=tp, sequence_parallel=sequence_parallel,
+                          cp_per_segment=cp_per_segment)
+        return (result, loaded), result.layout.cu_seqlens, source, segment_cp
     from cpinspect.core.layout import padded_boundaries
 
     cu = loaded.cu_seqlens.long()
-    return None, (padded_boundaries(cu, cp, kind) if pad else cu), source
+    sp = tp if sequence_parallel else 1
+    return None, (padded_boundaries(cu, cp, kind, sp, segment_cp) if pad else cu), source, segment_cp

@@ -23,7 +23,8 @@ CpOpt = Annotated[int, typer.Option("--cp", help="Context-parallel size (number 
                                     max=MAX_CP)]
 LayoutOpt = Annotated[str, typer.Option("--layout", help="zigzag (Megatron per-document THD), sequence-zigzag "
                                                           "(whole row as one sequence), contiguous, head-tail or "
-                                                          "per-document-head-tail (PyTorch's balancers).")]
+                                                          "per-document-head-tail (PyTorch's balancers); hybrid CP "
+                                                          "comes from --cp-per-segment or local_cp_size.")]
 ModelOpt = Annotated[str, typer.Option("--model", help="Token preset: qwen2-vl, qwen2.5-vl, qwen3-vl, "
                                                         "qwen2.5-omni or qwen3-omni (audio placeholders too).")]
 ImageIdOpt = Annotated[Optional[int], typer.Option("--image-token-id", help="Override the image_pad token id.",
@@ -41,3 +42,16 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the Python traceba
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each simulated collective may wait.")]
 MaxBytesOpt = Annotated[Optional[int], typer.Option("--max-bytes", help="Refuse a batch file declaring more bytes "
                                                     "than this (default: half the available memory).", min=1)]
+TpOpt = Annotated[int, typer.Option("--tp", help="Tensor-parallel size (with --sequence-parallel: the sequence is "
+                                                 "also split over tp after the CP split).", min=1, max=MAX_CP)]
+SequenceParallelOpt = Annotated[bool, typer.Option("--sequence-parallel", help="Megatron sequence parallelism: "
+                                                   "--pad aligns segments to 2*cp*tp.")]
+CpPerSegmentOpt = Annotated[Optional[str], typer.Option(
+    "--cp-per-segment", help="Hybrid / dynamic CP (Megatron-LM): one local CP size per segment, each dividing --cp "
+                             "(e.g. 2,2,4); the batch's local_cp_size field does the same.", show_default=False)]
+RunTpOpt = Annotated[Optional[int], typer.Option(
+    "--tp", help="The failing run's tensor-parallel size: size-mismatch hypotheses keep only this tp (default: "
+                 "read it from the error's numbers).", min=1, max=MAX_CP, show_default=False)]
+RunSequenceParallelOpt = Annotated[Optional[bool], typer.Option(
+    "--sequence-parallel/--no-sequence-parallel", help="Whether the failing run had sequence parallelism "
+    "(default: unknown, assumed where the numbers need it).", show_default=False)]

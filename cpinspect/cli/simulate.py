@@ -14,6 +14,7 @@ from cpinspect.cli.options import (
     EXIT_OK,
     BatchArg,
     CpOpt,
+    CpPerSegmentOpt,
     DebugOpt,
     ImageIdOpt,
     JsonOpt,
@@ -23,7 +24,9 @@ from cpinspect.cli.options import (
     ModelOpt,
     NoColorOpt,
     RopeOpt,
+    SequenceParallelOpt,
     TimeoutOpt,
+    TpOpt,
     VideoIdOpt,
 )
 from cpinspect.core.errors import InputError
@@ -45,10 +48,9 @@ def simulate(
     layout_from: Annotated[Optional[str], typer.Option(
         "--layout-from", help="A .pt/.safetensors file whose 'global_indices' entry holds each rank's global "
                               "positions (in local order) from your framework; replaces --layout.")] = None,
-    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size (with --sequence-parallel: the sequence is "
-                                                 "also split over tp after the CP split).", min=1)] = 1,
-    sequence_parallel: Annotated[bool, typer.Option("--sequence-parallel", help="Megatron sequence parallelism: "
-                                                    "--pad aligns segments to 2*cp*tp.")] = False,
+    tp: TpOpt = 1,
+    sequence_parallel: SequenceParallelOpt = False,
+    cp_per_segment: CpPerSegmentOpt = None,
     pad: Annotated[bool, typer.Option("--pad", help="Pad segments to a multiple of 2*cp like frameworks.")] = False,
     rank: Annotated[Optional[int], typer.Option("--rank", help="Show only this rank.", min=0)] = None,
     full: Annotated[bool, typer.Option("--full", help="Print long lists and tables in full.")] = False,
@@ -88,7 +90,8 @@ def simulate(
 
             index_map = load_index_map(layout_from, loaded.cu_seqlens)
         result = run_simulation(loaded, cp, layout, tokens=tokens, pad=pad, timeout=timeout, backend=backend,
-                                index_map=index_map, tp=tp, sequence_parallel=sequence_parallel)
+                                index_map=index_map, tp=tp, sequence_parallel=sequence_parallel,
+                                cp_per_segment=cp_per_segment)
     if rank is not None and rank >= cp:
         raise InputError(f"--rank {rank} is out of range for cp={cp}", where="--rank", fix=f"pick 0..{cp - 1}")
     extras = _extensions(positions, vision_dp, loaded)

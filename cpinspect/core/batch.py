@@ -29,6 +29,7 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "vision_embed_count": ("vision_embed_count",),
     "second_per_grid_ts": ("second_per_grid_ts",),
     "attention_mask": ("attention_mask",),
+    "local_cp_size": ("local_cp_size",),  # hybrid / dynamic CP (Megatron-LM): a batch key or PackedSeqParams field
 }
 FIELDS = ("input_ids", "cu_seqlens", "logical_cu_seqlens", *list(FIELD_ALIASES)[1:])
 
@@ -61,6 +62,8 @@ class PackedBatch:
     vision_mask: list[torch.Tensor] | None = None
     vision_embed_count: int | None = None
     second_per_grid_ts: torch.Tensor | None = None
+    # hybrid / dynamic CP: one local CP size for the micro-batch ([1]) or one per segment ([S])
+    local_cp_size: torch.Tensor | None = None
     source: str = "<dict>"
     keys: dict[str, str] = field(default_factory=dict)
     found: list[list[FieldInfo]] = field(default_factory=list)

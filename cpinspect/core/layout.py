@@ -10,6 +10,8 @@ pieces it holds in local-memory order:
 * ``contiguous`` (verl Ulysses, picotron, "allgather CP"): rank ``r`` holds ``[r*T/cp, (r+1)*T/cp)``.
 * ``head-tail`` (PyTorch ``_HeadTailLoadBalancer``): the row is rearranged rank-major into chunk pairs
   ``(r, 2cp-1-r)`` of the whole row, then cut contiguously: the same map as ``sequence-zigzag``.
+* ``hybrid`` (Megatron-LM hybrid / dynamic CP): every segment has its own CP size ``c`` and is held by an
+  aligned block of ``c`` ranks, zigzag over ``2c`` chunks inside it; built by :mod:`cpinspect.core.hybrid`.
 * ``per-document-head-tail`` (PyTorch ``_PerDocumentHeadTailLoadBalancer``) and ``file`` (per-rank
   global index tensors from the user's framework) are built from their per-rank index map by
   :mod:`cpinspect.core.layout_maps`: the pieces are the maximal runs of consecutive positions.
@@ -30,7 +32,8 @@ from cpinspect.core.runs import expand_runs
 LAYOUTS = ("zigzag", "sequence-zigzag", "contiguous", "head-tail", "per-document-head-tail")
 # The cutting rule each layout's divisibility and padding follow (``file`` maps only need equal shares).
 RULES = {"zigzag": "zigzag", "sequence-zigzag": "sequence-zigzag", "contiguous": "contiguous",
-         "head-tail": "sequence-zigzag", "per-document-head-tail": "zigzag", "file": "contiguous"}
+         "head-tail": "sequence-zigzag", "per-document-head-tail": "zigzag", "file": "contiguous",
+         "hybrid": "zigzag"}
 PAIRED = ("zigzag", "sequence-zigzag", "head-tail")
 # Layouts whose maps differ in general; head-tail is left out, its map is sequence-zigzag's. Searches over
 # "the other layouts" (diagnose, position checks) use these, so one map is never two explanations.
@@ -72,6 +75,7 @@ class Layout:
     ``piece_start``/``piece_len`` are ``[P]`` in natural order; ``rank_pieces`` is
     ``[cp, pieces_per_rank]``: the global piece ids each rank holds, in local order.
     ``piece_segment``/``piece_chunk`` name each piece for people (segment, chunk number).
+    ``segment_cp`` (``[S]``, hybrid CP only) is each segment's own CP size.
     """
 
     kind: str
@@ -82,6 +86,7 @@ class Layout:
     piece_segment: torch.Tensor
     piece_chunk: torch.Tensor
     rank_pieces: torch.Tensor
+    segment_cp: torch.Tensor | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -247,8 +252,20 @@ def check_divisible(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> 
         )
 
 
-def make_layout(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag") -> Layout:
-    """Build the pieces of ``kind`` for physical boundaries ``cu_seqlens`` over ``cp`` ranks."""
+def make_layout(cu_seqlens: torch.Tensor, cp: int, kind: str = "zigzag",
+                segment_cp: torch.Tensor | None = None) -> Layout:
+    """Build the pieces of ``kind`` for physical boundaries ``cu_seqlens`` over ``cp`` ranks.
+
+    ``segment_cp`` (``[S]`` local CP sizes, checked by :func:`cpinspect.core.hybrid.segment_cp_sizes`) makes it
+    the ``hybrid`` layout whatever ``kind`` says.
+    """
+    if segment_cp is not None or kind == "hybrid":
+        from cpinspect.core.hybrid import hybrid_layout
+
+        if segment_cp is None:
+            raise InputError("the hybrid layout needs one local CP size per segment", where="--layout hybrid",
+                             fix="pass --cp-per-segment 2,2,4,... or a batch with a local_cp_size field")
+        return hybrid_layout(cu_seqlens, cp, segment_cp)
     if kind not in LAYOUTS:
         raise InputError(f"unknown layout {kind!r}", where="--layout", fix=f"use one of {', '.join(LAYOUTS)}")
     if cp < 1:
@@ -319,8 +336,16 @@ def pad_multiple(cp: int, kind: str, sp: int = 1) -> int:
     return (cp if kind == "contiguous" else (2 * cp if cp > 1 else 1)) * sp
 
 
-def padded_boundaries(cu_seqlens: torch.Tensor, cp: int, kind: str, sp: int = 1) -> torch.Tensor:
-    """The boundaries ``--pad`` gives: every segment padded for zigzag, only the row's end otherwise."""
+def padded_boundaries(cu_seqlens: torch.Tensor, cp: int, kind: str, sp: int = 1,
+                      segment_cp: torch.Tensor | None = None) -> torch.Tensor:
+    """The boundaries ``--pad`` gives: every segment padded for zigzag, only the row's end otherwise; with
+    ``segment_cp`` (hybrid CP) every segment to ``2c`` times ``sp`` for its own ``c`` (``c`` = 1: ``sp``), then
+    pad sequences that fill every rank to one share (:func:`cpinspect.core.hybrid.with_rank_padding`)."""
+    if segment_cp is not None:
+        from cpinspect.core.hybrid import with_rank_padding
+
+        rounded = padded_cu_seqlens(cu_seqlens, torch.where(segment_cp > 1, 2 * segment_cp, 1) * sp)
+        return with_rank_padding(rounded, cp, segment_cp)
     multiple = pad_multiple(cp, kind, sp)
     if rule_of(kind) == "zigzag":
         return padded_cu_seqlens(cu_seqlens, multiple)
@@ -329,17 +354,18 @@ def padded_boundaries(cu_seqlens: torch.Tensor, cp: int, kind: str, sp: int = 1)
     return torch.cat([cu_seqlens[:-1], cu_seqlens.new_tensor([padded])]) if padded != total else cu_seqlens
 
 
-def padded_cu_seqlens(cu_seqlens: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Round every segment length up to ``multiple`` (what Megatron frameworks do before CP)."""
+def padded_cu_seqlens(cu_seqlens: torch.Tensor, multiple: int | torch.Tensor) -> torch.Tensor:
+    """Round every segment length up to ``multiple`` (one, or ``[S]``: what Megatron frameworks do before CP)."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     padded = (lengths + multiple - 1) // multiple * multiple
     return torch.cat([cu_seqlens.new_zeros(1), torch.cumsum(padded, 0)])
 
 
 def pad_row(row: torch.Tensor, cu_seqlens: torch.Tensor, new_cu: torch.Tensor, fill: int | bool) -> torch.Tensor:
-    """Move each segment of ``row`` (last dim) to its padded place; the gaps take ``fill``."""
+    """Move each segment of ``row`` (last dim) to its padded place; the gaps (and segments ``new_cu`` adds at
+    the end) take ``fill``."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    shift = torch.repeat_interleave(new_cu[:-1] - cu_seqlens[:-1], lengths)
+    shift = torch.repeat_interleave(new_cu[:lengths.numel()] - cu_seqlens[:-1], lengths)
     target = torch.arange(row.shape[-1]) + shift
     out = row.new_full((*row.shape[:-1], int(new_cu[-1])), fill)
     out[..., target] = row

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from cpinspect.core.errors import InputError
-from cpinspect.core.layout import Layout
+from cpinspect.core.layout import Layout, check_cu_seqlens
 
 
 def per_document_head_tail_indices(cu_seqlens: torch.Tensor, cp: int) -> torch.Tensor:
@@ -103,6 +103,16 @@ def layout_from_indices(kind: str, cu_seqlens: torch.Tensor, cp: int, indices: t
     filled = torch.arange(width)[None, :] < runs_per_rank[:, None]
     rank_pieces[~filled] = torch.arange(real, real + empties)
     return Layout(kind, cp, cu_seqlens, piece_start, piece_len, piece_segment, piece_chunk, rank_pieces)
+
+
+def file_layout(cu_seqlens: torch.Tensor, cp: int, index_map: torch.Tensor) -> Layout:
+    """The ``file`` layout of ``--layout-from`` indices, after checking they fit ``cp`` ranks and the row."""
+    held_by = index_map.shape[0] if index_map.dim() else 1
+    if index_map.dim() != 2 or held_by != cp:
+        raise InputError(f"--layout-from holds {held_by} rank(s) of indices but --cp is {cp}",
+                         where="--layout-from", fix=f"pass --cp {held_by} (one index tensor per rank)")
+    checked = check_index_map(index_map, int(cu_seqlens[-1]), where="--layout-from")
+    return layout_from_indices("file", check_cu_seqlens(cu_seqlens), cp, checked)
 
 
 def load_index_map(path: str, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -97,26 +97,31 @@ def check_layout_size(cu_seqlens: torch.Tensor, cp: int, kind: str) -> None:
             fix="pick a smaller cp or fewer segments (the layout of each segment does not depend on the others)")
 
 
-def layout_document(layout: Layout, balances: dict[str, Balance],
-                    index_limit: int = JSON_INDEX_LIMIT) -> dict[str, Any]:
+def layout_document(layout: Layout, balances: dict[str, Balance], index_limit: int = JSON_INDEX_LIMIT,
+                    parallel: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``--json`` object: segments with their chunks (``end`` exclusive), ranks, balance.
 
     Each rank lists its ``global_indices`` (a 1-D tensor; :func:`cpinspect.cli.common.write_json`
     streams it) when the row has at most ``index_limit`` tokens; a longer row gives each rank's
     ``pieces`` (``[start, end)`` in local order) instead, and ``global_indices_omitted`` says so.
+    ``parallel`` (:func:`cpinspect.core.parallel.sp_document`) adds the tensor/sequence-parallel numbers.
     """
     cu = layout.cu_seqlens.tolist()
     total = layout.total_tokens
     split = {"zigzag": None, "sequence-zigzag": 2 * layout.cp, "contiguous": layout.cp}[rule_of(layout.kind)]
+    local_cp = layout.segment_cp.tolist() if layout.segment_cp is not None else [layout.cp] * layout.num_segments
     segments = []
     for index, cells in enumerate(segment_cells(layout)):
-        length = cu[index + 1] - cu[index]
-        chunk_len = length // (2 * layout.cp) if split is None else total // split
+        length, size = cu[index + 1] - cu[index], local_cp[index]
+        chunk_len = length // (2 * size if size > 1 else 1) if split is None else total // split
         segments.append({
             "segment": index, "start": cu[index], "length": length, "chunk_len": chunk_len,
             "chunks": [{"chunk": c.chunk, "rank": c.rank, "start": c.start, "end": c.end} for c in cells],
+            **({"local_cp": size} if layout.segment_cp is not None else {}),
         })
     document: dict[str, Any] = {"cp": layout.cp, "layout": layout.kind, "segments": segments}
+    if parallel is not None:
+        document.update(parallel)
     if total <= index_limit:
         indices = layout.all_global_indices()
         document["ranks"] = [{"rank": rank, "global_indices": indices[rank]} for rank in range(layout.cp)]
@@ -132,14 +137,14 @@ def layout_document(layout: Layout, balances: dict[str, Balance],
     return document
 
 
-def seqlens_cu(seqlens: str, cp: int, kind: str, pad: bool) -> tuple[torch.Tensor, str]:
+def seqlens_cu(seqlens: str, cp: int, kind: str, pad: bool, sp: int = 1,
+               segment_cp: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """``cu_seqlens`` of ``--seqlens`` (padded like ``simulate --pad`` when ``pad``) and how to name it."""
-    lengths = parse_seqlens(seqlens)
-    cu = torch.cumsum(torch.tensor([0, *lengths]), 0)
+    cu = torch.cumsum(torch.tensor([0, *parse_seqlens(seqlens)]), 0)
     source = f"--seqlens {seqlens}"
     if not pad:
         return cu, source
-    padded = padded_boundaries(cu, cp, kind)
+    padded = padded_boundaries(cu, cp, kind, sp, segment_cp)
     if not torch.equal(padded, cu):
         source += f" (padded by --pad to {','.join(map(str, (padded[1:] - padded[:-1]).tolist()))})"
     return padded, source

@@ -140,6 +140,8 @@ def _from_parts(parts: list[Part], keys: Mapping[str, str], source: str) -> Pack
                              where=f"{first_name}, key {first['_keys'][grid]}")
     if first.get("second_per_grid_ts") is not None:
         batch.second_per_grid_ts = _as_tensor(first["second_per_grid_ts"], first_name, "second_per_grid_ts").reshape(-1)
+    if first.get("local_cp_size") is not None:
+        batch.local_cp_size = _as_sizes(first["local_cp_size"], first_name, first["_keys"]["local_cp_size"])
     if first.get("vision_embed_count") is not None:
         batch.vision_embed_count = _as_count(first["vision_embed_count"], first_name)
     if all(f.get("vision_mask") is not None for f in fields):
@@ -350,6 +352,15 @@ def _as_count(value: Any, name: str) -> int:
             fix="store the number of rows of the vision encoder's output",
         )
     return int(tensor.reshape(-1)[0])
+
+
+def _as_sizes(value: Any, name: str, key: str) -> torch.Tensor:
+    """``local_cp_size`` as a 1-D int64 tensor of positive sizes (one for the micro-batch, or one per segment)."""
+    tensor = _as_tensor(value, name, key).reshape(-1)
+    if tensor.is_floating_point() or tensor.dtype == torch.bool or not tensor.numel() or bool((tensor < 1).any()):
+        raise InputError(f"{key} must hold positive whole CP sizes (one, or one per segment), got {tensor.tolist()}",
+                         where=f"{name}, key {key}", fix="save the local CP size of the micro-batch or of each segment")
+    return tensor.to(torch.long)
 
 
 def _check_logical(logical: torch.Tensor, physical: torch.Tensor, name: str) -> None:

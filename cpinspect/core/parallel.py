@@ -22,8 +22,14 @@ parallelism is on (``2 * cp`` otherwise), so both splits cut evenly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from cpinspect.core.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from cpinspect.core.layout import Layout
 
 SPLITS = ("full row", "CP split only", "SP split only", "CP and SP split")
 
@@ -87,3 +93,48 @@ def missing_splits(expected: int, got: int, tokens: int, cp: int, tp: int | None
         if tp is None or tp == ratio:
             out.append(MissingSplit("SP", ratio, larger, smaller))
     return out
+
+
+def check_sp_split(layout: Layout, tp: int, sequence_parallel: bool) -> None:
+    """The exit-2 error when sequence parallelism cannot scatter each rank's tokens evenly over ``tp``."""
+    from cpinspect.core.layout import pad_multiple
+
+    if sequence_parallel and layout.local_tokens % tp:
+        raise InputError(
+            f"each rank holds {layout.local_tokens} tokens, which sequence parallelism cannot scatter over tp = {tp}",
+            where="--tp / --sequence-parallel",
+            fix=f"pad segments to a multiple of {pad_multiple(layout.cp, layout.kind, tp)} (2*cp*tp for zigzag) as "
+                "Megatron-Bridge does (--pad), or drop --sequence-parallel")
+
+
+def segment_alignment(layout: Layout, tp: int, sequence_parallel: bool) -> torch.Tensor:
+    """``[S]`` what each segment's length should divide by so both splits cut evenly: ``2*cp`` (times ``tp``
+    under sequence parallelism), with hybrid CP each segment's own ``2*c`` (1 for ``c`` = 1)."""
+    import torch
+
+    sp = tp if sequence_parallel else 1
+    if layout.segment_cp is not None:
+        return torch.where(layout.segment_cp > 1, 2 * layout.segment_cp, 1) * sp
+    return torch.full((layout.num_segments,), alignment(layout.cp, tp, sequence_parallel), dtype=torch.long)
+
+
+def sp_document(layout: Layout, tp: int, sequence_parallel: bool, *, with_indices: bool = True) -> dict[str, Any]:
+    """The tensor/sequence-parallel numbers of ``layout``: alignment, the segments that miss it, and per CP
+    rank the share of its local row each TP rank holds after the SP scatter (contiguous, ``T/(cp*tp)`` each)."""
+    import torch
+
+    from cpinspect.core.ranges import to_ranges
+
+    check_sp_split(layout, tp, sequence_parallel)
+    unit = segment_alignment(layout, tp, sequence_parallel)
+    lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
+    share = layout.local_tokens // tp if sequence_parallel else layout.local_tokens
+    document: dict[str, Any] = {
+        "tp": tp, "sequence_parallel": sequence_parallel, "alignment": sorted(set(unit.tolist())),
+        "misaligned_segments": torch.nonzero(lengths % unit).view(-1).tolist(), "tokens_per_tp_rank": share,
+    }
+    if sequence_parallel and with_indices:
+        document["sp_shares"] = [
+            [{"tp_rank": t, "local": [t * share, (t + 1) * share], "global_ranges": [list(r) for r in to_ranges(part)]}
+             for t, part in enumerate(layout.global_indices(rank).split(share))] for rank in range(layout.cp)]
+    return document

@@ -19,6 +19,7 @@ import torch
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
+from cpinspect.core.hybrid import segment_cp_sizes
 from cpinspect.core.layout import DISTINCT_LAYOUTS, Layout, make_layout
 from cpinspect.core.mrope import CONVENTIONS, row_positions
 from cpinspect.core.tokens import TokenConfig, token_config
@@ -55,8 +56,10 @@ def check_position_ids(batch: PackedBatch, cp: int, *, layout: str = "zigzag",
 
 
 def compare_position_ids(batch: PackedBatch, cp: int, *, layout: str = "zigzag",
-                         tokens: TokenConfig | None = None) -> PositionCheck:
+                         tokens: TokenConfig | None = None, plan: Layout | None = None) -> PositionCheck:
     """Compare ``batch.position_ids`` (full ``[3,1,T]``/``[3,T]`` or one per rank) with the expected ones.
+
+    ``plan`` (the simulation's layout: a hybrid one needs its sizes) replaces ``make_layout(..., layout)``.
 
     Pad tokens (between a segment's logical and physical end) are not compared: frameworks fill
     them differently. Either upstream convention counts as correct.
@@ -72,7 +75,12 @@ def compare_position_ids(batch: PackedBatch, cp: int, *, layout: str = "zigzag",
             where=f"{batch.source}, position_ids",
             fix="pass the --cp the batch was sharded for, and every rank's file",
         )
-    plan = make_layout(batch.cu_seqlens, cp, layout) if form == "presharded" else None
+    if form != "presharded":
+        plan = None
+    elif plan is None:  # hybrid CP takes its sizes from the batch's local_cp_size
+        hybrid = layout == "hybrid"
+        sizes = segment_cp_sizes(cp, batch.num_segments, batch_value=batch.local_cp_size) if hybrid else None
+        plan = make_layout(batch.cu_seqlens, cp, layout, sizes)
     ids = _full_ids(batch, plan)
     candidates = _candidates(batch, ids, tokens) if tokens.rope != "1d" else _candidates_1d(batch, ids.numel(), tokens)
     if plan is None:

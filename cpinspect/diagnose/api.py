@@ -83,6 +83,8 @@ def diagnose_batch(
     embeds: int | None = None,
     rank: int | None = None,
     timeout: float = 10.0,
+    tp: int | None = None,
+    sequence_parallel: bool | None = None,
 ) -> DiagnoseReport:
     """Audit ``batch`` for ``cp`` ranks and explain ``error_text`` by simulating candidate causes.
 
@@ -98,6 +100,7 @@ def diagnose_batch(
         findings.append(info("ERROR_NOT_RECOGNISED", f"the error text matched none of the known forms: "
                               f"{clip(error_text)!r}", "paste the line with the numbers (see the README's list)"))
     scene, form_findings = build_scene(loaded, cp, layout, tokens, embeds=embeds, rank=rank, timeout=timeout)
+    scene.tp, scene.sequence_parallel = tp, sequence_parallel  # narrow CP_/SP_SPLIT_MISSING (diagnose.parallel_sizes)
     if rank is None and observed is not None:
         scene.rank = observed.rank  # a log's rank may lie beyond cp: itself a sign of another cp
     findings += form_findings + audit(scene) + audio_findings(scene) + _vision_dp_findings(scene, timeout)
@@ -108,7 +111,7 @@ def diagnose_batch(
         [] if unknown else segment_offset_findings(scene) + local_row_position_findings(scene))
     findings = _fold_same_root(findings)
     findings += consistent(scene, findings)
-    return DiagnoseReport(_ordered(findings), _observed_dict(observed, embeds, scene.rank), scene.cp, layout,
+    return DiagnoseReport(_ordered(findings), _observed_dict(observed, embeds, scene.rank), scene.cp, scene.layout,
                           scene.form, loaded.source, _summary(scene))
 
 

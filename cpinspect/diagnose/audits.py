@@ -279,7 +279,11 @@ def consistent(scene: Scene, findings: list[Finding]) -> list[Finding]:
 
 
 def _split_line(scene: Scene) -> str:
-    """What the layout cut into equal pieces: every segment (zigzag rule) or the whole row (the others)."""
+    """What the layout cut into equal pieces: every segment (zigzag rule, hybrid CP per segment) or the whole row."""
+    if scene.segment_cp is not None:
+        sizes = ", ".join(map(str, sorted(set(scene.segment_cp.tolist()))))
+        return (f"segments: all {scene.batch.num_segments} physical lengths split into 2·c equal chunks for their "
+                f"own local cp c ({sizes}; hybrid CP over a group of {scene.cp}, the batch's local_cp_size)")
     rule = rule_of(scene.layout)
     if rule == "zigzag":
         named = "" if scene.layout == "zigzag" else f" ({scene.layout})"

@@ -30,12 +30,14 @@ LAYOUT_WORDS = {
     "head-tail": "PyTorch head-tail (the whole row as 2·cp chunks, rank-major pairs, then cut contiguously)",
     "per-document-head-tail": "PyTorch per-document head-tail (each document's chunk pairs in document order, "
                               "then the row cut contiguously)",
+    "hybrid": "hybrid CP (each segment zigzag over 2·c chunks on its own aligned block of c ranks)",
 }
 
 
-def try_layout(cu: torch.Tensor, cp: int, kind: str) -> Layout | None:
+def try_layout(cu: torch.Tensor, cp: int, kind: str, segment_cp: torch.Tensor | None = None) -> Layout | None:
+    """``kind`` cut over ``cp`` ranks, or None where it cannot cut ``cu`` (``segment_cp``: hybrid CP's sizes)."""
     try:
-        return make_layout(cu, cp, kind)
+        return make_layout(cu, cp, kind, segment_cp if kind == "hybrid" else None)
     except InputError:
         return None
 

@@ -3,6 +3,10 @@ read as one tensor that skipped the CP split or the sequence-parallel split (:mo
 
 Each fitting explanation is one prediction at cost 1, so when both fit (tp = cp) both are reported
 as possible, when exactly one fits it is confirmed, and when the numbers fit neither nothing is.
+
+Without ``--tp`` the tp is read from the numbers (any integer above 1 that makes them fit); ``--tp N``
+keeps only the explanations with tp = N, so numbers that need another tp confirm nothing. With
+``--no-sequence-parallel`` no tensor was scattered over tp, so neither explanation applies.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ HINTS = {
 def parallel_size_predictions(scene: Scene, observed: ObservedError) -> list[Prediction]:
     """Predictions for a size mismatch in which one side skipped the CP or the SP split."""
     expected, got = observed.get("expected"), observed.get("got")
-    if expected is None or got is None:
+    if expected is None or got is None or scene.sequence_parallel is False:
         return []
-    return [_prediction(fit, expected, got, scene) for fit in missing_splits(expected, got, scene.total_tokens,
-                                                                             scene.cp)]
+    fits = missing_splits(expected, got, scene.total_tokens, scene.cp, scene.tp)
+    return [_prediction(fit, expected, got, scene) for fit in fits]
 
 
 def _prediction(fit: MissingSplit, expected: int, got: int, scene: Scene) -> Prediction:
@@ -35,7 +39,8 @@ def _prediction(fit: MissingSplit, expected: int, got: int, scene: Scene) -> Pre
     named = {n: " or ".join(sizes.splits_of(n)) for n in (fit.larger, fit.smaller)}
     skipped = "the CP split" if fit.missing == "CP" else "the sequence-parallel split"
     rule = f"{total} / tp {tp}" if fit.missing == "CP" else f"{total} / cp {cp}"
-    story = (f"with tp = {tp} (implied by the numbers) and sequence parallelism, {fit.larger} = {rule} "
+    told = "given with --tp" if scene.tp is not None else "implied by the numbers"
+    story = (f"with tp = {tp} ({told}) and sequence parallelism, {fit.larger} = {rule} "
              f"({named[fit.larger]}) and {fit.smaller} = {total} / (cp {cp} x tp {tp}) ({named[fit.smaller]}): "
              f"the {fit.larger}-token tensor skipped {skipped}")
     return Prediction(f"{fit.missing}_SPLIT_MISSING", expected, got, story, HINTS[fit.missing], scope="any", cost=1,

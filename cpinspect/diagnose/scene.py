@@ -16,7 +16,9 @@ import torch
 from cpinspect.core.batch import PackedBatch, check_grid_merge, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
-from cpinspect.core.layout import check_cp_fits, padded_cu_seqlens
+from cpinspect.core.hybrid import KIND as HYBRID
+from cpinspect.core.hybrid import segment_cp_sizes
+from cpinspect.core.layout import check_cp_fits, make_layout, padded_cu_seqlens
 from cpinspect.core.loading import stacked_shape
 from cpinspect.core.tokens import TokenConfig
 from cpinspect.core.vision_items import VisionItem, embedding_rows, expected_items, placeholder_mask
@@ -70,6 +72,9 @@ class Scene:
     issues: dict[str, list[SpanIssue]] = field(default_factory=dict)
     foreign: dict[str, list[int]] = field(default_factory=dict)
     spans_intact: bool = False  # pre-sharded rows reassembled under data_layout gave whole vision spans
+    tp: int | None = None  # the run's tensor-parallel size and sequence parallelism, when the user gave them
+    sequence_parallel: bool | None = None
+    segment_cp: torch.Tensor | None = None  # hybrid CP: the batch's local_cp_size, one per segment
     _held: dict[tuple[str, int], list[int] | None] = field(default_factory=dict)
 
     @property
@@ -153,7 +158,7 @@ class Scene:
 
     def locate(self, position: int) -> tuple[int | None, int | None, int | None]:
         """(rank, segment, chunk) of a global token position under the model's layout at ``cp``."""
-        plan = try_layout(self.cu, self.cp, self.layout)
+        plan = try_layout(self.cu, self.cp, self.layout, self.segment_cp)
         if plan is None or position >= plan.total_tokens:
             return None, int(torch.searchsorted(self.cu[1:], torch.tensor(position), right=True)), None
         place = plan.locate_position(position)
@@ -172,7 +177,7 @@ def _held_counts(scene: Scene, kind: str, cp: int) -> list[int] | None:
     mask = scene.sim_mask
     if mask is None:
         return None
-    plan = try_layout(scene.sim_cu, cp, kind)
+    plan = try_layout(scene.sim_cu, cp, kind, scene.segment_cp if cp == scene.cp else None)
     if plan is None:
         return None
     return mask[plan.all_global_indices()].sum(dim=1).tolist()
@@ -188,17 +193,21 @@ def build_scene(batch: PackedBatch, cp: int, layout: str, tokens: TokenConfig, *
     if rank is not None and rank >= cp_eff:
         raise InputError(f"--rank {rank} is out of range: the rows were cut for cp={cp_eff}", where="--rank",
                          fix=f"pick 0..{cp_eff - 1}")
-    scene = Scene(batch, cp_eff, cp, layout, tokens, form, rank, embeds, data_layout=layout, stacked=stacked)
-    if form == "full":
+    segment_cp = segment_cp_sizes(cp_eff, batch.num_segments, batch_value=batch.local_cp_size)
+    if segment_cp is not None:  # the batch says how it was cut: hybrid CP; a cut it cannot make is exit 2
+        layout = make_layout(batch.cu_seqlens, cp_eff, HYBRID, segment_cp).kind
+    scene = Scene(batch, cp_eff, cp, layout, tokens, form, rank, embeds, data_layout=layout, stacked=stacked,
+                  segment_cp=segment_cp)
+    if form == "full" and segment_cp is None:
         check_cp_fits(batch.cu_seqlens, cp_eff, layout)
-    scene.divisible = try_layout(batch.cu_seqlens, cp_eff, layout) is not None
+    scene.divisible = try_layout(batch.cu_seqlens, cp_eff, layout, segment_cp) is not None
     if form == "double sharded":
         return scene, findings
     if form == "one rank":
         row = batch.rows[0]
         scene.one_rank_held = int((batch.vision_mask[0] if batch.vision_mask else placeholder_mask(row, tokens)).sum())
         return scene, findings
-    if form == "presharded" and scene.divisible:
+    if form == "presharded" and scene.divisible and segment_cp is None:
         findings += choose_data_layout(scene)
     if form == "full" or scene.divisible:
         pad = form == "full" and not scene.divisible

@@ -67,6 +67,51 @@ def _splits(sizes: Sequence[int], rows: int, size: int, what: str) -> list[int]:
     return [rows // size] * size
 
 
+def require_contiguous(op: str, rank: int, **tensors: torch.Tensor) -> None:
+    """A single-tensor collective's buffers must be contiguous: NCCL refuses others ("Tensors must be
+    contiguous") and gloo reads and writes them as if they were (wrong values, no error)."""
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            raise ValueError(f"{op} on rank {rank}: the {name} tensor (shape {list(tensor.shape)}, strides "
+                             f"{list(tensor.stride())}) is not contiguous; NCCL refuses it and gloo would fill it "
+                             "as if it were (wrong values): allocate it with torch.empty(shape) or pass "
+                             "x.contiguous()")
+
+
+def check_splits(splits: Sequence[tuple[Sequence[int], Sequence[int]]]) -> None:
+    """All-to-all split agreement: ``splits[r]`` is (rows rank r sends to each rank, rows it expects from each)."""
+    for dst, (_, received) in enumerate(splits):
+        for src, (sent, _) in enumerate(splits):
+            if sent[dst] != received[src]:
+                raise ValueError(f"rank {src} sends {sent[dst]} row(s) to rank {dst}, which expects "
+                                 f"{received[src]} from it")
+
+
+def check_slots(shapes: Sequence[tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]]]) -> None:
+    """List all-to-all agreement: ``shapes[r]`` is (rank r's output slot shapes, its input shapes)."""
+    for dst, (outs, _) in enumerate(shapes):
+        for src, (_, ins) in enumerate(shapes):
+            if list(outs[src]) != list(ins[dst]):
+                raise ValueError(f"rank {src} sends {list(ins[dst])} to rank {dst}, whose slot for it "
+                                 f"is {list(outs[src])}")
+
+
+def check_root_count(noun: str, counts: Sequence[tuple[int, int]]) -> None:
+    """Gather/scatter: ``counts[r]`` is (the root rank r names, how many tensors r passed); the root's must fit."""
+    root = counts[0][0]
+    if counts[root][1] != len(counts):
+        raise ValueError(f"the root rank {root} passed {counts[root][1]} {noun} for {len(counts)} ranks")
+
+
+DATA_CHECKS: dict[str, Callable[[Sequence[Any]], None]] = {
+    "all_to_all_single": check_splits,
+    "all_to_all": check_slots,
+    "gather": lambda counts: check_root_count("gather slot(s)", counts),
+    "scatter": lambda counts: check_root_count("scatter input(s)", counts),
+}
+"""What each op's ranks must agree on beyond the fingerprint, from what every rank passed (its ``meta``)."""
+
+
 class ExtraCollectives:
     """Mixed into :class:`~cpinspect.groups.simulated.SimulatedProcessGroup` (which provides ``_enter``)."""
 
@@ -77,16 +122,14 @@ class ExtraCollectives:
     def alltoall_base(self, output: torch.Tensor, tensor: torch.Tensor, output_split_sizes: list[int],
                       input_split_sizes: list[int], opts: Any = None) -> dist.Work:
         size = self.size()
+        require_contiguous("all_to_all_single", self.rank(), output=output, input=tensor)
         sends = _splits(input_split_sizes, tensor.shape[0] if tensor.dim() else 0, size, "the input")
         receives = _splits(output_split_sizes, output.shape[0] if output.dim() else 0, size, "the output")
 
         def move(payloads: list[Any]) -> None:
+            check_splits([(sent, received) for _, _, sent, received in payloads])
             chunks = [src.split(sent) for _, src, sent, _ in payloads]
-            for dst, (out, _, _, received) in enumerate(payloads):
-                for src, (_, _, sent, _) in enumerate(payloads):
-                    if sent[dst] != received[src]:
-                        raise ValueError(f"rank {src} sends {sent[dst]} row(s) to rank {dst}, which expects "
-                                         f"{received[src]} from it")
+            for dst, (out, _, _, _) in enumerate(payloads):
                 out.copy_(torch.cat([chunks[src][dst] for src in range(size)]))
 
         detail = f"in_splits={sends}, out_splits={receives}" if input_split_sizes or output_split_sizes else ""
@@ -96,11 +139,9 @@ class ExtraCollectives:
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
                  opts: Any = None) -> dist.Work:
         def move(payloads: list[Any]) -> None:
+            check_slots([([o.shape for o in outs], [i.shape for i in ins]) for outs, ins in payloads])
             for dst, (outs, _) in enumerate(payloads):
                 for src, (_, ins) in enumerate(payloads):
-                    if outs[src].shape != ins[dst].shape:
-                        raise ValueError(f"rank {src} sends {list(ins[dst].shape)} to rank {dst}, whose slot for it "
-                                         f"is {list(outs[src].shape)}")
                     outs[src].copy_(ins[dst])
 
         key = (len(input_tensors), len(output_tensors), tuple(str(t.dtype) for t in input_tensors))
@@ -119,6 +160,7 @@ class ExtraCollectives:
 
     def reduce_scatter_single(self, output: torch.Tensor, tensor: torch.Tensor, opts: Any = None) -> dist.Work:
         size = self.size()
+        require_contiguous("reduce_scatter_tensor", self.rank(), output=output, input=tensor)
         if tensor.numel() != output.numel() * size:
             raise ValueError(f"reduce_scatter_tensor on rank {self.rank()}: input has {tensor.numel()} elements, but "
                              f"{size} ranks x {output.numel()} output elements = {output.numel() * size}")
@@ -150,9 +192,8 @@ class ExtraCollectives:
         outputs = output_tensors[0] if output_tensors else []
 
         def move(payloads: list[Any]) -> None:
+            check_root_count("gather slot(s)", [(root, len(slots)) for slots, _ in payloads])
             slots = payloads[root][0]
-            if len(slots) != len(payloads):
-                raise ValueError(f"the root rank {root} passed {len(slots)} gather slot(s) for {len(payloads)} ranks")
             for slot, (_, src) in zip(slots, payloads):
                 slot.copy_(src)
 
@@ -165,10 +206,8 @@ class ExtraCollectives:
         inputs = input_tensors[0] if input_tensors else []
 
         def move(payloads: list[Any]) -> None:
+            check_root_count("scatter input(s)", [(root, len(pieces)) for _, pieces in payloads])
             pieces = payloads[root][1]
-            if len(pieces) != len(payloads):
-                raise ValueError(f"the root rank {root} passed {len(pieces)} scatter input(s) for {len(payloads)} "
-                                 "ranks")
             for (out, _), piece in zip(payloads, pieces):
                 out.copy_(piece)
 

@@ -3,8 +3,9 @@
 The same contract as :func:`cpinspect.groups.simulated.execute_spmd`, with real transport: each rank is a
 process started by ``torch.multiprocessing`` (spawn), joined into a gloo group on ``127.0.0.1``
 through a TCPStore that this process serves on a free port. The function receives a
-:class:`RecordingGroup`, a ``ProcessGroup`` that forwards every collective to the real gloo
-group after telling this process what it is about to call (op, shapes, dtypes, call site).
+:class:`~cpinspect.groups.recording.RecordingGroup`, a ``ProcessGroup`` that forwards every
+collective and send/receive to the real gloo group after this process has checked what every
+rank is about to call (op, shapes, dtypes, call site; see that module).
 
 This process is the watchdog (:mod:`cpinspect.groups.watchdog`). It feeds every rank's entries,
 exits and results into the same coordinator the thread backend uses, so a divergence (different
@@ -21,7 +22,7 @@ import pickle
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Any
@@ -29,82 +30,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cpinspect.groups.callsite import call_site, error_site
+from cpinspect.groups.callsite import error_site
 from cpinspect.groups.coordinator import (
     DEFAULT_TIMEOUT_S,
-    CollectiveCall,
+    CollectiveAbort,
     RankState,
     SpmdError,
-    describe_tensors,
-    reduce_op_name,
     stall_limit,
     validate_timeout,
 )
+from cpinspect.groups.recording import GlooLimitError, RecordingGroup
 from cpinspect.groups.watchdog import RankProcesses, Watchdog, supervise
 
 DEFAULT_START_TIMEOUT_S = 120.0
 _GRACE_S = 3.0
-
-
-class RecordingGroup(dist.ProcessGroup):
-    """A real gloo group that reports each collective to the watchdog before it runs.
-
-    ``all_gather``, ``all_gather_into_tensor``, ``all_reduce``, ``broadcast`` and ``barrier`` are
-    fingerprinted (the ops the thread backend simulates); any other op still runs on the real
-    gloo backend, unrecorded.
-    """
-
-    def __init__(self, inner: dist.ProcessGroup, report: Callable[[tuple[Any, ...]], None]) -> None:
-        super().__init__(inner.rank(), inner.size())
-        self._inner = inner
-        self._report = report
-        self._seq = 0
-        cpu = torch.device("cpu")
-        self._register_backend(cpu, dist.ProcessGroup.BackendType.GLOO, inner._get_backend(cpu))
-        self._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
-
-    def getBackendName(self) -> str:  # noqa: N802 - torch's name
-        return "gloo"
-
-    def _run(self, op: str, tensors: Sequence[torch.Tensor], detail: str, start: Callable[[], dist.Work]) -> dist.Work:
-        shapes, dtypes = describe_tensors(tensors)
-        call = CollectiveCall(self._seq, op, shapes, dtypes, detail, call_site(3))
-        self._seq += 1
-        self._report(("enter", call))
-        work = start()
-        work.wait()
-        self._report(("left", call.seq))
-        return work
-
-    def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
-                  opts: Any = None) -> dist.Work:
-        opts = opts if opts is not None else dist.AllgatherOptions()
-        return self._run("all_gather", input_tensors, "",
-                         lambda: self._inner.allgather(output_tensors, input_tensors, opts))
-
-    def all_gather_single(self, output: torch.Tensor, tensor: torch.Tensor, opts: Any = None) -> dist.Work:
-        opts = opts if opts is not None else dist.AllgatherOptions()
-        inner = getattr(self._inner, "all_gather_single", None) or self._inner._allgather_base  # older torch
-        return self._run("all_gather_into_tensor", [tensor], "", lambda: inner(output, tensor, opts))
-
-    _allgather_base = all_gather_single
-
-    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts if opts is not None else dist.AllreduceOptions()
-        return self._run("all_reduce", tensors, f"op={reduce_op_name(opts)}",
-                         lambda: self._inner.allreduce(tensors, opts))
-
-    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts if opts is not None else dist.BroadcastOptions()
-        return self._run("broadcast", tensors, f"src={int(opts.rootRank)}",
-                         lambda: self._inner.broadcast(tensors, opts))
-
-    def barrier(self, opts: Any = None) -> dist.Work:
-        opts = opts if opts is not None else dist.BarrierOptions()
-        return self._run("barrier", [], "", lambda: self._inner.barrier(opts))
-
-    def __repr__(self) -> str:
-        return f"RecordingGroup(gloo, rank={self.rank()}, size={self.size()})"
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -142,6 +81,8 @@ def _join_gloo(rank: int, cp: int, port: int, start_timeout: float, timeout: flo
 
 
 def _raised_event(exc: BaseException) -> tuple[Any, ...]:
+    if isinstance(exc, (CollectiveAbort, GlooLimitError)):  # the watchdog stopped the run, or gloo's limit
+        return ("raised", type(exc).__name__, str(exc), None, "")
     blob: bytes | None
     try:
         data = pickle.dumps(exc)
@@ -176,7 +117,11 @@ def rank_main(rank: int, cp: int, port: int, timeout: float, start_timeout: floa
     except BaseException as exc:  # noqa: BLE001 - sent to the watchdog, which reports it
         report(_raised_event(exc))
         return
-    group = RecordingGroup(inner, report)
+    def ask(event: tuple[Any, ...]) -> bytes | None:
+        report(event)
+        return _message(conn, None)
+
+    group = RecordingGroup(inner, report, ask)
     world = dist.distributed_c10d._world
     world.pg_map[group] = world.pg_map[inner]
     world.pg_group_ranks[group] = {r: r for r in range(cp)}
@@ -188,7 +133,8 @@ def rank_main(rank: int, cp: int, port: int, timeout: float, start_timeout: floa
         except BaseException as exc:  # noqa: BLE001 - reported per rank, never swallowed silently
             event = _raised_event(exc)
         report(event)
-        _message(conn, None)  # stay in the group until the watchdog says all are done (or is gone)
+        if not group.released:
+            _message(conn, None)  # stay in the group until the watchdog says all are done (or is gone)
     world.pg_map.pop(group, None)
     world.pg_group_ranks.pop(group, None)
     dist.destroy_process_group()

@@ -87,11 +87,7 @@ class PointToPoint:
             state.status, state.blocked = "waiting", op.describe()
             try:
                 while c.failure is None and not op.done:
-                    peer = c.states[op.peer]
-                    if peer.status in ("returned", "raised"):
-                        c.fail("divergence", f"rank {op.rank} is blocked in {op.describe()}, which can never "
-                                             f"complete: {peer.describe()}. In a real job rank {op.rank} would hang "
-                                             "until the NCCL/gloo timeout")
+                    if self.peer_gone(op):
                         break
                     remaining = c.progress + c.timeout - time.monotonic()
                     if remaining <= 0:
@@ -102,6 +98,16 @@ class PointToPoint:
                     raise CollectiveAbort(str(c.failure))
             finally:
                 state.status, state.blocked = "running", ""
+
+    def peer_gone(self, op: P2POp) -> bool:
+        """Fail the group when unmatched ``op`` waits on a peer that returned or raised (hold the lock)."""
+        c = self.coordinator
+        peer = c.states[op.peer]
+        if op.done or peer.status not in ("returned", "raised"):
+            return False
+        c.fail("divergence", f"rank {op.rank} is blocked in {op.describe()}, which can never complete: "
+                             f"{peer.describe()}. In a real job rank {op.rank} would hang until the NCCL/gloo timeout")
+        return True
 
     def fail_timeout(self) -> None:
         """Nothing progressed for ``timeout`` seconds while a rank was blocked in a send or receive."""

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from cpinspect.groups.callsite import call_site
-from cpinspect.groups.collectives import ExtraCollectives, reduce_stack, reducer
+from cpinspect.groups.collectives import ExtraCollectives, reduce_stack, reducer, require_contiguous
 from cpinspect.groups.coordinator import (
     DEFAULT_TIMEOUT_S,
     CollectiveCall,
@@ -107,6 +107,7 @@ class SimulatedProcessGroup(ExtraCollectives, dist.ProcessGroup):  # type: ignor
         return self._enter("all_gather", [tensor], detail, (outputs, tensor), move, key=(out_shapes, out_dtypes))
 
     def all_gather_single(self, output: torch.Tensor, tensor: torch.Tensor, opts: Any = None) -> dist.Work:
+        require_contiguous("all_gather_into_tensor", self.rank(), output=output, input=tensor)
         if output.numel() != tensor.numel() * self.size():
             raise ValueError(
                 f"all_gather_into_tensor on rank {self.rank()}: output has {output.numel()} elements, but "

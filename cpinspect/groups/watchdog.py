@@ -2,8 +2,9 @@
 
 :func:`supervise` starts the rank processes of :func:`cpinspect.groups.gloo.execute_gloo`, waits
 until all joined the gloo group, releases them, and feeds every event they send (entered a
-collective, left it, returned, raised, died) into a :class:`Watchdog`: the coordinator the thread
-backend uses, so a divergence is reported with the same words as soon as it is visible.
+collective, left it, posted a send or receive, blocked in it, returned, raised, died) into a
+:class:`Watchdog`: the coordinator the thread backend uses, so a divergence is reported with the
+same words as soon as it is visible.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any
 
 import torch
 
-from cpinspect.groups.coordinator import CollectiveCall, Coordinator, stall_limit
+from cpinspect.groups.collectives import DATA_CHECKS
+from cpinspect.groups.coordinator import CollectiveAbort, CollectiveCall, Coordinator, stall_limit
+from cpinspect.groups.p2p import P2POp, PointToPoint
 
 
 class RankProcessError(RuntimeError):
@@ -26,14 +29,81 @@ class RankProcessError(RuntimeError):
 
 
 class Watchdog(Coordinator):
-    """The thread backend's coordinator, fed by events from rank processes instead of threads."""
+    """The thread backend's coordinator, fed by events from rank processes instead of threads.
 
-    def enter(self, rank: int, call: CollectiveCall) -> None:
+    A rank waits for the watchdog's word (``reply``) at each collective, sent once every rank
+    entered it and what they passed fits, and at each send/receive it posts, sent once the
+    mailbox (the thread backend's :class:`~cpinspect.groups.p2p.PointToPoint`, holding meta
+    tensors of the same shapes and dtypes) has checked it against its peer's.
+    """
+
+    def __init__(self, size: int, timeout: float) -> None:
+        super().__init__(size, timeout)
+        self.reply: Callable[[int, bytes], None] = lambda rank, word: None
+        self.mailbox = PointToPoint(self)
+        self.posted: dict[tuple[int, int], P2POp] = {}
+        self.blocked_in: dict[int, P2POp] = {}  # rank -> the send/receive it waits in
+
+    def enter(self, rank: int, call: CollectiveCall, meta: Any = None) -> None:
         with self.cond:
             if self.failure is not None:
                 return
-            if self.arrive(rank, call, None):
+            if self.arrive(rank, call, meta):
+                check = DATA_CHECKS.get(call.op)
+                try:
+                    if check is not None:
+                        check([self.pending[call.seq][r][1] for r in range(self.size)])
+                except ValueError as exc:  # the words of the thread backend's data movement
+                    self.fail("divergence", f"{call.op} #{call.seq} could not move data: {exc}")
+                    return
                 self.complete(call.seq)
+                for r in range(self.size):
+                    self.reply(r, b"go")
+
+    def post(self, rank: int, op_id: int, kind: str, peer: int, tag: int, shape: tuple[int, ...],
+             dtype: torch.dtype, site: str) -> None:
+        """A send or receive ``rank`` is about to hand to gloo: match it, then let the rank go on."""
+        op = P2POp(kind, rank, peer, tag, torch.empty(shape, dtype=dtype, device="meta"), site)
+        with self.cond:
+            if self.failure is not None:
+                return
+            try:
+                self.mailbox.post(op)
+            except CollectiveAbort:  # a mismatch, recorded as the failure
+                return
+            except ValueError as exc:  # a peer outside the group: the user's error, raised at their line
+                self.reply(rank, b"err:" + str(exc).encode())
+                return
+            self.posted[(rank, op_id)] = op
+            self.reply(rank, b"ok")
+
+    def p2p_wait(self, rank: int, op_id: int) -> None:
+        with self.cond:
+            op = self.posted.get((rank, op_id))
+            if self.failure is None and op is not None:
+                self.states[rank].status, self.states[rank].blocked = "waiting", op.describe()
+                self.blocked_in[rank] = op
+                self.mailbox.peer_gone(op)
+
+    def p2p_done(self, rank: int, op_id: int) -> None:
+        with self.cond:
+            self.posted.pop((rank, op_id), None)
+            self.blocked_in.pop(rank, None)
+            if self.failure is None:
+                self.states[rank].status, self.states[rank].blocked = "running", ""
+
+    def finish(self, rank: int, value: Any = None, error: BaseException | None = None, site: str = "") -> None:
+        super().finish(rank, value, error, site)
+        if self.states[rank].died:  # died() reports it as RANK_DIED, naming where the others wait
+            return
+        with self.cond:
+            for op in list(self.blocked_in.values()):
+                if self.failure is None:
+                    self.mailbox.peer_gone(op)
+
+    def _unmatched_waits(self) -> bool:
+        """Some rank waits in a send/receive not yet matched (a matched one is gloo moving data: no deadline)."""
+        return any(not op.done for op in self.blocked_in.values())
 
     def left(self, rank: int) -> None:
         with self.cond:
@@ -59,13 +129,16 @@ class Watchdog(Coordinator):
                 if self.failure is None and now >= self.wait_deadline(seq):
                     first = min(self.pending[seq].items())[1][0]
                     self.fail_timeout(first)
+            if self.failure is None and self._unmatched_waits() and now >= self.progress + self.timeout:
+                self.mailbox.fail_timeout()
             limit = stall_limit(self.timeout)
             if self.failure is None and self.stalled(limit):
                 self.fail_stall(limit)
 
     def next_deadline(self) -> float:
         starts = [self.wait_deadline(seq) for seq in self.pending]
-        return min([self.progress + stall_limit(self.timeout), time.monotonic() + 1.0, *starts])
+        p2p = [self.progress + self.timeout] if self._unmatched_waits() else []
+        return min([self.progress + stall_limit(self.timeout), time.monotonic() + 1.0, *starts, *p2p])
 
     @property
     def finished(self) -> bool:
@@ -128,6 +201,12 @@ class RankProcesses:
             conn.close()
         return events
 
+    def send(self, rank: int, message: bytes) -> None:
+        try:
+            self.conns[rank].send_bytes(message)
+        except (OSError, ValueError):
+            pass
+
     def send_all(self, message: bytes) -> None:
         for conn in self.conns:
             try:
@@ -175,6 +254,7 @@ def supervise(ranks: RankProcesses, watchdog: Watchdog, start_timeout: float) ->
     """Start the ranks, wait until all joined the group, release them, then feed their events to the
     watchdog until every rank finished or it recorded a failure (the caller stops the processes)."""
     ranks.start()
+    watchdog.reply = ranks.send
     if _start(ranks, watchdog, watchdog.size, start_timeout):
         ranks.send_all(b"go")
         with watchdog.cond:
@@ -214,7 +294,13 @@ def _apply(watchdog: Watchdog, ranks: RankProcesses, rank: int, event: tuple[Any
         return
     kind = event[0]
     if kind == "enter":
-        watchdog.enter(rank, event[1])
+        watchdog.enter(rank, *event[1:])
+    elif kind == "post":
+        watchdog.post(rank, *event[1:])
+    elif kind == "wait":
+        watchdog.p2p_wait(rank, event[1])
+    elif kind == "done":
+        watchdog.p2p_done(rank, event[1])
     elif kind == "left":
         watchdog.left(rank)
     elif kind == "returned":

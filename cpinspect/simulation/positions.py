@@ -98,7 +98,7 @@ class PositionsExtension:
         self.items = items
         token_item = items.token_item(layout.total_tokens)
         self.ranks = [_describe_rank(r.rank, r.global_indices, full, token_item, items, layout) for r in result.ranks]
-        self.check = compare_position_ids(self.batch, result.cp, layout=layout.kind, tokens=tokens)
+        self.check = compare_position_ids(self.batch, result.cp, layout=layout.kind, tokens=tokens, plan=layout)
         for rank, status in zip(self.ranks, _rank_statuses(self.check, result.cp)):
             rank.batch_status = status
 

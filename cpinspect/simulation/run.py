@@ -17,17 +17,19 @@ from cpinspect.core.audio_items import find_audio_items
 from cpinspect.core.batch import PackedBatch, row_cut_for
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
+from cpinspect.core.hybrid import KIND as HYBRID
+from cpinspect.core.hybrid import placement_note, segment_cp_sizes, with_pad_sequences
 from cpinspect.core.layout import (
     Layout,
-    check_cu_seqlens,
     make_layout,
     pad_multiple,
     pad_row,
     padded_boundaries,
     rule_of,
 )
-from cpinspect.core.layout_maps import check_index_map, layout_from_indices
+from cpinspect.core.layout_maps import file_layout
 from cpinspect.core.oracle import expected_rows, global_positions
+from cpinspect.core.parallel import check_sp_split
 from cpinspect.core.runs import mask_runs
 from cpinspect.core.selection import RankSelection, select_rank_rows
 from cpinspect.core.tokens import TokenConfig, token_config
@@ -127,6 +129,8 @@ class Result:
         extra: dict[str, Any] = {}
         if self.tokens.audio_token_id is not None:
             extra["modalities"] = self.modalities()
+        if self.layout.segment_cp is not None:
+            extra["local_cp_size"] = self.layout.segment_cp.tolist()  # hybrid CP: one per segment
         return {
             **extra,
             "cp": self.cp,
@@ -175,11 +179,13 @@ def simulate(
     index_map: torch.Tensor | None = None,
     tp: int = 1,
     sequence_parallel: bool = False,
+    cp_per_segment: str | None = None,
 ) -> Result:
     """Shard ``batch`` over ``cp`` simulated ranks, run each rank's selection, check it.
 
     ``backend`` is ``"threads"`` (the simulated group, one thread per rank) or ``"gloo"`` (one
-    real process per rank over torch.distributed's gloo backend). Raises
+    real process per rank over torch.distributed's gloo backend). ``cp_per_segment`` (``"2,2,4"``) or
+    the batch's ``local_cp_size`` makes it hybrid CP (:mod:`cpinspect.core.hybrid`). Raises
     :class:`~cpinspect.core.errors.InputError` for input the layout cannot shard; reports
     inconsistencies as findings on the returned :class:`Result`.
     """
@@ -194,32 +200,28 @@ def simulate(
                          where="--pad", fix="save the index tensors of the padded row and drop --pad")
     form = _input_form(batch, cp)
     cu = batch.cu_seqlens
+    segment_cp = segment_cp_sizes(cp, batch.num_segments, option=cp_per_segment, batch_value=batch.local_cp_size,
+                                  index_map=index_map)
+    layout = HYBRID if segment_cp is not None else layout
     full_ids, full_mask = _full_row(batch, form, tokens)
     padded = 0
     notes: list[str] = []
     if pad:
-        full_ids, full_mask, cu, padded = _pad(batch, full_ids, full_mask, cu, cp, layout, form, tokens, sp)
+        full_ids, full_mask, cu, padded = _pad(batch, full_ids, full_mask, cu, cp, layout, form, tokens, sp,
+                                               segment_cp)
         if padded:
-            unit = pad_multiple(cp, layout, sp)
+            unit = pad_multiple(cp, layout, sp) if segment_cp is None else "2c (its own cp), every rank one share"
             what = "every segment length" if rule_of(layout) == "zigzag" else "the row length"
             notes.append(f"padded {padded} token(s) so {what} divides {unit}"
                          + (" (2*cp*tp, as Megatron-Bridge pads under sequence parallelism)" if sp > 1 else ""))
     if index_map is not None:
-        layout = "file"
-        held_by = index_map.shape[0] if index_map.dim() else 1
-        if index_map.dim() != 2 or held_by != cp:
-            raise InputError(f"--layout-from holds {held_by} rank(s) of indices but --cp is {cp}",
-                             where="--layout-from", fix=f"pass --cp {held_by} (one index tensor per rank)")
-        checked = check_index_map(index_map, int(cu[-1]), where="--layout-from")
-        plan = layout_from_indices("file", check_cu_seqlens(cu), cp, checked)
+        layout, plan = "file", file_layout(cu, cp, index_map)
     else:
-        plan = make_layout(cu, cp, layout)
-    if plan.local_tokens % sp:
-        raise InputError(
-            f"each rank holds {plan.local_tokens} tokens, which sequence parallelism cannot scatter over tp = {tp}",
-            where="--tp / --sequence-parallel",
-            fix=f"pad segments to a multiple of 2*cp*tp = {pad_multiple(cp, layout, sp)} as Megatron-Bridge does "
-                "(--pad), or drop --sequence-parallel")
+        plan = make_layout(cu, cp, layout, segment_cp := with_pad_sequences(segment_cp, cu))
+        if segment_cp is not None:
+            index_map = plan.all_global_indices()  # the oracle reads positions from the map, as for "file"
+            notes.append(placement_note(plan))
+    check_sp_split(plan, tp, sequence_parallel)
     if tokens.audio_token_id is not None and bool((full_ids == tokens.audio_token_id).any()):
         notes.append("audio placeholders are selected and counted like image and video ones; --positions gives an "
                      "audio-only item sequential positions like text, as the Omni models do")
@@ -247,7 +249,8 @@ def simulate(
     states, failure = _executor(backend)(cp, rank_program, local_masks, local_piece_len, plan.rank_pieces, {},
                                          timeout=timeout)
     ranks = []
-    for rank, (state, expected) in enumerate(zip(states, _oracle_rows(full_mask, layout, cu, cp, index_map))):
+    oracle_kind = "file" if segment_cp is not None else layout
+    for rank, (state, expected) in enumerate(zip(states, _oracle_rows(full_mask, oracle_kind, cu, cp, index_map))):
         selection = state.value if state.status == "returned" else None
         ranks.append(RankResult(rank, all_indices[rank], local_ids[rank], selection, expected))
     embed_count, images, videos = _vision_items(batch, full_mask, full_ids, cu, tokens)
@@ -363,7 +366,8 @@ def _full_row(batch: PackedBatch, form: str, tokens: TokenConfig) -> tuple[torch
 
 
 def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Tensor, cp: int, layout: str,
-         form: str, tokens: TokenConfig, sp: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+         form: str, tokens: TokenConfig, sp: int = 1, segment_cp: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     if form != "full":
         raise InputError(
             "--pad applies to a full row; this batch is already pre-sharded, so its segments were padded (or not) "
@@ -371,7 +375,7 @@ def _pad(batch: PackedBatch, ids: torch.Tensor, mask: torch.Tensor, cu: torch.Te
             where=batch.source,
             fix="drop --pad; if segment lengths are not divisible by 2*cp, the framework's padding is the bug",
         )
-    new_cu = padded_boundaries(cu, cp, layout, sp)
+    new_cu = padded_boundaries(cu, cp, layout, sp, segment_cp)
     added = int(new_cu[-1] - cu[-1])
     if not added:
         return ids, mask, cu, 0

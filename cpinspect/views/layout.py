@@ -22,6 +22,7 @@ from rich.console import Group, RenderableType
 from rich.padding import Padding
 from rich.text import Text
 
+from cpinspect.core.hybrid import block_text
 from cpinspect.core.layout import Layout
 from cpinspect.core.layout_report import Cell, segment_cells
 from cpinspect.views.balance import shown_ranks
@@ -40,8 +41,10 @@ RULE_TEXT = {
                               "chunks and rearranged document by document as (r, {last}-r) pairs, then the "
                               "rearranged row is sharded contiguously; pieces are each rank's runs of positions",
     "file": "the per-rank global indices given with --layout-from; pieces are each rank's runs of positions",
+    "hybrid": "hybrid CP: segment s has its own cp c and sits on an aligned block of c ranks (the least loaded); "
+              "block member j holds chunks j and 2c-1-j of its 2·c chunks (c = 1: the whole segment)",
 }
-SEGMENT_LABELLED = ("zigzag", "per-document-head-tail", "file")
+SEGMENT_LABELLED = ("zigzag", "per-document-head-tail", "file", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,8 @@ def segment_heading(layout: Layout, cells: Sequence[Cell], segment: int, vision:
     heading.append(f" · tokens {token_span(start, end)} · {length:,} tokens")
     if layout.kind == "zigzag" and layout.cp > 1:
         heading.append(f" = {2 * layout.cp} chunks of {length // (2 * layout.cp):,}")
+    elif layout.segment_cp is not None:
+        heading.append(f" · {block_text(layout, segment)}")
     elif layout.kind != "zigzag":
         pieces = _pieces_in(layout, start, end)  # all of them, also those of ranks not drawn
         heading.append(f" · holds parts of {pieces} {'piece' if pieces == 1 else 'pieces'} of the row")
@@ -337,6 +342,9 @@ def local_view(layout: Layout, width: int, *, mask: torch.Tensor | None = None,
 
 
 def _offsets_line(layout: Layout) -> Text:
+    if layout.segment_cp is not None:
+        return Text(f"each rank holds {layout.local_tokens:,} tokens: its share of each segment its block holds, in "
+                    "row order; ▲ marks where each piece starts in local memory", style="dim")
     if layout.kind != "zigzag":
         return Text(f"each rank holds {layout.local_tokens:,} tokens; ▲ marks where each piece starts in local "
                     "memory (segment boundaries play no part in this layout)", style="dim")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console, RenderableType
@@ -20,6 +21,7 @@ from cpinspect.core.vision_items import VisionItem, row_items
 from cpinspect.simulation.run import Result
 from cpinspect.views.balance import balance_table
 from cpinspect.views.layout import layout_diagram
+from cpinspect.views.layout_parallel import parallel_view
 from cpinspect.views.layout_vision import vision_view
 
 
@@ -31,9 +33,10 @@ def _cu_text(cu: torch.Tensor) -> str:
 
 
 def build_views(layout: Layout, balances: dict[str, Balance], impossible: dict[str, str], *, source: str,
-                width: int, compare: bool, full: bool, vision: tuple[Result, PackedBatch] | None = None
-                ) -> list[RenderableType]:
-    """Everything ``cpinspect layout`` prints, in order (``vision``: the simulation and its batch)."""
+                width: int, compare: bool, full: bool, vision: tuple[Result, PackedBatch] | None = None,
+                parallel: dict[str, Any] | None = None) -> list[RenderableType]:
+    """Everything ``cpinspect layout`` prints, in order (``vision``: the simulation and its batch; ``parallel``:
+    :func:`cpinspect.core.parallel.sp_document` with ``--tp``)."""
     views: list[RenderableType] = [Text(f"source: {source}\ncu_seqlens {_cu_text(layout.cu_seqlens)} (physical)",
                                         style="dim")]
     mask = vision[0].full_mask if vision is not None else None
@@ -47,6 +50,8 @@ def build_views(layout: Layout, balances: dict[str, Balance], impossible: dict[s
         views += [layout_diagram(drawn, width, mask=mask, full=full), Text("")]
         if vision is not None:
             views += [vision_view(drawn, vision[0].full_mask, items, full), Text("")]
+        if parallel is not None and kind == layout.kind:
+            views += [parallel_view(parallel, layout.cp, full), Text("")]
     shown = compared_layouts(layout.kind)
     views.append(balance_table({k: b for k, b in balances.items() if k in shown},
                                {k: r for k, r in impossible.items() if k in shown}, layout.kind, full))

@@ -12,6 +12,11 @@ of the ``cp`` ranks holds the zigzag shard of every document (chunks ``r`` and `
   (``batch_isend_irecv`` of ``isend``/``irecv``), ``cp - 1`` hops, each rank attending with its own
   queries to the block in hand; the blocks' partial scores are merged by log-sum-exp.
 
+Vision DP: :class:`AllGatherVisionEmbeddings` as Megatron-Bridge writes it (one ``all_gather`` of
+each rank's own row count: uneven, as NCCL allows), and :class:`PaddedAllGatherVisionEmbeddings`,
+the same table built from equal-size pieces (padded to the largest rank's rows, then trimmed), the
+form a backend without uneven all-gathers (gloo) runs.
+
 All are differentiable (their collectives are wrapped in ``torch.autograd.Function``; the ring's
 hop sends the gradient the other way round), so a test can compare outputs and gradients with
 full attention on the unsharded row. The file is self-contained: load it by path or import it.
@@ -68,13 +73,13 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
         ctx.group = group
-        out = torch.empty_like(x)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)  # x may be a transposed einsum result
         dist.all_to_all_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        out = torch.empty_like(grad)
+        out = torch.empty_like(grad, memory_format=torch.contiguous_format)
         dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
         return out, None
 
@@ -170,6 +175,30 @@ class AllGatherVisionEmbeddings(torch.autograd.Function):
         dist.all_gather(pieces, local.contiguous(), group=group)
         ctx.group, ctx.start, ctx.rows = group, sum(sizes[:rank]), sizes[rank]
         return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total[ctx.start:ctx.start + ctx.rows], None
+
+
+class PaddedAllGatherVisionEmbeddings(torch.autograd.Function):
+    """:class:`AllGatherVisionEmbeddings` from equal-size pieces: every rank pads its rows to the largest
+    rank's count, ``all_gather_into_tensor`` moves them, and each piece's padding is dropped."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        counts = torch.empty(cp, dtype=torch.long)
+        dist.all_gather_into_tensor(counts, torch.tensor([local.shape[0]]), group=group)
+        sizes, longest = counts.tolist(), int(counts.max())
+        padded = local.new_zeros((longest, *local.shape[1:]))
+        padded[:local.shape[0]] = local
+        table = local.new_empty((cp * longest, *local.shape[1:]))
+        dist.all_gather_into_tensor(table, padded, group=group)
+        ctx.group, ctx.start, ctx.rows = group, sum(sizes[:rank]), sizes[rank]
+        return torch.cat([table[r * longest:r * longest + n] for r, n in enumerate(sizes)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]

@@ -179,3 +179,22 @@ def test_an_op_that_is_not_simulated_says_so_and_blames_no_user_line():
     text = str(failure)
     assert "all_reduce_coalesced is not simulated by cpinspect's group" in text
     assert "test_collectives.py" not in text
+
+
+@pytest.mark.parametrize("op", ["all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor"])
+def test_a_non_contiguous_output_buffer_is_refused_at_the_users_line(op):
+    # gloo fills such a buffer as if it were contiguous (wrong values, no error), NCCL refuses it
+    def program(group):
+        out = torch.empty(4, 2, dtype=torch.long).t()  # [2, 4], strides [1, 2]
+        if op == "all_to_all_single":
+            dist.all_to_all_single(out, torch.zeros(2, 4, dtype=torch.long), group=group)
+        elif op == "all_gather_into_tensor":
+            dist.all_gather_into_tensor(out, torch.zeros(1, 4, dtype=torch.long), group=group)
+        else:
+            dist.reduce_scatter_tensor(out, torch.zeros(4, 4, dtype=torch.long), group=group)
+
+    _, failure = execute_spmd(2, program, timeout=30.0)
+    assert failure is not None and failure.kind == "exception"
+    text = str(failure)
+    assert f"{op} on rank 0: the output tensor (shape [2, 4], strides [1, 2]) is not contiguous" in text
+    assert "at tests/capability/test_collectives.py:" in text

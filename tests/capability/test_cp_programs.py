@@ -23,12 +23,12 @@ ring_attention, zigzag_indices = attention.ring_attention, attention.zigzag_indi
 HEADS, DIM = 4, 8
 
 
-def random_row(seed, cp):
+def random_row(seed, cp, heads=HEADS):
     g = torch.Generator().manual_seed(seed)
     docs = torch.randint(1, 4, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g) * 2 * cp
     cu = [0, *torch.cumsum(docs, 0).tolist()]
-    q, k, v = (torch.randn(cu[-1], HEADS, DIM, generator=g, dtype=torch.float64) for _ in range(3))
-    weight = torch.randn(cu[-1], HEADS, DIM, generator=g, dtype=torch.float64)
+    q, k, v = (torch.randn(cu[-1], heads, DIM, generator=g, dtype=torch.float64) for _ in range(3))
+    weight = torch.randn(cu[-1], heads, DIM, generator=g, dtype=torch.float64)
     return cu, q, k, v, weight
 
 
@@ -48,16 +48,11 @@ def rank_program(group, program, cu, q, k, v, weight):
     return held, out.detach(), *(x.grad for x in local)
 
 
-@pytest.mark.parametrize("program", [allgather_kv_attention, ulysses_attention, ring_attention],
-                         ids=["allgather-kv", "ulysses", "zigzag-ring"])
-@pytest.mark.parametrize("cp,seed", [(1, 0), (2, 1), (2, 2), (4, 3), (4, 4)])
-def test_cp_attention_matches_full_attention_outputs_and_gradients(program, cp, seed):
-    cu, q, k, v, weight = random_row(seed, cp)
+def assert_matches_full_attention(results, cu, q, k, v, weight):
+    """The ranks' outputs and q/k/v gradients, put back in row order, equal full attention's."""
     full = [x.clone().requires_grad_(True) for x in (q, k, v)]
     expected = full_attention(*full, cu)
     (expected * weight).sum().backward()
-
-    results = run_spmd(cp, rank_program, program, cu, q, k, v, weight, timeout=120.0)
     got = [torch.zeros_like(q) for _ in range(4)]
     seen = []
     for held, *tensors in results:
@@ -70,30 +65,50 @@ def test_cp_attention_matches_full_attention_outputs_and_gradients(program, cp, 
         torch.testing.assert_close(grad, leaf.grad)
 
 
-def vision_rank(group, patches, bounds, weight, held, row_weight):
+@pytest.mark.parametrize("program", [allgather_kv_attention, ulysses_attention, ring_attention],
+                         ids=["allgather-kv", "ulysses", "zigzag-ring"])
+@pytest.mark.parametrize("cp,seed", [(1, 0), (2, 1), (2, 2), (4, 3), (4, 4)])
+def test_cp_attention_matches_full_attention_outputs_and_gradients(program, cp, seed):
+    cu, q, k, v, weight = random_row(seed, cp)
+    results = run_spmd(cp, rank_program, program, cu, q, k, v, weight, timeout=120.0)
+    assert_matches_full_attention(results, cu, q, k, v, weight)
+
+
+def vision_rank(group, patches, bounds, weight, held, row_weight, padded=False):
     rank = group.rank()
     encoder = weight.clone().requires_grad_(True)
     local = patches[bounds[rank]:bounds[rank + 1]] @ encoder  # this rank's images only
-    full = attention.AllGatherVisionEmbeddings.apply(local, group)
+    gather = attention.PaddedAllGatherVisionEmbeddings if padded else attention.AllGatherVisionEmbeddings
+    full = gather.apply(local, group)
     (full[held[rank]] * row_weight[held[rank]]).sum().backward()  # this rank's tokens use some rows
     return full.detach(), encoder.grad
 
 
-@pytest.mark.parametrize("cp,seed", [(1, 0), (2, 1), (3, 2), (4, 3)])
-def test_allgather_vision_embeddings_forward_and_backward_match_the_unsharded_encoder(cp, seed):
+def vision_case(cp, seed):
+    """Random patches split unevenly over the ranks (some may get none), and which rank's tokens use each row."""
     g = torch.Generator().manual_seed(seed)
     rows = int(torch.randint(cp, 6 * cp, (1,), generator=g))
     patches = torch.randn(rows, 5, generator=g, dtype=torch.float64)
     weight = torch.randn(5, 3, generator=g, dtype=torch.float64)
     row_weight = torch.randn(rows, 3, generator=g, dtype=torch.float64)
-    cuts = sorted(torch.randint(0, rows + 1, (cp - 1,), generator=g).tolist())  # uneven, some ranks may get none
+    cuts = sorted(torch.randint(0, rows + 1, (cp - 1,), generator=g).tolist())
     bounds = [0, *cuts, rows]
     owner = torch.randint(0, cp, (rows,), generator=g)  # which CP rank's tokens use each embedding row
     held = [torch.nonzero(owner == r).flatten() for r in range(cp)]
+    return patches, bounds, weight, held, row_weight
 
-    results = run_spmd(cp, vision_rank, patches, bounds, weight, held, row_weight, timeout=120.0)
+
+def assert_vision_matches_unsharded(results, patches, bounds, weight, held, row_weight):
     expected_full = patches @ weight
     for full, _ in results:
         torch.testing.assert_close(full, expected_full)
     # the encoder's gradient summed over ranks (DP) equals the unsharded one: patches^T row_weight
     torch.testing.assert_close(sum(grad for _, grad in results), patches.T @ row_weight)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["bridge-uneven", "padded"])
+@pytest.mark.parametrize("cp,seed", [(1, 0), (2, 1), (3, 2), (4, 3)])
+def test_allgather_vision_embeddings_forward_and_backward_match_the_unsharded_encoder(cp, seed, padded):
+    case = vision_case(cp, seed)
+    results = run_spmd(cp, vision_rank, *case, padded, timeout=120.0)
+    assert_vision_matches_unsharded(results, *case)

@@ -32,7 +32,13 @@ def _spec(case: str) -> dict:
 
 def _options(args: list[str]) -> dict:
     options: dict = {}
-    for flag, value in zip(args[::2], args[1::2]):
+    rest = list(args)
+    while rest:
+        flag = rest.pop(0)
+        if flag == "--sequence-parallel":  # the one bare flag the cases use
+            options["sequence_parallel"] = True
+            continue
+        value = rest.pop(0)
         if flag == "--model":
             options["tokens"] = token_config(value)
         elif flag == "--layout":
@@ -41,6 +47,8 @@ def _options(args: list[str]) -> dict:
             options["rank"] = int(value)
         elif flag == "--embeds":
             options["embeds"] = int(value)
+        elif flag == "--tp":
+            options["tp"] = int(value)
         elif flag == "--rope":
             options["tokens"] = token_config(options.get("tokens", token_config()).model, rope=value)
     return options

@@ -83,3 +83,100 @@ def test_simulate_with_sequence_parallelism_pads_to_two_cp_tp(tmp_path):
     assert doc["tokens"] == 16 + 32  # 12 -> 16 and 24 -> 32: multiples of 2*cp*tp = 16
     assert doc["tp"] == 4 and doc["sequence_parallel"] is True and doc["tokens_per_tp_rank"] == 48 // 2 // 4
     assert all(r["ok"] for r in doc["ranks"])
+
+
+def test_given_tp_keeps_the_explanation_with_that_tp():
+    report = diagnose_batch(row(), 2, error_text=TEXT.format(3072, 1536), tp=4, sequence_parallel=True)
+    assert statuses(report) == [("CP_SPLIT_MISSING", "confirmed")]
+    message = next(f.message for f in report.findings if f.code == "CP_SPLIT_MISSING")
+    assert "tp = 4 (given with --tp)" in message
+
+
+def test_given_tp_that_the_numbers_do_not_fit_confirms_nothing():
+    # 3072 vs 1536 on 12,288 tokens at cp 2 needs tp 4 (12288 / 3072); a run with tp 2 cannot have made them
+    assert statuses(diagnose_batch(row(), 2, error_text=TEXT.format(3072, 1536))) == [("CP_SPLIT_MISSING",
+                                                                                       "confirmed")]
+    report = diagnose_batch(row(), 2, error_text=TEXT.format(3072, 1536), tp=2)
+    assert statuses(report) == []
+    assert not any(f.status == "confirmed" for f in report.findings)
+
+
+def test_given_tp_equal_to_cp_still_leaves_both_possible_and_another_tp_neither():
+    both = diagnose_batch(row(), 2, error_text=TEXT.format(6144, 3072), tp=2)
+    assert statuses(both) == [("CP_SPLIT_MISSING", "possible"), ("SP_SPLIT_MISSING", "possible")]
+    assert statuses(diagnose_batch(row(), 2, error_text=TEXT.format(6144, 3072), tp=4)) == []
+
+
+def test_without_sequence_parallelism_no_split_over_tp_explains_the_numbers():
+    report = diagnose_batch(row(), 2, error_text=TEXT.format(3072, 1536), tp=4, sequence_parallel=False)
+    assert statuses(report) == []
+
+
+def test_diagnose_cli_takes_tp_and_sequence_parallelism(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cpinspect.cli.app import app
+
+    ids = torch.full((1, 12288), 100)
+    ids[0, 10:50] = 151655
+    torch.save({"input_ids": ids, "cu_seqlens": torch.tensor([0, 4096, 12288], dtype=torch.int32)}, tmp_path / "b.pt")
+    runner = CliRunner()
+    args = ["diagnose", str(tmp_path / "b.pt"), "--cp", "2", "--error", TEXT.format(3072, 1536), "--json"]
+    given = json.loads(runner.invoke(app, [*args, "--tp", "4", "--sequence-parallel"]).output)
+    assert [(f["code"], f["status"]) for f in given["findings"] if f["code"].endswith("_SPLIT_MISSING")] == \
+        [("CP_SPLIT_MISSING", "confirmed")]
+    other = json.loads(runner.invoke(app, [*args, "--tp", "2"]).output)
+    assert not [f for f in other["findings"] if f["code"].endswith("_SPLIT_MISSING")]
+    off = json.loads(runner.invoke(app, [*args, "--no-sequence-parallel"]).output)
+    assert not [f for f in off["findings"] if f["code"].endswith("_SPLIT_MISSING")]
+
+
+def layout_json(*args):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cpinspect.cli.app import app
+
+    result = CliRunner().invoke(app, ["layout", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output) if "--json" in args else result.output
+
+
+def runs_of(values):
+    out = []
+    for v in values:
+        if out and v == out[-1][1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return out
+
+
+def test_layout_tp_pads_to_two_cp_tp_and_lists_every_sp_share():
+    from tests.literal import zigzag_indices
+
+    doc = layout_json("--seqlens", "12,24", "--cp", 2, "--tp", 4, "--sequence-parallel", "--pad", "--json")
+    assert [s["length"] for s in doc["segments"]] == [16, 32]  # 12 -> 16, 24 -> 32: multiples of 2*2*4
+    assert doc["alignment"] == [16] and doc["misaligned_segments"] == [] and doc["tokens_per_tp_rank"] == 6
+    held = zigzag_indices([0, 16, 48], 2)  # each rank's 24 tokens, cut into 4 contiguous SP shares of 6
+    for rank, shares in enumerate(doc["sp_shares"]):
+        assert [s["local"] for s in shares] == [[0, 6], [6, 12], [12, 18], [18, 24]]
+        assert [s["global_ranges"] for s in shares] == [runs_of(held[rank][t * 6:(t + 1) * 6]) for t in range(4)]
+    assert doc["sp_shares"][0][1]["global_ranges"] == [[14, 19]]  # rank 0: the end of s0 chunk 3, s1 chunk 0
+
+
+def test_layout_tp_names_the_segments_that_miss_the_alignment():
+    doc = layout_json("--seqlens", "8,28", "--cp", 2, "--tp", 3, "--sequence-parallel", "--json")
+    assert doc["alignment"] == [12] and doc["misaligned_segments"] == [0, 1]  # 8 and 28 are not multiples of 12
+    text = " ".join(layout_json("--seqlens", "8,28", "--cp", 2, "--tp", 3, "--sequence-parallel",
+                                "--no-color").split())
+    assert "✗ 2 segment(s) are not multiples of 2·cp·tp = 12 (segment 0, 1)" in text
+    assert "cp 0 · tp 0: local 0-5 = global 0-1, 6-9" in text  # rank 0: s0 chunks 0 and 3 (2 each), then s1 chunk 0
+
+
+def test_layout_tp_without_sequence_parallelism_keeps_whole_local_rows():
+    doc = layout_json("--seqlens", "12,24", "--cp", 2, "--tp", 4, "--json")
+    assert doc["alignment"] == [4] and doc["tokens_per_tp_rank"] == 18 and "sp_shares" not in doc
