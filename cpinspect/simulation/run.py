@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from cpinspect.core.audio_items import find_audio_items
-from cpinspect.core.batch import PackedBatch, row_cut_for
+from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
 from cpinspect.core.findings import Finding
 from cpinspect.core.hybrid import KIND as HYBRID
@@ -36,6 +36,7 @@ from cpinspect.core.tokens import TokenConfig, token_config
 from cpinspect.core.vision_items import batch_embedding_rows, placeholder_mask
 from cpinspect.groups.simulated import DEFAULT_TIMEOUT_S, RankState, SpmdError, execute_spmd
 from cpinspect.simulation.checks import check
+from cpinspect.simulation.input_form import input_form
 
 RANK_INDEX_LISTS = ("global_indices", "vision_positions", "selected_rows", "expected_rows")
 
@@ -198,7 +199,7 @@ def simulate(
     if index_map is not None and pad:
         raise InputError("--pad cannot be combined with --layout-from: the saved indices fix the row length",
                          where="--pad", fix="save the index tensors of the padded row and drop --pad")
-    form = _input_form(batch, cp)
+    form = input_form(batch, cp)
     cu = batch.cu_seqlens
     segment_cp = segment_cp_sizes(cp, batch.num_segments, option=cp_per_segment, batch_value=batch.local_cp_size,
                                   index_map=index_map)
@@ -310,50 +311,6 @@ def _executor(backend: str) -> Executor:
 
         return execute_gloo
     raise InputError(f"unknown backend {backend!r}", where="--backend", fix="use threads or gloo")
-
-
-def _input_form(batch: PackedBatch, cp: int) -> str:
-    form = batch.form_for(cp)
-    total = int(batch.cu_seqlens[-1])
-    files = len(batch.rows)
-    if form == "neither" and batch.per_rank_files and batch.form_for(files) == "presharded":
-        raise InputError(
-            f"the batch has {files} rank files, pre-sharded for cp={files} (cu_seqlens ends at {total} = {files} x "
-            f"{batch.row_tokens} local tokens), but --cp {cp} was given (CP_SIZE_MISMATCH)",
-            where=batch.source,
-            fix=f"pass --cp {files}; the local rows were cut for {files} ranks",
-        )
-    if form == "neither":
-        per_rank = f"{len(batch.rows)} per-rank rows of" if batch.per_rank_files else "a row of"
-        raise InputError(
-            f"cu_seqlens ends at {total}, but the batch has {per_rank} {batch.row_tokens} tokens: that is neither a "
-            f"full row (cu_seqlens[-1] == {batch.row_tokens}) nor a row pre-sharded for cp={cp} "
-            f"(cu_seqlens[-1] == {cp} * {batch.row_tokens} = {cp * batch.row_tokens})",
-            where=f"{batch.source}, cu_seqlens[-1]",
-            fix=_cp_hint(total, batch.row_tokens)
-            + "; or the cu_seqlens are logical (unpadded) boundaries where the physical ones are needed",
-        )
-    if form == "presharded" and len(batch.rows) != cp:
-        if len(batch.rows) == 1:
-            raise InputError(
-                f"this is one rank's pre-sharded row ({batch.row_tokens} of {total} tokens); simulating needs all "
-                f"{cp} ranks' files",
-                where=batch.source,
-                fix="pass the directory holding rank0.pt ... rank{cp-1}.pt (or list every rank file); "
-                "'cpinspect info' works on a single rank's file",
-            )
-        raise InputError(
-            f"{len(batch.rows)} rank files were given but cp is {cp}",
-            where=batch.source,
-            fix=f"pass --cp {len(batch.rows)}, or add the missing rank files",
-        )
-    return form
-
-
-def _cp_hint(total: int, row: int) -> str:
-    if (cut := row_cut_for(total, row)) is not None:
-        return f"if this is one rank's local row, the data was sharded for cp={cut}: pass --cp {cut}"
-    return "check that input_ids and cu_seqlens come from the same batch"
 
 
 def _full_row(batch: PackedBatch, form: str, tokens: TokenConfig) -> tuple[torch.Tensor, torch.Tensor]:
