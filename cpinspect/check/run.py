@@ -54,11 +54,12 @@ class _ReturnSite:
 
 
 def _rank_program(group: Any, adapter: Callable[..., Any], fn: Callable[..., Any], local_masks: torch.Tensor,
-                  cu: torch.Tensor, logical: torch.Tensor, count: int, threads: list[int]) -> Returned:
+                  cu: torch.Tensor, logical: torch.Tensor, count: int, threads: list[int],
+                  local_ids: torch.Tensor) -> Returned:
     """What each simulated rank runs: fresh copies of its inputs, then the user's function."""
     threads.append(threading.get_ident())
     rank = group.rank()
-    inputs = RankInputs(local_masks[rank].clone(), cu.clone(), logical.clone(), count)
+    inputs = RankInputs(local_masks[rank].clone(), cu.clone(), logical.clone(), count, local_ids[rank].clone())
     _IN_RANK.active = True
     try:
         with _ReturnSite(fn) as returned:
@@ -117,8 +118,9 @@ def run_case(fn: Callable[..., Any], case: Case, signature: Signature | str = "d
     threads: list[int] = []
     with keyword_apply_rejected(strict_apply):
         states, failure = execute_spmd(case.cp, _rank_program, signature.call, fn, local_masks, cu, logical,
-                                       case.vision_embed_count, threads, timeout=timeout)
-    result = judge(case, states, failure)  # before abandoning: a stopped thread updates its state
+                                       case.vision_embed_count, threads, case.input_ids[case.global_indices()],
+                                       timeout=timeout)
+    result = (signature.judge or judge)(case, states, failure)  # before abandoning: a stopped thread updates its state
     if _call_mismatch(states):
         result.summary += (f"; the call itself failed: does the function take the {signature.name!r} signature? "
                            f"(--signature: {', '.join(SIGNATURES)})")

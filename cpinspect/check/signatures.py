@@ -30,13 +30,15 @@ class RankInputs:
 
     ``vision_mask`` is the rank's local bool mask ``[cu_seqlens[-1] // cp]``; ``cu_seqlens`` and
     ``logical_cu_seqlens`` are the global physical and logical boundaries ``[S + 1]`` (int32, as
-    Megatron passes them), identical on every rank.
+    Megatron passes them), identical on every rank. ``input_ids`` are the rank's own local token ids
+    ``[local_T]`` (what ``check --reference`` programs read; the row signatures see placeholders).
     """
 
     vision_mask: torch.Tensor
     cu_seqlens: torch.Tensor
     logical_cu_seqlens: torch.Tensor
     vision_embed_count: int
+    input_ids: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Signature:
     keywords: tuple[str, ...] = ()
     first: tuple[str, ...] = ()
     accepts: Callable[[Callable[..., Any]], bool] | None = None  # a fit test of its own (the generic signature)
+    judge: Callable[..., Any] | None = None  # judges the ranks' returns itself (check --reference), not as rows
 
 
 SIGNATURES: dict[str, Signature] = {}
@@ -277,23 +280,33 @@ def _generic_fits(fn: Callable[..., Any]) -> bool:
                or p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL) for p in rest)
 
 
-def _call_generic(fn: Callable[..., Any], inputs: RankInputs, cp_group: dist.ProcessGroup) -> Any:
-    import inspect
-
+def generic_fields(inputs: RankInputs, input_ids: torch.Tensor | None = None) -> dict[str, Any]:
+    """The batch fields the generic signature passes (``input_ids`` [1, local_T]: placeholders unless given)."""
     from cpinspect.core.tokens import token_config
 
-    batch = {
-        "input_ids": _local_ids(inputs).view(1, -1), "vision_mask": inputs.vision_mask,
-        "cu_seqlens": inputs.logical_cu_seqlens, "cu_seqlens_padded": inputs.cu_seqlens,
-        "vision_embed_count": inputs.vision_embed_count, "image_token_id": token_config().image_token_id,
+    return {
+        "input_ids": (_local_ids(inputs) if input_ids is None else input_ids).view(1, -1),
+        "vision_mask": inputs.vision_mask, "cu_seqlens": inputs.logical_cu_seqlens,
+        "cu_seqlens_padded": inputs.cu_seqlens, "vision_embed_count": inputs.vision_embed_count,
+        "image_token_id": token_config().image_token_id,
     }
+
+
+def call_with_fields(fn: Callable[..., Any], args: tuple[Any, ...], batch: dict[str, Any]) -> Any:
+    """``fn(*args, **fields)``: every field for a ``**kwargs`` function, else only the fields it names."""
+    import inspect
+
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        return fn(cp_group, **batch)
+        return fn(*args, **batch)
     if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
-        return fn(cp_group, **batch)
-    return fn(cp_group, **{p.name: batch[p.name] for p in params if p.name in batch})
+        return fn(*args, **batch)
+    return fn(*args, **{p.name: batch[p.name] for p in params if p.name in batch})
+
+
+def _call_generic(fn: Callable[..., Any], inputs: RankInputs, cp_group: dist.ProcessGroup) -> Any:
+    return call_with_fields(fn, (cp_group,), generic_fields(inputs))
 
 
 SIGNATURES["generic"] = Signature(

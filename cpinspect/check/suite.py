@@ -15,6 +15,7 @@ from typing import Any, Union
 
 from cpinspect.check.cases import Case, cases_from_batch, generate_cases
 from cpinspect.check.loading import target_name
+from cpinspect.check.reference import Reference, preflight, reference_signature
 from cpinspect.check.report import CheckReport, ShrunkFailure
 from cpinspect.check.run import DEFAULT_TIMEOUT_S, run_case
 from cpinspect.check.shrink import ShrinkResult, replay_commands, save_case, shrink_case
@@ -56,22 +57,31 @@ def run_check(
     strict_apply: bool = True,
     replay_flags: Sequence[str] = (),
     check_flags: Sequence[str] = (),
+    reference: Reference | None = None,
 ) -> CheckReport:
     """Check ``fn`` on ``cases`` seeded cases per the cp list plus ``batches``; never hangs.
 
     Stops generating cases after ``max_seconds`` or after the first case that timed out (each
     further one would cost another ``timeout``). Failures are shrunk and, with ``save_dir``, saved
     as :func:`failure_file_stem` names them. ``replay_flags`` are repeated in both replay commands
-    (token options), ``check_flags`` only in the ``cpinspect check`` one (``--out DIR``).
+    (token options), ``check_flags`` only in the ``cpinspect check`` one (``--out DIR``). With
+    ``reference``, ``fn`` is a ``fn(group, **batch)`` program judged by its per-token output
+    (:mod:`cpinspect.check.reference`), not by rows.
     """
     started = time.monotonic()
     deadline = started + max_seconds
     cps = [cp] if isinstance(cp, int) else list(cp)
-    sig = infer_signature(fn) if signature is None else get_signature(signature)  # None: from the parameter names
+    if reference is not None:  # a program judged by its output: the generic call
+        sig = reference_signature(fn, signature, reference)
+    else:
+        sig = infer_signature(fn) if signature is None else get_signature(signature)  # None: from the parameter names
     tokens = tokens or token_config()
     _validate(cps, cases, timeout)
     todo, notes = _batch_cases(batches, cps, tokens)
     todo += generate_cases(cps, cases, seed, tokens)
+    if reference is not None:
+        preflight(reference, todo)  # a reference that is not per-token: exit 2 before any case runs
+        notes.append(f"each rank's output was compared with the reference {reference.describe()}")
     results: list[CaseResult] = []
     for index, case in enumerate(todo):
         if time.monotonic() > deadline:
@@ -143,6 +153,7 @@ def _shrink_failures(fn: Callable[..., Any], sig: Signature, report: CheckReport
                 if replay.save_dir else None)
         commands = replay_commands(report.target, path, outcome.case.cp, report.signature, replay.token_flags,
                                    replay.check_flags) if path else []
+        commands = commands[:1] if sig.judge is not None else commands  # `simulate` shows rows, not outputs
         shrunk.append(ShrunkFailure(label, result.case, final, outcome.attempts, path, commands))
     return shrunk
 

@@ -3,7 +3,8 @@
 Verdicts, most severe first: ``timeout`` (a rank never arrived), ``divergence`` (ranks called
 different collectives, or one left while others waited), ``exception`` (on all ranks together, or
 only some: then the others would hang), ``bad-return`` (not a 1-D integer tensor),
-``wrong-length``, ``wrong-rows``, ``pass``. The oracle (:mod:`cpinspect.core.oracle`) maps local
+``wrong-length``, ``wrong-rows`` (``wrong-output`` under ``check --reference``: :mod:`cpinspect.check.reference`),
+``pass``. The oracle (:mod:`cpinspect.core.oracle`) maps local
 positions to global ones by formula and never counts chunks.
 """
 
@@ -23,9 +24,10 @@ from cpinspect.groups.callsite import error_site
 from cpinspect.groups.coordinator import CollectiveAbort, CollectiveCall, RankState, SpmdError, only_some_raised
 
 PASS, WRONG_ROWS, WRONG_LENGTH, BAD_RETURN = "pass", "wrong-rows", "wrong-length", "bad-return"
+WRONG_OUTPUT = "wrong-output"  # check --reference: a per-token output differs from the reference's
 EXCEPTION, DIVERGENCE, TIMEOUT = "exception", "divergence", "timeout"
 RANK_DEPENDENT = "rank-dependent-collectives"
-SEVERITY = (PASS, WRONG_ROWS, WRONG_LENGTH, BAD_RETURN, EXCEPTION, DIVERGENCE, TIMEOUT)
+SEVERITY = (PASS, WRONG_OUTPUT, WRONG_ROWS, WRONG_LENGTH, BAD_RETURN, EXCEPTION, DIVERGENCE, TIMEOUT)
 
 
 @dataclass
@@ -76,7 +78,7 @@ class CaseResult:
     @property
     def completed(self) -> bool:
         """Every rank returned (the rows may still be wrong)."""
-        return self.verdict in (PASS, WRONG_ROWS, WRONG_LENGTH, BAD_RETURN)
+        return self.verdict in (PASS, WRONG_OUTPUT, WRONG_ROWS, WRONG_LENGTH, BAD_RETURN)
 
     def detail_lines(self) -> list[str]:
         lines = [self.summary] if self.summary else []

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -30,6 +30,9 @@ from cpinspect.cli.options import (
 )
 from cpinspect.core.errors import InputError
 
+if TYPE_CHECKING:
+    from cpinspect.check.reference import Reference
+
 TargetArg = Annotated[str, typer.Argument(
     metavar="IMPLEMENTATION",
     help="Your function: path/to/file.py:function or package.module:function.", show_default=False)]
@@ -38,6 +41,10 @@ SignatureOpt = Annotated[Optional[str], typer.Option(
     "--signature", help=f"How your function is called: {', '.join(SIGNATURES)} (see the README); omitted: "
                         "inferred from the function's parameter names.", show_default=False)]
 DEFAULT_OUT = Path("cpinspect-failures")  # in .gitignore
+ReferenceOpt = Annotated[Optional[str], typer.Option(
+    "--reference", metavar="REF", help="Judge a fn(group, **batch) program by its per-token output: REF "
+    "(file.py:function) is ref(**batch) on the unsharded row -> [T, ...]; each rank must return REF's output at "
+    "its tokens' global positions.", show_default=False)]
 BatchesOpt = Annotated[Optional[list[Path]], typer.Option(
     "--batch", help="A batch file or rank directory to check as well (repeatable).", show_default=False)]
 
@@ -84,6 +91,11 @@ def check(
     cp: CpListOpt = "2,3,4,8",
     signature: SignatureOpt = None,
     batch: BatchesOpt = None,
+    reference: ReferenceOpt = None,
+    rtol: Annotated[float, typer.Option("--rtol", help="With --reference: relative tolerance for float outputs.")
+                    ] = 1e-4,  # reference.DEFAULT_RTOL (not imported: --help stays torch-free)
+    atol: Annotated[float, typer.Option("--atol", help="With --reference: absolute tolerance for float outputs.")
+                    ] = 1e-5,
     cases: Annotated[int, typer.Option("--cases", help="Generated cases (spread over the cp values).", min=0)] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated cases.")] = 0,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds a simulated collective may wait before the "
@@ -102,7 +114,8 @@ def check(
     no_color: NoColorOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Run YOUR selection function on simulated CP ranks; compare every rank with the oracle."""
+    """Run YOUR selection function on simulated CP ranks; compare every rank with the oracle (--reference: any CP
+    program, against your reference)."""
     cps = parse_cps(cp)
     if cases == 0 and not batch:
         raise InputError("nothing to check: --cases 0 and no --batch", where="--cases",
@@ -123,7 +136,8 @@ def check(
     batches = [load_batch(path, keys=keys, align=align) for path in batch or []]
     make_console(no_color, stderr=True).print(import_notice(target), style="dim", markup=False, highlight=False)
     fn = load_function(target)
-    if signature is not None:
+    ref = _load_reference(reference, target, rtol, atol, no_color) if reference is not None else None
+    if signature is not None and ref is None:
         from cpinspect.check.signatures import check_fits
 
         check_fits(fn, get_signature(signature))  # exit 2 before any case runs
@@ -133,10 +147,33 @@ def check(
             fn, cp=cps, cases=cases, seed=seed, signature=signature, batches=batches, timeout=timeout,
             max_seconds=max_time, shrink=not no_shrink, save_dir=out, target=target, tokens=tokens,
             strict_apply=not allow_apply_keywords, replay_flags=token_flags(model, image_token_id, video_token_id),
-            check_flags=["--out", str(out)] if out != DEFAULT_OUT else [],  # the replay saves where this run did
+            check_flags=(["--out", str(out)] if out != DEFAULT_OUT else [])  # the replay saves where this run did
+            + (_reference_flags(ref) if ref is not None else []), reference=ref,
         )
     if json_out:
         sys.stdout.write(json.dumps(report.to_dict()) + "\n")
     else:
         render_report(report.lines(), make_console(no_color))
     raise typer.Exit(EXIT_OK if report.ok else EXIT_INCONSISTENT)
+
+
+def _load_reference(target: str, program: str, rtol: float, atol: float, no_color: bool) -> Reference:
+    """The ``--reference`` function and tolerances (exit 2 for a negative tolerance; run_check checks the rest)."""
+    from cpinspect.check import load_function
+    from cpinspect.check.reference import Reference
+
+    if rtol < 0 or atol < 0:
+        raise InputError(f"--rtol {rtol:g} / --atol {atol:g}: a tolerance is negative", where="--rtol/--atol",
+                         fix="pass 0 or more (0 and 0: exact equality)")
+    if target.rpartition(":")[0] != program.rpartition(":")[0]:  # the program's file was announced already
+        make_console(no_color, stderr=True).print(import_notice(target), style="dim", markup=False, highlight=False)
+    return Reference(load_function(target), target, rtol, atol)
+
+
+def _reference_flags(ref: Reference) -> list[str]:
+    """What a replay command repeats so that it judges against the same reference."""
+    from cpinspect.check.reference import DEFAULT_ATOL, DEFAULT_RTOL
+
+    flags = ["--reference", ref.name]
+    flags += ["--rtol", f"{ref.rtol:g}"] if ref.rtol != DEFAULT_RTOL else []
+    return flags + (["--atol", f"{ref.atol:g}"] if ref.atol != DEFAULT_ATOL else [])
