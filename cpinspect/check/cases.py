@@ -12,7 +12,11 @@ break hand-written selections (the kind cycles with the case number, the cp with
 * ``single-segment`` and ``many-short`` (many segments of one or two chunks per rank);
 * ``random``: :func:`cpinspect.core.synth.random_batch` runs anywhere.
 
-Segments are multiples of ``2*cp`` (the zigzag rule); at cp 1, where nothing is split, they may be odd.
+Every case carries its layout (:data:`cpinspect.core.layout.LAYOUTS`, ``zigzag`` by default): its
+ranks' local positions come from that layout's index map and its rows from the oracle of that layout.
+Cases are padded as the layout's rule pads (:func:`cpinspect.core.layout.padded_boundaries`): under the
+zigzag rule segments are multiples of ``2*cp`` (at cp 1, where nothing is split, they may be odd);
+under the contiguous and sequence-zigzag rules segments have any length and only the row's end is padded.
 """
 
 from __future__ import annotations
@@ -22,12 +26,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cpinspect.core.batch import PackedBatch
-from cpinspect.core.errors import InputError
-from cpinspect.core.layout import check_divisible, make_layout, pad_multiple
+from cpinspect.core.layout import make_layout, pad_multiple, pad_row, padded_boundaries, rule_of
 from cpinspect.core.synth import TEXT_HIGH, TEXT_LOW, build_batch, random_batch
 from cpinspect.core.tokens import TokenConfig, token_config
-from cpinspect.core.vision_items import batch_embedding_rows, placeholder_mask
+from cpinspect.core.vision_items import placeholder_mask
 
 KINDS = ("crossing", "empty-rank", "text-only", "video", "single-segment", "many-short", "random")
 TEXT_TOKEN_ID = TEXT_LOW  # what a vision position becomes when a shrink step turns it into text
@@ -39,7 +41,8 @@ class Case:
 
     ``input_ids``/``vision_mask`` are ``[T]``; ``cu_seqlens`` are physical boundaries ``[S + 1]``
     (int64) and ``logical_cu_seqlens`` the real lengths inside them (``None`` = no padding).
-    ``explicit_mask`` says the mask came from the batch rather than from the placeholder ids.
+    ``explicit_mask`` says the mask came from the batch rather than from the placeholder ids;
+    ``layout`` names how the row is cut over the ranks (:func:`cpinspect.core.layout.make_layout`).
     """
 
     name: str
@@ -52,6 +55,7 @@ class Case:
     vision_embed_count: int
     tokens: TokenConfig
     explicit_mask: bool = False
+    layout: str = "zigzag"
 
     @property
     def total_tokens(self) -> int:
@@ -87,14 +91,15 @@ class Case:
         lengths, logical = self.segment_lengths, self.logical_lengths
         parts = [str(p) if q == p else f"{q} in {p}" for q, p in zip(logical, lengths)]
         shown = ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
+        layout = "" if self.layout == "zigzag" else f", {self.layout} layout"
         return (
-            f"cp {self.cp}, {self.num_segments} segment(s) [{shown}], {self.total_tokens} tokens, "
+            f"cp {self.cp}{layout}, {self.num_segments} segment(s) [{shown}], {self.total_tokens} tokens, "
             f"{self.vision_tokens} vision"
         )
 
     def global_indices(self) -> torch.Tensor:
-        """``[cp, T / cp]`` global position of every local position, in the zigzag layout."""
-        return make_layout(self.cu_seqlens, self.cp).all_global_indices()
+        """``[cp, T / cp]`` global position of every local position, in the case's layout."""
+        return make_layout(self.cu_seqlens, self.cp, self.layout).all_global_indices()
 
     def local_masks(self) -> torch.Tensor:
         """``[cp, T / cp]`` every rank's local vision mask."""
@@ -112,6 +117,12 @@ class Case:
         lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
         return torch.repeat_interleave(torch.arange(self.num_segments), lengths, output_size=self.total_tokens)
 
+    def real_positions(self) -> torch.Tensor:
+        """``[T]`` True at positions inside the logical boundaries (False at padding)."""
+        segment = self.segment_of_positions()
+        offset = torch.arange(self.total_tokens) - self.cu_seqlens[segment]
+        return offset < torch.tensor(self.logical_lengths, dtype=torch.long)[segment]
+
     def with_mask(self, mask: torch.Tensor, name: str | None = None) -> Case:
         """The same row with vision tokens at ``mask``; ids and embedding count follow.
 
@@ -124,8 +135,21 @@ class Case:
         count = self.vision_embed_count + int(mask.sum()) - self.vision_tokens
         return replace(self, name=name or self.name, input_ids=ids, vision_mask=mask.clone(), vision_embed_count=count)
 
+    def fitted(self) -> Case:
+        """The row padded as its layout's rule pads (:func:`~cpinspect.core.layout.padded_boundaries`; pad
+        positions are text, outside the logical boundaries); the case itself where it already fits."""
+        physical = padded_boundaries(self.cu_seqlens, self.cp, self.layout)
+        if torch.equal(physical, self.cu_seqlens):
+            return self
+        return replace(
+            self, input_ids=pad_row(self.input_ids, self.cu_seqlens, physical, self.tokens.pad_token_id),
+            vision_mask=pad_row(self.vision_mask, self.cu_seqlens, physical, False), cu_seqlens=physical,
+            logical_cu_seqlens=self.logical_or_physical.clone(),
+        )
+
     def keep(self, keep: torch.Tensor, cp: int | None = None, name: str | None = None) -> Case:
-        """Only the positions where ``keep`` is True; empty segments disappear (vectorised).
+        """Only the positions where ``keep`` is True; empty segments disappear (vectorised); the row is then
+        padded again where its layout's rule needs it (:meth:`fitted`).
 
         Logical lengths shrink by the kept positions that lay inside them.
         """
@@ -144,22 +168,24 @@ class Case:
             vision_mask=self.vision_mask[keep], cu_seqlens=cu,
             logical_cu_seqlens=logical if logical is None or not torch.equal(logical, cu) else None,
             vision_embed_count=self.vision_embed_count - dropped_vision,
-        )
+        ).fitted()
 
 
 def _cumsum(lengths: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths.to(torch.long), 0)])
 
 
-def generate_cases(cps: Sequence[int], count: int, seed: int, tokens: TokenConfig | None = None) -> list[Case]:
-    """``count`` seeded cases; case ``i`` uses ``cps[i % len(cps)]`` and cycles through :data:`KINDS`."""
+def generate_cases(cps: Sequence[int], count: int, seed: int, tokens: TokenConfig | None = None,
+                   layout: str = "zigzag") -> list[Case]:
+    """``count`` seeded cases cut by ``layout``; case ``i`` uses ``cps[i % len(cps)]`` and cycles through
+    :data:`KINDS`. Zigzag-rule layouts get the zigzag cases draw for draw."""
     tokens = tokens or token_config()
     cases = []
     for index in range(count):
         cp = cps[index % len(cps)]
         kind = KINDS[(index // len(cps)) % len(KINDS)]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        cases.append(BUILDERS[kind](generator, cp, tokens, f"case {index} ({kind}, seed {seed})"))
+        cases.append(BUILDERS[kind](generator, cp, tokens, f"case {index} ({kind}, seed {seed})", layout))
     return cases
 
 
@@ -189,26 +215,28 @@ def _random_runs(generator: torch.Generator, lengths: Sequence[int], max_runs: i
     return _runs_mask(offset, starts, ends)
 
 
-def _segment_length(generator: torch.Generator, cp: int, chunks: int) -> int:
-    """``2*cp*chunks`` tokens; at cp 1 (nothing is split, no length rule) one fewer half the time, so odd
-    segments are generated too. No extra random draw at cp > 1: those cases stay what they were."""
-    if cp > 1:
+def _segment_length(generator: torch.Generator, cp: int, chunks: int, layout: str) -> int:
+    """``2*cp*chunks`` tokens under the zigzag rule; where segments have no length rule (cp 1, or a layout
+    that pads only the row's end) up to ``2*cp - 1`` fewer, so any length is generated. No extra random
+    draw for the zigzag rule at cp > 1: those cases stay what they were."""
+    if cp > 1 and rule_of(layout) == "zigzag":
         return 2 * cp * chunks
-    return 2 * chunks - _randint(generator, 0, 1)
+    return 2 * cp * chunks - _randint(generator, 0, 2 * cp - 1)
 
 
 def _from_mask(name: str, kind: str, cp: int, lengths: Sequence[int], mask: torch.Tensor, tokens: TokenConfig,
-               generator: torch.Generator) -> Case:
-    """A case whose text positions get random ids and vision positions the image placeholder."""
+               generator: torch.Generator, layout: str) -> Case:
+    """A case whose text positions get random ids and vision positions the image placeholder, padded as
+    ``layout`` pads."""
     total = sum(lengths)
     ids = torch.randint(TEXT_LOW, TEXT_HIGH, (total,), generator=generator)
     ids[placeholder_mask(ids, tokens)] = TEXT_TOKEN_ID  # custom ids may collide
     ids[mask] = tokens.image_token_id
     cu = _cumsum(torch.tensor(list(lengths), dtype=torch.long))
-    return Case(name, kind, cp, ids, mask, cu, None, int(mask.sum()), tokens)
+    return Case(name, kind, cp, ids, mask, cu, None, int(mask.sum()), tokens, layout=layout).fitted()
 
 
-def _crossing(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
+def _crossing(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str, layout: str) -> Case:
     chunks = [_randint(generator, 2, 5) for _ in range(_randint(generator, 1, 3))]
     lengths = [2 * cp * c for c in chunks]
     starts, ends, segment_start = [], [], 0
@@ -222,33 +250,41 @@ def _crossing(generator: torch.Generator, cp: int, tokens: TokenConfig, name: st
         starts.append(spanning)
         ends.append(min(segment_start + length, spanning + 2 * chunk_len + 1))
         segment_start += length
-    return _from_mask(name, "crossing", cp, lengths, _runs_mask(sum(lengths), starts, ends), tokens, generator)
+    if layout != "zigzag":  # and the boundaries of the layout's own pieces (for contiguous: the rank boundaries)
+        for boundary in make_layout(_cumsum(torch.tensor(lengths)), cp, layout).piece_start[1:].tolist():
+            starts.append(boundary - _randint(generator, 1, 3))
+            ends.append(boundary + _randint(generator, 1, 3))
+    mask = _runs_mask(sum(lengths), starts, ends)
+    return _from_mask(name, "crossing", cp, lengths, mask, tokens, generator, layout)
 
 
-def _empty_rank(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
-    lengths = [_segment_length(generator, cp, _randint(generator, 1, 4)) for _ in range(_randint(generator, 1, 4))]
-    case = _from_mask(name, "empty-rank", cp, lengths, _random_runs(generator, lengths), tokens, generator)
+def _empty_rank(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str, layout: str) -> Case:
+    lengths = [_segment_length(generator, cp, _randint(generator, 1, 4), layout)
+               for _ in range(_randint(generator, 1, 4))]
+    case = _from_mask(name, "empty-rank", cp, lengths, _random_runs(generator, lengths), tokens, generator, layout)
     if cp == 1:
         return case.with_mask(torch.zeros_like(case.vision_mask))
     empty = torch.randperm(cp, generator=generator)[: _randint(generator, 1, cp - 1)]
-    allowed = ~torch.isin(case.owner_of_positions(), empty)
+    allowed = ~torch.isin(case.owner_of_positions(), empty) & case.real_positions()
     mask = case.vision_mask & allowed
     if not mask.any():  # keep at least one vision token so the non-empty ranks really gather something
         mask[int(torch.nonzero(allowed)[0])] = True
     return case.with_mask(mask)
 
 
-def _text_only(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
-    lengths = [_segment_length(generator, cp, _randint(generator, 1, 4)) for _ in range(_randint(generator, 2, 5))]
-    case = _from_mask(name, "text-only", cp, lengths, _random_runs(generator, lengths), tokens, generator)
+def _text_only(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str, layout: str) -> Case:
+    lengths = [_segment_length(generator, cp, _randint(generator, 1, 4), layout)
+               for _ in range(_randint(generator, 2, 5))]
+    case = _from_mask(name, "text-only", cp, lengths, _random_runs(generator, lengths), tokens, generator, layout)
     if _randint(generator, 0, 2) == 0:
         return case.with_mask(torch.zeros_like(case.vision_mask))
     text_segments = torch.randperm(len(lengths), generator=generator)[: _randint(generator, 1, len(lengths) - 1)]
     return case.with_mask(case.vision_mask & ~torch.isin(case.segment_of_positions(), text_segments))
 
 
-def _video(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
-    """Real Qwen-VL placeholder layouts with grids; segments padded up to a multiple of ``2*cp``."""
+def _video(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str, layout: str) -> Case:
+    """Real Qwen-VL placeholder layouts with grids, padded as the layout pads: under the zigzag rule every
+    segment up to a multiple of ``2*cp`` (sometimes one more), otherwise the row's end."""
     sides = (2, 4, 8)
     segments = []
     for index in range(_randint(generator, 1, 3)):
@@ -261,38 +297,46 @@ def _video(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) 
         segments.append(items)
     seed = _randint(generator, 0, 2**31 - 1)
     logical = build_batch(segments, tokens=tokens, seed=seed)["cu_seqlens"].to(torch.long)
-    multiple = pad_multiple(cp, "zigzag")  # 2·cp; 1 at cp 1, where an odd length needs no padding
-    padded = [(-(-int(n) // multiple) + _randint(generator, 0, 1)) * multiple for n in logical[1:] - logical[:-1]]
-    batch = build_batch(segments, [max(p, multiple) for p in padded], tokens=tokens, seed=seed)
+    multiple = pad_multiple(cp, layout)  # zigzag rule: 2·cp; 1 at cp 1, where an odd length needs no padding
+    if rule_of(layout) == "zigzag":
+        padded = [(-(-int(n) // multiple) + _randint(generator, 0, 1)) * multiple for n in logical[1:] - logical[:-1]]
+        physical = [max(p, multiple) for p in padded]
+    else:
+        physical = padded_boundaries(logical, cp, layout).diff().tolist()
+    batch = build_batch(segments, physical, tokens=tokens, seed=seed)
     ids = batch["input_ids"].reshape(-1)
     mask = placeholder_mask(ids, tokens)
     cu = batch["cu_seqlens_padded"].to(torch.long)
     logical_cu = batch["cu_seqlens"].to(torch.long)
     return Case(name, "video", cp, ids, mask, cu, None if torch.equal(cu, logical_cu) else logical_cu,
-                int(batch["vision_embed_count"]), tokens)
+                int(batch["vision_embed_count"]), tokens, layout=layout)
 
 
-def _single_segment(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
-    lengths = [_segment_length(generator, cp, _randint(generator, 1, 8))]
-    return _from_mask(name, "single-segment", cp, lengths, _random_runs(generator, lengths, 4), tokens, generator)
+def _single_segment(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str, layout: str) -> Case:
+    lengths = [_segment_length(generator, cp, _randint(generator, 1, 8), layout)]
+    mask = _random_runs(generator, lengths, 4)
+    return _from_mask(name, "single-segment", cp, lengths, mask, tokens, generator, layout)
 
 
-def _many_short(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
-    lengths = [_segment_length(generator, cp, _randint(generator, 1, 2)) for _ in range(_randint(generator, 8, 20))]
+def _many_short(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str, layout: str) -> Case:
+    lengths = [_segment_length(generator, cp, _randint(generator, 1, 2), layout)
+               for _ in range(_randint(generator, 8, 20))]
     mask = _random_runs(generator, lengths, 2)
-    case = _from_mask(name, "many-short", cp, lengths, mask, tokens, generator)
+    case = _from_mask(name, "many-short", cp, lengths, mask, tokens, generator, layout)
     all_vision = torch.randperm(len(lengths), generator=generator)[:2]  # whole segments of vision tokens
-    return case.with_mask(mask | torch.isin(case.segment_of_positions(), all_vision))
+    whole = torch.isin(case.segment_of_positions(), all_vision) & case.real_positions()
+    return case.with_mask(case.vision_mask | whole)
 
 
-def _random(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str) -> Case:
+def _random(generator: torch.Generator, cp: int, tokens: TokenConfig, name: str, layout: str) -> Case:
     raw = random_batch(_randint(generator, 0, 2**31 - 1), cp, tokens=tokens)
     ids = raw["input_ids"].reshape(-1)
     mask = placeholder_mask(ids, tokens)
-    return Case(name, "random", cp, ids, mask, raw["cu_seqlens"].to(torch.long), None, int(mask.sum()), tokens)
+    return Case(name, "random", cp, ids, mask, raw["cu_seqlens"].to(torch.long), None, int(mask.sum()), tokens,
+                layout=layout).fitted()
 
 
-BUILDERS: dict[str, Callable[[torch.Generator, int, TokenConfig, str], Case]] = {
+BUILDERS: dict[str, Callable[[torch.Generator, int, TokenConfig, str, str], Case]] = {
     "crossing": _crossing,
     "empty-rank": _empty_rank,
     "text-only": _text_only,
@@ -301,84 +345,3 @@ BUILDERS: dict[str, Callable[[torch.Generator, int, TokenConfig, str], Case]] = 
     "many-short": _many_short,
     "random": _random,
 }
-
-
-def cases_from_batch(batch: PackedBatch, cps: Sequence[int], tokens: TokenConfig) -> tuple[list[Case], list[str]]:
-    """Cases for a loaded batch file, and notes about cp values it cannot run at.
-
-    A full row runs at every requested cp whose ``2*cp`` divides its segments; a pre-sharded
-    batch (one row per rank) runs at the cp it was cut for.
-    """
-    if batch.per_rank_files:
-        case = _presharded_case(batch, tokens)
-        elsewhere = f"{batch.source} is pre-sharded for cp {case.cp}, so it was checked at cp {case.cp} only"
-        return [case], [] if case.cp in cps else [elsewhere]
-    if int(batch.cu_seqlens[-1]) != batch.row_tokens:
-        total, row = int(batch.cu_seqlens[-1]), batch.row_tokens
-        looks = f" (it looks like one rank's row pre-sharded for cp={total // row})" if row and total % row == 0 else ""
-        raise InputError(
-            f"cu_seqlens ends at {total} but the row has {row} tokens: this is not a full packed row{looks}",
-            where=batch.source,
-            fix="pass a full row, or the directory (or list) of every rank's pre-sharded file",
-        )
-    usable = [cp for cp in cps if _divisible(batch.cu_seqlens, cp)]
-    if not usable:
-        check_divisible(batch.cu_seqlens, cps[0])  # raises the message naming the first bad segment
-    ids = batch.rows[0]
-    mask = batch.vision_mask[0] if batch.vision_mask else placeholder_mask(ids, tokens)
-    cases = [_batch_case(batch, f"{batch.source} at cp {cp}", cp, ids, mask, tokens) for cp in usable]
-    notes = [
-        f"{batch.source} was skipped at cp {cp}: a segment length is not divisible by 2*cp = {2 * cp}"
-        for cp in cps if cp not in usable
-    ]
-    return cases, notes
-
-
-def _divisible(cu_seqlens: torch.Tensor, cp: int) -> bool:
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    return cp == 1 or not bool((lengths % (2 * cp)).any())
-
-
-
-def _presharded_case(batch: PackedBatch, tokens: TokenConfig) -> Case:
-    cp = len(batch.rows)
-    total = int(batch.cu_seqlens[-1])
-    if total != cp * batch.row_tokens:
-        raise InputError(
-            f"{cp} per-rank rows of {batch.row_tokens} tokens do not make the {total} tokens cu_seqlens describes",
-            where=batch.source,
-            fix=f"each of the {cp} rank files must hold cu_seqlens[-1] / cp = {total // cp} local tokens",
-        )
-    indices = make_layout(batch.cu_seqlens, cp).all_global_indices()
-    ids = torch.empty(total, dtype=torch.long)
-    ids[indices] = torch.stack(batch.rows)
-    local_masks = batch.vision_mask or [placeholder_mask(row, tokens) for row in batch.rows]
-    mask = torch.zeros(total, dtype=torch.bool)
-    mask[indices] = torch.stack(local_masks)
-    return _batch_case(batch, f"{batch.source} (pre-sharded, cp {cp})", cp, ids, mask, tokens)
-
-
-def _batch_case(batch: PackedBatch, name: str, cp: int, ids: torch.Tensor, mask: torch.Tensor,
-                tokens: TokenConfig) -> Case:
-    count = batch_embedding_rows(batch, mask, tokens.merge_area)
-    logical = batch.logical_cu_seqlens
-    if logical is not None and torch.equal(logical, batch.cu_seqlens):
-        logical = None
-    return Case(name, "batch", cp, ids.clone(), mask.clone(), batch.cu_seqlens.clone(), logical, count, tokens,
-                explicit_mask=batch.vision_mask is not None)
-
-
-def case_from_local_masks(cu_seqlens: Sequence[int], local_masks: Sequence[Sequence[int]], *,
-                          vision_embed_count: int | None = None, name: str = "pre-sharded masks",
-                          tokens: TokenConfig | None = None) -> Case:
-    """A case from every rank's local mask (how published test vectors are written)."""
-    tokens = tokens or token_config()
-    cu = torch.tensor(list(cu_seqlens), dtype=torch.long)
-    cp = len(local_masks)
-    indices = make_layout(cu, cp).all_global_indices()
-    mask = torch.zeros(int(cu[-1]), dtype=torch.bool)
-    mask[indices] = torch.tensor([list(m) for m in local_masks], dtype=torch.bool)
-    ids = torch.full_like(mask, TEXT_TOKEN_ID, dtype=torch.long)
-    ids[mask] = tokens.image_token_id
-    count = int(mask.sum()) if vision_embed_count is None else vision_embed_count
-    return Case(name, "vectors", cp, ids, mask, cu, None, count, tokens)

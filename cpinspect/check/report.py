@@ -63,6 +63,7 @@ class CheckReport:
     shrunk: list[ShrunkFailure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     elapsed: float = 0.0
+    layout: str = "zigzag"
 
     @property
     def failures(self) -> list[CaseResult]:
@@ -88,8 +89,8 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "target": self.target, "signature": self.signature, "cp": self.cps, "seed": self.seed,
-            "cases": len(self.results), "ok": self.ok, "verdicts": self.verdict_counts(),
+            "target": self.target, "signature": self.signature, "layout": self.layout, "cp": self.cps,
+            "seed": self.seed, "cases": len(self.results), "ok": self.ok, "verdicts": self.verdict_counts(),
             "results": [r.to_dict() if not r.ok else {"case": r.case.name, "cp": r.case.cp, "verdict": PASS}
                         for r in self.results],
             "rank_uniform": {"runs": self.uniformity.runs, "finding": self.uniformity.finding,
@@ -104,7 +105,8 @@ class CheckReport:
 def report_lines(report: CheckReport) -> list[ReportLine]:
     """A summary, then each failing verdict with its smallest case and replay, then the notes."""
     cps = ", ".join(map(str, report.cps))
-    lines = [ReportLine("title", f"cpinspect check {report.target} (signature {report.signature}; cp {cps}; "
+    layout = "" if report.layout == "zigzag" else f"layout {report.layout}; "
+    lines = [ReportLine("title", f"cpinspect check {report.target} (signature {report.signature}; {layout}cp {cps}; "
                                  f"seed {report.seed})")]
     failures = report.failures
     counts = ", ".join(f"{v} {n}" for v, n in sorted(report.verdict_counts().items()) if v != PASS)

@@ -3,8 +3,9 @@
 Greedy, like a property-based tester's shrinker: try candidates from the biggest cut to the
 smallest (a smaller cp, fewer segments, no padding, shorter segments, fewer vision tokens), keep
 the first one that still fails, start again, stop when none does or the budget is spent. Every
-candidate stays a valid zigzag row: segments shrink by the same offset in each of their ``2*cp``
-chunks, so the lengths stay divisible by ``2*cp``.
+candidate stays a valid row of the case's layout: under the zigzag rule segments shrink by the same
+offset in each of their ``2*cp`` chunks, so the lengths stay divisible by ``2*cp``; under the other
+rules :meth:`~cpinspect.check.cases.Case.keep` pads the row's end again as the layout pads.
 
 The result is saved as a ``.safetensors`` batch that ``cpinspect simulate`` and ``cpinspect
 check --batch`` load.
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cpinspect.check.cases import Case
+from cpinspect.core.layout import pad_multiple, rule_of
 from cpinspect.core.vision_items import placeholder_mask
 
 
@@ -74,12 +76,15 @@ def candidates(case: Case, min_cp: int = 1) -> Iterator[Case]:
 
 
 def with_cp(case: Case, cp: int) -> Case:
-    """The case at a smaller cp, each segment trimmed to a multiple of ``2*cp`` (empty ones dropped)."""
+    """The case at a smaller cp, cut to what its layout's rule divides: each segment trimmed to a multiple of
+    ``2*cp`` under the zigzag rule (empty ones dropped), the row's end to a multiple otherwise."""
+    multiple = pad_multiple(cp, case.layout)
+    if rule_of(case.layout) != "zigzag":
+        return case.keep(torch.arange(case.total_tokens) < case.total_tokens // multiple * multiple, cp=cp)
     segment = case.segment_of_positions()
     offset = torch.arange(case.total_tokens) - case.cu_seqlens[segment]
     lengths = case.cu_seqlens[1:] - case.cu_seqlens[:-1]
-    usable = lengths if cp == 1 else lengths // (2 * cp) * (2 * cp)
-    return case.keep(offset < usable[segment], cp=cp)
+    return case.keep(offset < (lengths // multiple * multiple)[segment], cp=cp)
 
 
 def _fewer_segments(case: Case) -> Iterator[Case]:
@@ -163,15 +168,18 @@ def save_case(case: Case, directory: Path, stem: str) -> Path:
     placeholders = placeholder_mask(case.input_ids, case.tokens)
     if case.explicit_mask or not torch.equal(placeholders, case.vision_mask):  # the ids alone would mislead
         tensors["vision_mask"] = case.vision_mask.contiguous()
+    layout = {} if case.layout == "zigzag" else {"layout": case.layout}
     save_file(tensors, str(path), metadata={"cpinspect": "shrunk failing case", "cp": str(case.cp),
-                                            "from": case.name})
+                                            "from": case.name, **layout})
     return path
 
 
 def replay_commands(target: str, path: Path, cp: int, signature: str, token_flags: Sequence[str] = (),
-                    check_flags: Sequence[str] = ()) -> list[str]:
-    """The command that replays the failure with the user's function, and the one showing the answer."""
-    tokens = "".join(f" {shlex.quote(flag)}" for flag in token_flags)
+                    check_flags: Sequence[str] = (), layout: str = "zigzag") -> list[str]:
+    """The command that replays the failure with the user's function, and the one showing the answer
+    (both with ``--layout`` unless it is the default zigzag)."""
+    layout_flags = [] if layout == "zigzag" else ["--layout", layout]
+    tokens = "".join(f" {shlex.quote(flag)}" for flag in [*layout_flags, *token_flags])
     extra = "".join(f" {shlex.quote(flag)}" for flag in check_flags)
     signature_flag = f" --signature {shlex.quote(signature)}" if signature != "default" else ""
     quoted = shlex.quote(str(path))

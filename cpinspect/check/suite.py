@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from cpinspect.check.cases import Case, cases_from_batch, generate_cases
+from cpinspect.check.batch_cases import cases_from_batch
+from cpinspect.check.cases import Case, generate_cases
 from cpinspect.check.loading import target_name
 from cpinspect.check.reference import Reference, preflight, reference_signature
 from cpinspect.check.report import CheckReport, ShrunkFailure
@@ -24,6 +25,7 @@ from cpinspect.check.uniformity import Uniformity, check_uniformity
 from cpinspect.check.verdicts import TIMEOUT, CaseResult
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
+from cpinspect.core.layout import LAYOUTS
 from cpinspect.core.loading import load_batch
 from cpinspect.core.tokens import TokenConfig, token_config
 
@@ -58,13 +60,15 @@ def run_check(
     replay_flags: Sequence[str] = (),
     check_flags: Sequence[str] = (),
     reference: Reference | None = None,
+    layout: str = "zigzag",
 ) -> CheckReport:
     """Check ``fn`` on ``cases`` seeded cases per the cp list plus ``batches``; never hangs.
 
     Stops generating cases after ``max_seconds`` or after the first case that timed out (each
     further one would cost another ``timeout``). Failures are shrunk and, with ``save_dir``, saved
     as :func:`failure_file_stem` names them. ``replay_flags`` are repeated in both replay commands
-    (token options), ``check_flags`` only in the ``cpinspect check`` one (``--out DIR``). With
+    (token options), ``check_flags`` only in the ``cpinspect check`` one (``--out DIR``). ``layout`` (a name
+    of :data:`cpinspect.core.layout.LAYOUTS`) cuts every case and picks its oracle; replay commands carry it. With
     ``reference``, ``fn`` is a ``fn(group, **batch)`` program judged by its per-token output
     (:mod:`cpinspect.check.reference`), not by rows.
     """
@@ -76,9 +80,9 @@ def run_check(
     else:
         sig = infer_signature(fn) if signature is None else get_signature(signature)  # None: from the parameter names
     tokens = tokens or token_config()
-    _validate(cps, cases, timeout)
-    todo, notes = _batch_cases(batches, cps, tokens)
-    todo += generate_cases(cps, cases, seed, tokens)
+    _validate(cps, cases, timeout, layout)
+    todo, notes = _batch_cases(batches, cps, tokens, layout)
+    todo += generate_cases(cps, cases, seed, tokens, layout)
     if reference is not None:
         preflight(reference, todo)  # a reference that is not per-token: exit 2 before any case runs
         notes.append(f"each rank's output was compared with the reference {reference.describe()}")
@@ -95,7 +99,8 @@ def run_check(
     hung = bool(results) and results[-1].verdict == TIMEOUT
     uniformity = Uniformity(skipped="a case timed out, so no perturbed case was run") if hung else check_uniformity(
         fn, sig, results, timeout=timeout, strict_apply=strict_apply, deadline=deadline)
-    report = CheckReport(target or target_name(fn), sig.name, cps, seed, results, uniformity, notes=notes)
+    report = CheckReport(target or target_name(fn), sig.name, cps, seed, results, uniformity, notes=notes,
+                         layout=layout)
     if shrink:
         floor = 1 if 1 in cps else min(2, min(cps))
         apply_flag = () if strict_apply else ("--allow-apply-keywords",)
@@ -105,7 +110,15 @@ def run_check(
     return report
 
 
-def _validate(cps: list[int], cases: int, timeout: float) -> None:
+def check_layout_name(layout: str) -> None:
+    """The exit-2 error for a layout ``check`` cannot cut its cases by (before any case runs)."""
+    if layout not in LAYOUTS:
+        raise InputError(f"check cannot cut its cases by the {layout!r} layout", where="--layout",
+                         fix=f"use one of {', '.join(LAYOUTS)} (hybrid CP and --layout-from are simulate's only)")
+
+
+def _validate(cps: list[int], cases: int, timeout: float, layout: str) -> None:
+    check_layout_name(layout)
     if not cps or any(c < 1 for c in cps):
         raise InputError(f"cp values must be at least 1, got {cps}", where="--cp", fix="pass e.g. --cp 2,3,4,8")
     if cases < 0:
@@ -114,12 +127,13 @@ def _validate(cps: list[int], cases: int, timeout: float) -> None:
         raise InputError(f"--timeout is {timeout:g} s", where="--timeout", fix="pass a positive number of seconds")
 
 
-def _batch_cases(batches: Sequence[BatchInput], cps: list[int], tokens: TokenConfig) -> tuple[list[Case], list[str]]:
+def _batch_cases(batches: Sequence[BatchInput], cps: list[int], tokens: TokenConfig,
+                 layout: str) -> tuple[list[Case], list[str]]:
     cases: list[Case] = []
     notes: list[str] = []
     for source in batches:
         batch = source if isinstance(source, PackedBatch) else load_batch(source)
-        found, skipped = cases_from_batch(batch, cps, tokens)
+        found, skipped = cases_from_batch(batch, cps, tokens, layout)
         cases += found
         notes += skipped
     return cases, notes
@@ -152,17 +166,19 @@ def _shrink_failures(fn: Callable[..., Any], sig: Signature, report: CheckReport
         path = (save_case(outcome.case, Path(replay.save_dir), failure_file_stem(report, label))
                 if replay.save_dir else None)
         commands = replay_commands(report.target, path, outcome.case.cp, report.signature, replay.token_flags,
-                                   replay.check_flags) if path else []
+                                   replay.check_flags, layout=report.layout) if path else []
         commands = commands[:1] if sig.judge is not None else commands  # `simulate` shows rows, not outputs
         shrunk.append(ShrunkFailure(label, result.case, final, outcome.attempts, path, commands))
     return shrunk
 
 
 def failure_file_stem(report: CheckReport, label: str) -> str:
-    """``<file>.<function>-<verdict>-cp<cps>-seed<seed>``: a run with another seed or cp list never
-    overwrites this run's file (``early_return.select_rows-divergence-cp2,3,4,8-seed0``)."""
+    """``<file>.<function>-<verdict>[-<layout>]-cp<cps>-seed<seed>``: a run with another seed, cp list or
+    layout never overwrites this run's file (``early_return.select_rows-divergence-cp2,3,4,8-seed0``; the
+    layout is named unless it is zigzag)."""
     target = report.target
     name = target.rpartition(":")[2] or target
     base = Path(target.rpartition(":")[0]).stem if ":" in target else ""
     stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in (f"{base}.{name}" if base else name))
-    return f"{stem}-{label}-cp{','.join(map(str, report.cps))}-seed{report.seed}"
+    layout = "" if report.layout == "zigzag" else f"-{report.layout}"
+    return f"{stem}-{label}{layout}-cp{','.join(map(str, report.cps))}-seed{report.seed}"

@@ -10,7 +10,7 @@ positions to global ones by formula and never counts chunks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -86,7 +86,8 @@ class CaseResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "case": self.case.name, "kind": self.case.kind, "cp": self.case.cp, "segments": self.case.segment_lengths,
+            "case": self.case.name, "kind": self.case.kind, "cp": self.case.cp, "layout": self.case.layout,
+            "segments": self.case.segment_lengths,
             "logical_segments": self.case.logical_lengths,
             "tokens": self.case.total_tokens, "vision_tokens": self.case.vision_tokens, "verdict": self.verdict,
             "summary": self.summary, "ranks": [r.to_dict() for r in self.ranks],
@@ -95,7 +96,7 @@ class CaseResult:
 
 def judge(case: Case, states: list[RankState], failure: SpmdError | None) -> CaseResult:
     """Turn the ranks' final states into verdicts (see the module docstring for the order)."""
-    expected = [expected_rows(case.vision_mask, global_positions("zigzag", case.cu_seqlens, case.cp, r))
+    expected = [expected_rows(case.vision_mask, global_positions(case.layout, case.cu_seqlens, case.cp, r))
                 for r in range(case.cp)]
     raised = [s for s in states if s.status == "raised" and not isinstance(s.error, CollectiveAbort)]
     if failure is not None and failure.kind == "timeout":
@@ -165,18 +166,25 @@ class _Places:
     """Layout facts of one case, computed once, to name where a rank's first wrong row lies."""
 
     def __init__(self, case: Case) -> None:
-        self.layout = make_layout(case.cu_seqlens, case.cp)
+        self.layout = make_layout(case.cu_seqlens, case.cp, case.layout)
         self.local_masks = case.local_masks()
 
     def of_vision_token(self, rank: int, index: int) -> Place:
-        """The place of ``rank``'s ``index``-th local vision token."""
-        return self.layout.locate(rank, int(torch.nonzero(self.local_masks[rank]).view(-1)[index]))
+        """The place of ``rank``'s ``index``-th local vision token; its segment is the packed segment
+        (document) holding it, also where the layout's pieces span the whole row."""
+        place = self.layout.locate(rank, int(torch.nonzero(self.local_masks[rank]).view(-1)[index]))
+        if self.layout.kind == "zigzag":
+            return place
+        segment = int(torch.searchsorted(self.layout.cu_seqlens[1:], torch.tensor(place.position), right=True))
+        return replace(place, segment=segment)
 
 
-def _where(place: Place, index: int, got: torch.Tensor, expected: torch.Tensor) -> str:
-    """`` (first difference at ...: segment s chunk c ...)`` for the first differing vision token."""
+def _where(place: Place, index: int, got: torch.Tensor, expected: torch.Tensor, kind: str) -> str:
+    """`` (first difference at ...: segment s chunk c ...)`` for the first differing vision token (outside
+    zigzag the chunk is the layout's piece: ``segment s, contiguous piece p``)."""
+    piece = f" chunk {place.chunk}" if kind == "zigzag" else f", {kind} piece {place.chunk}"
     return (f" (first difference at its vision token {index}: local position {place.local}, global position "
-            f"{place.position}, segment {place.segment} chunk {place.chunk}: expected row "
+            f"{place.position}, segment {place.segment}{piece}: expected row "
             f"{int(expected[index])}, got {int(got[index])})")
 
 
@@ -194,7 +202,7 @@ def _compare(places: _Places, state: RankState, expected: torch.Tensor) -> RankV
     if diff is not None and diff.differing:
         place = places.of_vision_token(state.rank, diff.first)
         verdict.first_difference, verdict.segment, verdict.chunk = diff.first, place.segment, place.chunk
-        where = _where(place, diff.first, got, expected)
+        where = _where(place, diff.first, got, expected, places.layout.kind)
     if diff is not None and diff.length_differs:
         verdict.verdict = WRONG_LENGTH
         verdict.message = (f"rank {state.rank}: wrong length: {got.numel()} rows for {expected.numel()} local vision "

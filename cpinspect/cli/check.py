@@ -24,6 +24,7 @@ from cpinspect.cli.options import (
     ImageIdOpt,
     JsonOpt,
     KeyOpt,
+    LayoutOpt,
     ModelOpt,
     NoColorOpt,
     VideoIdOpt,
@@ -90,6 +91,7 @@ def check(
     target: TargetArg,
     cp: CpListOpt = "2,3,4,8",
     signature: SignatureOpt = None,
+    layout: LayoutOpt = "zigzag",
     batch: BatchesOpt = None,
     reference: ReferenceOpt = None,
     rtol: Annotated[float, typer.Option("--rtol", help="With --reference: relative tolerance for float outputs.")
@@ -123,16 +125,19 @@ def check(
     import_torch()
     from cpinspect.check import load_function, run_check
     from cpinspect.check.signatures import get_signature
+    from cpinspect.check.suite import check_layout_name
+    from cpinspect.core.layout import pad_multiple
     from cpinspect.core.loading import load_batch
     from cpinspect.core.tokens import token_config
     from cpinspect.views.check import render_report
 
     if signature is not None:
         get_signature(signature)
+    check_layout_name(layout)
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
     keys = parse_keys(key)
-    # a padded [B, T] batch is packed once, every segment aligned for every requested cp (2*cp each)
-    align = math.lcm(*(2 * c for c in cps if c > 1)) if any(c > 1 for c in cps) else 1
+    # a padded [B, T] batch is packed once, every segment aligned for every requested cp (zigzag: 2*cp each)
+    align = math.lcm(*(pad_multiple(c, layout) for c in cps))
     batches = [load_batch(path, keys=keys, align=align) for path in batch or []]
     make_console(no_color, stderr=True).print(import_notice(target), style="dim", markup=False, highlight=False)
     fn = load_function(target)
@@ -142,13 +147,13 @@ def check(
 
         check_fits(fn, get_signature(signature))  # exit 2 before any case runs
     with progress_steps(not json_out) as step:
-        step(f"checking {target} on cp {', '.join(map(str, cps))}")
+        step(f"checking {target} on cp {', '.join(map(str, cps))}{'' if layout == 'zigzag' else f', {layout} layout'}")
         report = run_check(
             fn, cp=cps, cases=cases, seed=seed, signature=signature, batches=batches, timeout=timeout,
             max_seconds=max_time, shrink=not no_shrink, save_dir=out, target=target, tokens=tokens,
             strict_apply=not allow_apply_keywords, replay_flags=token_flags(model, image_token_id, video_token_id),
             check_flags=(["--out", str(out)] if out != DEFAULT_OUT else [])  # the replay saves where this run did
-            + (_reference_flags(ref) if ref is not None else []), reference=ref,
+            + (_reference_flags(ref) if ref is not None else []), reference=ref, layout=layout,
         )
     if json_out:
         sys.stdout.write(json.dumps(report.to_dict()) + "\n")

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from typer.testing import CliRunner
 
 from cpinspect.check import load_function, run_case, run_check
-from cpinspect.check.cases import KINDS, case_from_local_masks, generate_cases
+from cpinspect.check.batch_cases import case_from_local_masks
+from cpinspect.check.cases import KINDS, generate_cases
 from cpinspect.check.verdicts import (
     BAD_RETURN,
     DIVERGENCE,

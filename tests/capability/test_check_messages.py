@@ -3,7 +3,7 @@
 import torch
 
 from cpinspect.check import run_case
-from cpinspect.check.cases import case_from_local_masks
+from cpinspect.check.batch_cases import case_from_local_masks
 from cpinspect.check.verdicts import WRONG_LENGTH, WRONG_ROWS
 
 

@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from cpinspect.check import load_function, run_case, run_check
-from cpinspect.check.cases import Case, case_from_local_masks, generate_cases
+from cpinspect.check.batch_cases import case_from_local_masks
+from cpinspect.check.cases import Case, generate_cases
 from cpinspect.check.shrink import candidates, replay_commands, save_case, shrink_case, with_cp
 from cpinspect.check.verdicts import DIVERGENCE, WRONG_ROWS
 from cpinspect.cli.app import app
