@@ -34,17 +34,18 @@ def assert_selection_matches(
     max_seconds: float = 120.0,
     save_dir: str | os.PathLike | None = None,
     allow_apply_keywords: bool = False,
+    layout: str = "zigzag",
 ) -> CheckReport:
     """Assert that ``fn`` selects exactly the oracle's rows on every rank, rank-uniformly.
 
     Same cases, verdicts and report as ``cpinspect check`` (``cp``, ``cases``, ``seed``,
-    ``signature`` and ``batches`` mean what the CLI options do). Returns the report when it passes.
+    ``signature``, ``batches`` and ``layout`` mean what the CLI options do). Returns the report when it passes.
     """
     # created only if a failure is saved, so a passing test leaves nothing behind
     folder = save_dir if save_dir is not None else Path(tempfile.gettempdir()) / f"cpinspect-{uuid.uuid4().hex[:12]}"
     report = run_check(
         fn, cp=cp, cases=cases, seed=seed, signature=signature, batches=batches, timeout=timeout,
-        max_seconds=max_seconds, save_dir=folder, strict_apply=not allow_apply_keywords,
+        max_seconds=max_seconds, save_dir=folder, strict_apply=not allow_apply_keywords, layout=layout,
     )
     if not report.ok:
         raise AssertionError(report.text())

@@ -65,12 +65,16 @@ def setup(backend: str, timeout: float) -> torch.device:
     return torch.device("cpu")
 
 
-def cp_groups(cp: int) -> tuple[dist.ProcessGroup, int]:
-    """This rank's CP group (consecutive ranks) and its index; every rank creates every group."""
+def cp_groups(cp: int, timeout: float) -> tuple[dist.ProcessGroup, int]:
+    """This rank's CP group (consecutive ranks) and its index; every rank creates every group.
+
+    ``new_group`` does not inherit ``init_process_group``'s timeout (its default is 30 minutes), so it is passed.
+    """
     world = dist.get_world_size()
     if world % cp:
         raise SystemExit(f"world size {world} is not a multiple of --cp {cp}")
-    groups = [dist.new_group(list(range(start, start + cp))) for start in range(0, world, cp)]
+    groups = [dist.new_group(list(range(start, start + cp)), timeout=timedelta(seconds=timeout))
+              for start in range(0, world, cp)]
     index = dist.get_rank() // cp
     return groups[index], index
 
@@ -194,7 +198,7 @@ def main() -> None:
     args = parse_args()
     device = setup(args.backend, args.timeout)
     rank = dist.get_rank()
-    group, data_group = cp_groups(args.cp or dist.get_world_size())
+    group, data_group = cp_groups(args.cp or dist.get_world_size(), args.timeout)
     outcomes = [run_step(step, args, group, data_group, device) for step in range(args.steps)]
     cost = measure_cost(args, group, device)
     args.out.mkdir(parents=True, exist_ok=True)

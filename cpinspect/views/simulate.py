@@ -165,9 +165,11 @@ def verdict(result: Result) -> RenderableType:
     for finding in infos:
         parts.append(Text(f"ℹ {finding.code}: {finding.message}", style="cyan"))
     if not problems:
+        covered = (f"together they cover rows 0..{result.vision_tokens - 1} once each" if result.vision_tokens
+                   else "the batch has no vision tokens, so no rank selects any row")
         parts.append(Text(
-            f"✓ OK: all {result.cp} rank(s) select exactly the oracle's rows; together they cover rows "
-            f"0..{result.vision_tokens - 1} once each, and every rank's row count equals its vision tokens.",
+            f"✓ OK: all {result.cp} rank(s) select exactly the oracle's rows; {covered}, and every rank's row count "
+            "equals its vision tokens.",
             style="bold green",
         ))
     parts.extend(finding_line(finding) for finding in problems)

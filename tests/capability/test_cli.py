@@ -67,6 +67,17 @@ def test_inconsistent_batch_exits_1(tmp_path):
     assert "EMBED_COUNT_MISMATCH" in result.output
 
 
+def test_text_only_batch_says_no_rank_selects_a_row(tmp_path):
+    import torch
+
+    ids = torch.arange(1000, 1016).view(1, -1)  # no placeholder id among them
+    torch.save({"input_ids": ids, "cu_seqlens": torch.tensor([0, 8, 16], dtype=torch.int32)}, tmp_path / "t.pt")
+    result = run("simulate", "--cp", 2, tmp_path / "t.pt", "--no-color")
+    assert result.exit_code == 0, result.output
+    assert "0..-1" not in result.output
+    assert "the batch has no vision tokens, so no rank selects any row" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize("args, text", [
     (["simulate", "--cp", 5, EXAMPLES / "qwen3vl_packed.pt"], "not divisible by 2*cp = 10"),
     (["simulate", "--cp", 2, EXAMPLES / "presharded_cp2" / "rank0.pt"], "simulating needs all 2 ranks"),

@@ -34,6 +34,13 @@ def test_batches_are_checked_too():
     assert [r.case.name for r in report.results] == [f"{EXAMPLE} at cp 2"]
 
 
+def test_the_layout_reaches_the_check(tmp_path):
+    """The zigzag example passes zigzag cases and fails the same cases cut contiguously."""
+    assert assert_selection_matches(impl("correct.py"), cp=[2], cases=7, layout="zigzag").ok
+    with pytest.raises(AssertionError, match="layout contiguous"):
+        assert_selection_matches(impl("correct.py"), cp=[2], cases=7, layout="contiguous", save_dir=tmp_path)
+
+
 def test_a_deadlock_raises_assertion_error_with_the_report_and_a_replayable_file(tmp_path):
     with pytest.raises(AssertionError) as info:
         assert_selection_matches(impl("early_return.py"), cp=[2, 3], cases=14, seed=0, save_dir=tmp_path)
