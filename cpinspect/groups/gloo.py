@@ -5,7 +5,9 @@ process started by ``torch.multiprocessing`` (spawn), joined into a gloo group o
 through a TCPStore that this process serves on a free port. The function receives a
 :class:`~cpinspect.groups.recording.RecordingGroup`, a ``ProcessGroup`` that forwards every
 collective and send/receive to the real gloo group after this process has checked what every
-rank is about to call (op, shapes, dtypes, call site; see that module).
+rank is about to call (op, shapes, dtypes, call site; see that module). Subgroups are real gloo
+groups, recorded the same way (:class:`RankGroups`): a mesh's (:func:`execute_gloo_mesh`, the
+simulated :func:`~cpinspect.groups.mesh.execute_mesh`'s contract) and each ``dist.new_group``.
 
 This process is the watchdog (:mod:`cpinspect.groups.watchdog`). It feeds every rank's entries,
 exits and results into the same coordinator the thread backend uses, so a divergence (different
@@ -17,18 +19,20 @@ process dies.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from cpinspect.groups.callsite import error_site
 from cpinspect.groups.coordinator import (
@@ -39,7 +43,8 @@ from cpinspect.groups.coordinator import (
     stall_limit,
     validate_timeout,
 )
-from cpinspect.groups.recording import GlooLimitError, RecordingGroup
+from cpinspect.groups.mesh import RankMesh, mesh_ranks
+from cpinspect.groups.recording import Ask, GlooLimitError, RecordingGroup, Report
 from cpinspect.groups.watchdog import RankProcesses, Watchdog, supervise
 
 DEFAULT_START_TIMEOUT_S = 120.0
@@ -66,18 +71,82 @@ def _loopback_interface() -> str | None:
     return next((n for n in names if n in ("lo", "lo0")), next((n for n in names if n.startswith("lo")), None))
 
 
+def _gloo_timeout(timeout: float, start_timeout: float) -> timedelta:
+    # The watchdog enforces `timeout` (progress-based, from a collective's latest arrival); gloo's own
+    # deadline counts from each rank's entry, so it is set beyond anything the watchdog allows.
+    return timedelta(seconds=max(start_timeout, stall_limit(timeout) + timeout))
+
+
 def _join_gloo(rank: int, cp: int, port: int, start_timeout: float, timeout: float) -> dist.ProcessGroup:
     loopback = _loopback_interface()
     if loopback:
         os.environ["GLOO_SOCKET_IFNAME"] = loopback
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=start_timeout))
-    # The watchdog enforces `timeout` (progress-based, from a collective's latest arrival); gloo's own
-    # deadline counts from each rank's entry, so it is set beyond anything the watchdog allows.
     dist.init_process_group("gloo", store=store, rank=rank, world_size=cp,
-                            timeout=timedelta(seconds=max(start_timeout, stall_limit(timeout) + timeout)))
+                            timeout=_gloo_timeout(timeout, start_timeout))
     world = dist.group.WORLD
     assert world is not None  # init_process_group just created it
     return world
+
+
+class RankGroups:
+    """One rank process's recording groups: the world, a mesh's subgroups, each ``dist.new_group`` of the function.
+
+    Every subgroup is a real gloo group (``new_group`` on every process, in the same order: gloo's
+    rule), wrapped in a :class:`RecordingGroup` that names it to the watchdog and registered with
+    torch, so ``dist.get_rank(group)``, ``get_world_size`` and ``get_global_rank`` answer for it.
+    While the function runs, ``dist.new_group`` is this object's (the process is this rank's alone).
+    """
+
+    def __init__(self, inner: dist.ProcessGroup, report: Report, ask: Ask, timeout: timedelta) -> None:
+        self._report, self._ask, self._timeout = report, ask, timeout
+        self._made = 0
+        self._original = c10d.new_group
+        self.all: list[RecordingGroup] = []
+        self.world = self._wrap(inner, None, list(range(inner.size())), "")
+        c10d.new_group = dist.new_group = self.new_group  # type: ignore[assignment]
+
+    def _wrap(self, inner: dist.ProcessGroup, gid: Any, members: list[int], label: str) -> RecordingGroup:
+        group = RecordingGroup(inner, self._report, self._ask, gid, label)
+        world = c10d._world
+        world.pg_map[group] = world.pg_map[inner]
+        world.pg_group_ranks[group] = dict(world.pg_group_ranks.get(inner) or {g: r for r, g in enumerate(members)})
+        self.all.append(group)
+        if gid is not None:
+            self._report(("group", gid, members, label))
+        return group
+
+    def new_group(self, ranks: Sequence[int] | None = None, *args: Any, **kwargs: Any) -> Any:
+        """torch's ``new_group``, recorded: the simulated group's key and name (``new_group([0, 2])``)."""
+        members = sorted({int(r) for r in ranks}) if ranks is not None else list(range(self.world.size()))
+        gid = ("new_group", tuple(members), self._made)
+        self._made += 1
+        if not args:
+            kwargs.setdefault("timeout", self._timeout)
+        inner = self._original(ranks, *args, **kwargs)
+        if inner is dist.GroupMember.NON_GROUP_MEMBER or self.world.rank() not in members:
+            return inner
+        return self._wrap(inner, gid, members, str(kwargs.get("group_desc") or "") or f"new_group({members})")
+
+    def mesh(self, dims: dict[str, int]) -> dict[str, RecordingGroup]:
+        """This rank's group along each mesh dimension, named as the simulated mesh names it (``cp[0, 1]``)."""
+        mine: dict[str, RecordingGroup] = {}
+        for name, blocks in mesh_ranks(dims).items():
+            for block in blocks:
+                inner = self._original(block, timeout=self._timeout)
+                if self.world.rank() in block:
+                    mine[name] = self._wrap(inner, ("mesh", name, tuple(block)), block, f"{name}{block}")
+        return mine
+
+    @property
+    def released(self) -> bool:
+        return any(group.released for group in self.all)
+
+    def close(self) -> None:
+        c10d.new_group = dist.new_group = self._original  # type: ignore[assignment]
+        for group in self.all:
+            c10d._world.pg_map.pop(group, None)
+            c10d._world.pg_group_ranks.pop(group, None)
 
 
 def _raised_event(exc: BaseException) -> tuple[Any, ...]:
@@ -111,32 +180,29 @@ def rank_main(rank: int, cp: int, port: int, timeout: float, start_timeout: floa
     def report(event: tuple[Any, ...]) -> None:
         conn.send_bytes(pickle.dumps(event))
 
-    try:
-        fn, args, kwargs = pickle.loads(payload)
-        inner = _join_gloo(rank, cp, port, start_timeout, timeout)
-    except BaseException as exc:  # noqa: BLE001 - sent to the watchdog, which reports it
-        report(_raised_event(exc))
-        return
     def ask(event: tuple[Any, ...]) -> bytes | None:
         report(event)
         return _message(conn, None)
 
-    group = RecordingGroup(inner, report, ask)
-    world = dist.distributed_c10d._world
-    world.pg_map[group] = world.pg_map[inner]
-    world.pg_group_ranks[group] = {r: r for r in range(cp)}
+    try:
+        fn, args, kwargs, dims = pickle.loads(payload)
+        inner = _join_gloo(rank, cp, port, start_timeout, timeout)
+        groups = RankGroups(inner, report, ask, _gloo_timeout(timeout, start_timeout))
+        first = RankMesh(rank, cp, groups.world, groups.mesh(dims)) if dims else groups.world
+    except BaseException as exc:  # noqa: BLE001 - sent to the watchdog, which reports it
+        report(_raised_event(exc))
+        return
     report(("ready", os.getpid()))
     if _message(conn, None) == b"go":
         try:
-            value = fn(group, *args, **kwargs)
+            value = fn(first, *args, **kwargs)
             event: tuple[Any, ...] = ("returned", pickle.dumps(value))
         except BaseException as exc:  # noqa: BLE001 - reported per rank, never swallowed silently
             event = _raised_event(exc)
         report(event)
-        if not group.released:
+        if not groups.released:
             _message(conn, None)  # stay in the group until the watchdog says all are done (or is gone)
-    world.pg_map.pop(group, None)
-    world.pg_group_ranks.pop(group, None)
+    groups.close()
     dist.destroy_process_group()
 
 
@@ -149,13 +215,33 @@ def execute_gloo(cp: int, fn: Callable[..., Any], *args: Any, timeout: float = D
     process unpickles its own copy. ``start_timeout`` bounds process start-up and the gloo
     rendezvous; ``timeout`` bounds each collective and the run, as in
     :func:`cpinspect.groups.simulated.execute_spmd`. Never raises for what the ranks do; every rank
-    process has ended when this returns.
+    process has ended when this returns. ``dist.new_group`` inside ``fn`` makes a recorded
+    gloo subgroup (every rank must call it for every subgroup, in the same order).
     """
+    return _execute(cp, None, fn, args, kwargs, timeout, start_timeout)
+
+
+def execute_gloo_mesh(dims: dict[str, int], fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S,
+                      start_timeout: float = DEFAULT_START_TIMEOUT_S,
+                      **kwargs: Any) -> tuple[list[RankState], SpmdError | None]:
+    """:func:`~cpinspect.groups.mesh.execute_mesh` on real gloo processes: ``fn(mesh, *args, **kwargs)``.
+
+    ``mesh`` is a :class:`~cpinspect.groups.mesh.RankMesh` whose groups are real gloo subgroups
+    (made on every process before ``fn`` starts), each recorded; the contract is :func:`execute_gloo`'s.
+    """
+    size = math.prod(int(v) for v in dims.values())
+    mesh_ranks(dims)  # bad dimensions: the InputError here, not in every process
+    return _execute(size, dict(dims), fn, args, kwargs, timeout, start_timeout)
+
+
+def _execute(cp: int, dims: dict[str, int] | None, fn: Callable[..., Any], args: tuple[Any, ...],
+             kwargs: dict[str, Any], timeout: float,
+             start_timeout: float) -> tuple[list[RankState], SpmdError | None]:
     if cp < 1:
         raise ValueError(f"cp must be at least 1, got {cp}")
     timeout = validate_timeout(timeout)
     try:
-        payload = pickle.dumps((fn, args, kwargs))
+        payload = pickle.dumps((fn, args, kwargs, dims))
     except Exception as exc:  # noqa: BLE001 - say what the process backend needs
         raise TypeError(
             f"the gloo backend sends {getattr(fn, '__qualname__', fn)!r} and its arguments to {cp} new processes, "

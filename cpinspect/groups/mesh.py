@@ -7,6 +7,8 @@ that rank (torch's own versions need a default group that one process cannot hol
 ``dist.get_global_rank`` and ``get_group_rank`` work through torch's own registry, filled with
 each subgroup's global ranks. Outside rank threads torch's
 functions run unchanged. Failures in a subgroup name the group and its global ranks.
+``execute_mesh(..., backend="gloo")`` runs the same mesh on real processes
+(:func:`cpinspect.groups.gloo.execute_gloo_mesh`), with the same reports.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ class RankMesh:
 
     rank: int
     size: int
-    world: SimulatedProcessGroup
+    world: dist.ProcessGroup
     groups: dict[str, Any]
 
     def group(self, name: str) -> Any:
@@ -261,12 +263,19 @@ class _patched:  # noqa: N801 - used as a context manager
 
 
 def execute_mesh(dims: dict[str, int], fn: Callable[..., Any], *args: Any, timeout: float = 10.0,
-                 **kwargs: Any) -> tuple[list[RankState], SpmdError | None]:
+                 backend: str = "threads", **kwargs: Any) -> tuple[list[RankState], SpmdError | None]:
     """Run ``fn(mesh, *args, **kwargs)`` on every rank of a mesh such as ``{"dp": 2, "cp": 4}``.
 
     ``mesh.group("cp")`` is the rank's CP group (a real ``ProcessGroup``), ``mesh.world`` its world
     group; ``dist.new_group`` works too. The contract is :func:`~cpinspect.groups.simulated.execute_spmd`'s.
+    ``backend="gloo"`` runs it on real processes (:func:`~cpinspect.groups.gloo.execute_gloo_mesh`).
     """
+    if backend == "gloo":
+        from cpinspect.groups.gloo import execute_gloo_mesh  # gloo builds on this module
+
+        return execute_gloo_mesh(dims, fn, *args, timeout=timeout, **kwargs)
+    if backend != "threads":
+        raise InputError(f"unknown backend {backend!r}", where="backend", fix="use threads or gloo")
     size = 1
     for value in dims.values():
         size *= int(value)
@@ -274,9 +283,9 @@ def execute_mesh(dims: dict[str, int], fn: Callable[..., Any], *args: Any, timeo
 
 
 def run_mesh(dims: dict[str, int], fn: Callable[..., Any], *args: Any, timeout: float = 10.0,
-             **kwargs: Any) -> list[Any]:
+             backend: str = "threads", **kwargs: Any) -> list[Any]:
     """:func:`execute_mesh`, returning every world rank's result or raising its :class:`SpmdError`."""
-    states, failure = execute_mesh(dims, fn, *args, timeout=timeout, **kwargs)
+    states, failure = execute_mesh(dims, fn, *args, timeout=timeout, backend=backend, **kwargs)
     if failure is not None:
         raise failure
     return [s.value for s in states]

@@ -15,6 +15,10 @@ checks shape and dtype before gloo sees it; its ``Work`` tells the watchdog when
 send also waits for the receive), is named as the simulated group names it. ``async_op=True``
 collectives complete at the call, as in the simulated group; only point-to-point is deferred.
 
+Each group of the run has its own ``RecordingGroup`` (the world, a mesh's subgroups, each
+``dist.new_group``: see :class:`cpinspect.groups.gloo.RankGroups`), and every event carries the
+group's key, so the watchdog matches calls per group, as the simulated world does.
+
 What gloo itself does not implement is refused before anything moves, with
 :class:`GlooLimitError` naming the op (never the user's line): an all-gather whose ranks send
 different sizes, and the list ``all_to_all`` with tensors of different shapes (the simulated
@@ -60,9 +64,11 @@ class RecordingGroup(dist.ProcessGroup):
     Any other op still runs on the real gloo backend, unrecorded.
     """
 
-    def __init__(self, inner: dist.ProcessGroup, report: Report, ask: Ask) -> None:
+    def __init__(self, inner: dist.ProcessGroup, report: Report, ask: Ask, gid: Any = None, label: str = "") -> None:
         super().__init__(inner.rank(), inner.size())
         self._inner = inner
+        self.gid = gid  # the watchdog's name for this group: None for the world, else the subgroup's key
+        self.label = label
         self._report = report
         self._ask = ask
         self._seq = 0
@@ -89,10 +95,10 @@ class RecordingGroup(dist.ProcessGroup):
         shapes, dtypes = describe_tensors(tensors)
         call = CollectiveCall(self._seq, op, shapes, dtypes, detail, call_site(3), key)
         self._seq += 1
-        self._answer(("enter", call, meta))
+        self._answer(("enter", self.gid, call, meta))
         work = start()
         work.wait()
-        self._report(("left", call.seq))
+        self._report(("left", self.gid, call.seq))
         return work
 
     def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
@@ -195,8 +201,9 @@ class RecordingGroup(dist.ProcessGroup):
         (tensor,) = tensors
         op_id = self._p2p
         self._p2p += 1
-        self._answer(("post", op_id, kind, int(peer), int(tag), tuple(tensor.shape), tensor.dtype, call_site(3)))
-        return RecordingWork(start(), self._report, op_id)
+        self._answer(("post", self.gid, op_id, kind, int(peer), int(tag), tuple(tensor.shape), tensor.dtype,
+                      call_site(3)))
+        return RecordingWork(start(), self._report, (self.gid, op_id))
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
         return self._post("send", tensors, dst, tag, lambda: self._inner.send(tensors, dst, tag))
@@ -205,13 +212,14 @@ class RecordingGroup(dist.ProcessGroup):
         return self._post("recv", tensors, src, tag, lambda: self._inner.recv(tensors, src, tag))
 
     def __repr__(self) -> str:
-        return f"RecordingGroup(gloo, rank={self.rank()}, size={self.size()})"
+        group = f", group={self.label}" if self.label else ""
+        return f"RecordingGroup(gloo{group}, rank={self.rank()}, size={self.size()})"
 
 
 class RecordingWork(dist.Work):
     """A gloo send's or receive's ``Work``: ``wait()`` tells the watchdog the rank blocks, then that it is done."""
 
-    def __init__(self, inner: dist.Work, report: Report, op_id: int) -> None:
+    def __init__(self, inner: dist.Work, report: Report, op_id: tuple[Any, int]) -> None:
         super().__init__()
         self._inner = inner
         self._report = report
@@ -220,10 +228,10 @@ class RecordingWork(dist.Work):
 
     def wait(self, timeout: object = None) -> bool:
         if not self._done:
-            self._report(("wait", self._op_id))
+            self._report(("wait", *self._op_id))
             self._inner.wait()
             self._done = True
-            self._report(("done", self._op_id))
+            self._report(("done", *self._op_id))
         return True
 
     def is_completed(self) -> bool:

@@ -1,10 +1,10 @@
 """The watchdog side of the gloo backend: the rank processes, their events, the deadlines.
 
 :func:`supervise` starts the rank processes of :func:`cpinspect.groups.gloo.execute_gloo`, waits
-until all joined the gloo group, releases them, and feeds every event they send (entered a
-collective, left it, posted a send or receive, blocked in it, returned, raised, died) into a
-:class:`Watchdog`: the coordinator the thread backend uses, so a divergence is reported with the
-same words as soon as it is visible.
+until all joined the gloo group, releases them, and feeds every event they send (made a subgroup,
+entered a collective, left it, posted a send or receive, blocked in it, returned, raised, died)
+into a :class:`Watchdog`: one coordinator per group, the thread backend's, so a divergence is
+reported with the same words as soon as it is visible.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cpinspect.groups.collectives import DATA_CHECKS
-from cpinspect.groups.coordinator import CollectiveAbort, CollectiveCall, Coordinator, stall_limit
+from cpinspect.groups.coordinator import CollectiveAbort, CollectiveCall, Coordinator, SpmdError, stall_limit
 from cpinspect.groups.p2p import P2POp, PointToPoint
 
 
@@ -28,17 +28,17 @@ class RankProcessError(RuntimeError):
     """A rank's process died, or its exception could not be sent back as it was."""
 
 
-class Watchdog(Coordinator):
-    """The thread backend's coordinator, fed by events from rank processes instead of threads.
+class GroupWatchdog(Coordinator):
+    """One group's coordinator (the world or a subgroup), fed by events from rank processes instead of threads.
 
-    A rank waits for the watchdog's word (``reply``) at each collective, sent once every rank
-    entered it and what they passed fits, and at each send/receive it posts, sent once the
-    mailbox (the thread backend's :class:`~cpinspect.groups.p2p.PointToPoint`, holding meta
+    A rank waits for the watchdog's word (``reply``, by this group's rank) at each collective, sent
+    once every member entered it and what they passed fits, and at each send/receive it posts, sent
+    once the mailbox (the thread backend's :class:`~cpinspect.groups.p2p.PointToPoint`, holding meta
     tensors of the same shapes and dtypes) has checked it against its peer's.
     """
 
-    def __init__(self, size: int, timeout: float) -> None:
-        super().__init__(size, timeout)
+    def __init__(self, size: int, timeout: float, **group: Any) -> None:
+        super().__init__(size, timeout, **group)
         self.reply: Callable[[int, bytes], None] = lambda rank, word: None
         self.mailbox = PointToPoint(self)
         self.posted: dict[tuple[int, int], P2POp] = {}
@@ -94,51 +94,127 @@ class Watchdog(Coordinator):
 
     def finish(self, rank: int, value: Any = None, error: BaseException | None = None, site: str = "") -> None:
         super().finish(rank, value, error, site)
-        if self.states[rank].died:  # died() reports it as RANK_DIED, naming where the others wait
+        if self.states[rank].died:  # reported as RANK_DIED, naming where the others wait
             return
         with self.cond:
             for op in list(self.blocked_in.values()):
                 if self.failure is None:
                     self.mailbox.peer_gone(op)
 
-    def _unmatched_waits(self) -> bool:
+    def unmatched_waits(self) -> bool:
         """Some rank waits in a send/receive not yet matched (a matched one is gloo moving data: no deadline)."""
         return any(not op.done for op in self.blocked_in.values())
 
-    def left(self, rank: int) -> None:
+    def left(self, rank: int, seq: int = -1) -> None:
         with self.cond:
             if self.failure is None:
                 self.states[rank].status = "running"
 
+    def expire(self, now: float) -> None:
+        """Fail a collective that no member arrived at for ``timeout`` seconds, or an unmatched send/receive."""
+        for seq in sorted(self.pending):
+            if self.failure is None and now >= self.wait_deadline(seq):
+                first = min(self.pending[seq].items())[1][0]
+                self.fail_timeout(first)
+        if self.failure is None and self.unmatched_waits() and now >= self.progress + self.timeout:
+            self.mailbox.fail_timeout()
+
+    def deadlines(self) -> list[float]:
+        return [self.wait_deadline(seq) for seq in self.pending] + (
+            [self.progress + self.timeout] if self.unmatched_waits() else [])
+
+
+class Watchdog:
+    """Every group of one gloo run (the world first, then each subgroup as its members announce it),
+    sharing one lock and failing together, as :class:`~cpinspect.groups.mesh.SimulatedWorld` does
+    for threads. Events name the group (``None``: the world) and the rank's global rank; a
+    subgroup's failure names the group and its global ranks with the simulated group's words.
+    """
+
+    def __init__(self, size: int, timeout: float) -> None:
+        self.world = GroupWatchdog(size, timeout)
+        self.size, self.timeout, self.cond, self.states = size, self.world.timeout, self.world.cond, self.world.states
+        self.groups: dict[Any, GroupWatchdog] = {None: self.world}
+        self.reply: Callable[[int, bytes], None] = lambda rank, word: None  # by global rank
+        self.world.reply = lambda rank, word: self.reply(rank, word)
+
+    @property
+    def failure(self) -> SpmdError | None:
+        return self.world.failure
+
+    def fail(self, kind: str, message: str) -> None:
+        self.world.fail(kind, message)
+
+    def outcome(self) -> SpmdError | None:
+        return self.world.outcome()
+
+    def add_group(self, gid: Any, members: list[int], label: str) -> None:
+        """The subgroup ``gid`` of global ranks ``members`` (announced by each member; made once)."""
+        with self.cond:
+            if gid in self.groups:
+                return
+            group = GroupWatchdog(len(members), self.timeout, cond=self.cond, label=label, global_ranks=members,
+                                  linked=self.world.linked)
+            group.reply = lambda rank, word: self.reply(members[rank], word)
+            self.world.linked.append(group)
+            self.groups[gid] = group
+
+    def member(self, gid: Any, rank: int) -> tuple[GroupWatchdog, int]:
+        group = self.groups[gid]
+        return group, group.global_ranks.index(rank)
+
+    def start_clock(self) -> None:
+        with self.cond:
+            for group in self.groups.values():
+                group.progress = time.monotonic()
+
+    def finish(self, rank: int, value: Any = None, error: BaseException | None = None, site: str = "") -> None:
+        for group in list(self.groups.values()):  # the world first, then subgroups: the simulated order
+            if rank in group.global_ranks:
+                group.finish(group.global_ranks.index(rank), value, error, site)
+
     def died(self, rank: int, code: int | None) -> None:
         """``rank``'s process ended without a result: ``RANK_DIED``, naming the signal and where the others wait."""
         with self.cond:
-            state = self.states[rank]
-            state.died = _how(code)
-            self.finish(rank, error=RankProcessError(f"the process of rank {rank} {state.died} before reporting "
-                                                     "a result"))
-            others = "; ".join(s.describe() for s in self.states if s.rank != rank) or "no other rank"
-            self.fail("died", f"{state.describe()}. The other ranks: {others}. This is not a divergence: the process "
-                              "ended (out of memory, a signal from outside, or a crash in native code)")
+            for group in self.groups.values():
+                if rank in group.global_ranks:
+                    group.states[group.global_ranks.index(rank)].died = _how(code)
+            self.finish(rank, error=_died(rank, code))
+            others = "; ".join(self.where(s.rank) for s in self.states if s.rank != rank) or "no other rank"
+            self.fail("died", f"{self.states[rank].describe()}. The other ranks: {others}. This is not a divergence: "
+                              "the process ended (out of memory, a signal from outside, or a crash in native code)")
+
+    def where(self, rank: int) -> str:
+        """``rank``'s state, from the subgroup it waits in if it waits in one."""
+        for group in list(self.groups.values())[1:]:
+            if rank in group.global_ranks:
+                state = group.states[group.global_ranks.index(rank)]
+                if state.status == "waiting":
+                    return f"in group {group.label} (global rank {rank}): {state.describe()}"
+        return self.states[rank].describe()
+
+    def _stalled(self, now: float, limit: float) -> bool:
+        """No collective or unmatched send/receive pending in any group, some rank in its own code, for ``limit`` s."""
+        groups = list(self.groups.values())
+        waiting = {g.global_ranks[s.rank] for g in groups for s in g.states if s.status == "waiting"}
+        return (not any(g.pending or g.unmatched_waits() for g in groups)
+                and any(s.computing and s.rank not in waiting for s in self.states)
+                and now - max(g.progress for g in groups) >= limit)
 
     def expire(self) -> None:
         """Fail a collective that no rank arrived at for ``timeout`` seconds, or ranks stalled in their own code."""
         now = time.monotonic()
         with self.cond:
-            for seq in sorted(self.pending):
-                if self.failure is None and now >= self.wait_deadline(seq):
-                    first = min(self.pending[seq].items())[1][0]
-                    self.fail_timeout(first)
-            if self.failure is None and self._unmatched_waits() and now >= self.progress + self.timeout:
-                self.mailbox.fail_timeout()
-            limit = stall_limit(self.timeout)
-            if self.failure is None and self.stalled(limit):
-                self.fail_stall(limit)
+            for group in list(self.groups.values()):
+                if self.failure is None:
+                    group.expire(now)
+            if self.failure is None and self._stalled(now, stall_limit(self.timeout)):
+                self.world.fail_stall(stall_limit(self.timeout))
 
     def next_deadline(self) -> float:
-        starts = [self.wait_deadline(seq) for seq in self.pending]
-        p2p = [self.progress + self.timeout] if self._unmatched_waits() else []
-        return min([self.progress + stall_limit(self.timeout), time.monotonic() + 1.0, *starts, *p2p])
+        progress = max(g.progress for g in self.groups.values())
+        deadlines = [d for g in self.groups.values() for d in g.deadlines()]
+        return min([progress + stall_limit(self.timeout), time.monotonic() + 1.0, *deadlines])
 
     @property
     def finished(self) -> bool:
@@ -257,8 +333,7 @@ def supervise(ranks: RankProcesses, watchdog: Watchdog, start_timeout: float) ->
     watchdog.reply = ranks.send
     if _start(ranks, watchdog, watchdog.size, start_timeout):
         ranks.send_all(b"go")
-        with watchdog.cond:
-            watchdog.progress = time.monotonic()
+        watchdog.start_clock()
         _watch(ranks, watchdog)
 
 
@@ -277,6 +352,8 @@ def _start(ranks: RankProcesses, watchdog: Watchdog, cp: int, start_timeout: flo
                 watchdog.finish(rank, error=_died(rank, ranks.exit_code(rank)))
             elif event is not None and event[0] == "ready":
                 ready.add(rank)
+            elif event is not None and event[0] == "group":  # a mesh's subgroup, made before the run starts
+                watchdog.add_group(*event[1:])
             elif event is not None and event[0] == "raised":
                 watchdog.finish(rank, error=_remote_error(*event[1:4]), site=event[4])
         failed = [s for s in watchdog.states if s.status == "raised"]
@@ -287,22 +364,20 @@ def _start(ranks: RankProcesses, watchdog: Watchdog, cp: int, start_timeout: flo
     return True
 
 
+_GROUP_EVENTS = {"enter": "enter", "post": "post", "wait": "p2p_wait", "done": "p2p_done", "left": "left"}
+
+
 def _apply(watchdog: Watchdog, ranks: RankProcesses, rank: int, event: tuple[Any, ...] | None) -> None:
     if event is None:
         if watchdog.states[rank].status not in ("returned", "raised"):
             watchdog.died(rank, ranks.exit_code(rank))
         return
     kind = event[0]
-    if kind == "enter":
-        watchdog.enter(rank, *event[1:])
-    elif kind == "post":
-        watchdog.post(rank, *event[1:])
-    elif kind == "wait":
-        watchdog.p2p_wait(rank, event[1])
-    elif kind == "done":
-        watchdog.p2p_done(rank, event[1])
-    elif kind == "left":
-        watchdog.left(rank)
+    if kind == "group":
+        watchdog.add_group(*event[1:])
+    elif kind in _GROUP_EVENTS:  # (kind, group key, ...): for the group's coordinator, by its rank
+        group, member = watchdog.member(event[1], rank)
+        getattr(group, _GROUP_EVENTS[kind])(member, *event[2:])
     elif kind == "returned":
         watchdog.finish(rank, value=pickle.loads(event[1]))
     elif kind == "raised":
