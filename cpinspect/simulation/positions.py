@@ -1,4 +1,4 @@
-"""``simulate --positions``: each rank's expected mRoPE positions, compactly, and the batch's own checked.
+"""``simulate --positions``: each rank's expected mRoPE (or 1-D RoPE) positions, compactly, and the batch's checked.
 
 The maths lives in :mod:`cpinspect.core.mrope`; this module describes it per rank (data only; the
 view is :mod:`cpinspect.views.positions`).
@@ -32,8 +32,8 @@ class PieceSpan:
     chunk: int
     local_first: int
     local_last: int
-    first: tuple[int, int, int]
-    last: tuple[int, int, int]
+    first: tuple[int, ...]  # (t, h, w) under mRoPE, (p,) under 1-D RoPE
+    last: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,13 @@ class ItemSpan:
     segment: int
     held: int
     length: int
-    low: tuple[int, int, int]
-    high: tuple[int, int, int]
+    low: tuple[int, ...]
+    high: tuple[int, ...]
 
 
 @dataclass
 class RankPositions:
-    """One rank's ``[3, local_T]`` positions and their compact description."""
+    """One rank's ``[3, local_T]`` (1-D RoPE: ``[1, local_T]``) positions and their compact description."""
 
     rank: int
     positions: torch.Tensor
@@ -75,6 +75,7 @@ class PositionsExtension:
         self.items: VisionItems | None = None
         self.check = PositionCheck(present=False)
         self.model = ""
+        self.rope = "mrope"
 
     @property
     def findings(self) -> list[Finding]:
@@ -87,14 +88,17 @@ class PositionsExtension:
     def run(self, result: Result) -> None:
         """Compute every rank's positions from ``result`` (a :class:`~cpinspect.simulation.run.Result`)."""
         tokens, layout = result.tokens, result.layout
-        self.model = tokens.model
+        self.model, self.rope = tokens.model, tokens.rope
         logical = _logical_lengths(self.batch, bool(result.padded_tokens))
         items = find_vision_items(result.full_ids, layout.cu_seqlens, tokens,
                                   image_grid_thw=self.batch.image_grid_thw, video_grid_thw=self.batch.video_grid_thw,
                                   split_video_frames=tokens.model == "qwen3-vl", logical_lengths=logical)
-        full = mrope_positions(layout.total_tokens, layout.cu_seqlens, items, tokens, logical_lengths=logical,
-                               second_per_grid_ts=self.batch.second_per_grid_ts,
-                               tokens_per_second=self.tokens_per_second, convention=self.convention)
+        if tokens.rope == "1d":  # each token's offset inside its physical segment
+            full = segment_offsets(layout.total_tokens, layout.cu_seqlens).view(1, -1)
+        else:
+            full = mrope_positions(layout.total_tokens, layout.cu_seqlens, items, tokens, logical_lengths=logical,
+                                   second_per_grid_ts=self.batch.second_per_grid_ts,
+                                   tokens_per_second=self.tokens_per_second, convention=self.convention)
         self.items = items
         token_item = items.token_item(layout.total_tokens)
         self.ranks = [_describe_rank(r.rank, r.global_indices, full, token_item, items, layout) for r in result.ranks]
@@ -112,6 +116,7 @@ class PositionsExtension:
         items = self.items
         document["positions"] = {
             "model": self.model,
+            "rope": self.rope,
             "convention": self.convention,
             "pad_position": PAD_POSITION[self.convention],
             "batch_position_ids": self.check.statuses if self.check.present else None,
@@ -122,6 +127,14 @@ class PositionsExtension:
             ],
         }
         document.setdefault("findings", []).extend(f.to_dict() for f in self.findings)
+
+
+def segment_offsets(total: int, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``[total]`` 1-D RoPE positions: each token's offset inside its physical segment (restarted per segment)."""
+    positions = torch.arange(total)
+    cu = cu_seqlens.to(torch.long)
+    segment = torch.searchsorted(cu[1:], positions, right=True)
+    return positions - cu[segment]
 
 
 def _logical_lengths(batch: PackedBatch, padded: bool) -> torch.Tensor | None:
@@ -159,9 +172,10 @@ def _held_items(positions: torch.Tensor, local_item: torch.Tensor, items: Vision
     vision = local_item >= 0
     item, pos = local_item[vision], positions[:, vision]
     held = torch.zeros(items.count, dtype=torch.long).index_add_(0, item, torch.ones_like(item))
-    index = item.expand(3, -1)
-    low = torch.full((3, items.count), torch.iinfo(torch.long).max).scatter_reduce(1, index, pos, "amin")
-    high = torch.full((3, items.count), -1, dtype=torch.long).scatter_reduce(1, index, pos, "amax")
+    axes = positions.shape[0]
+    index = item.expand(axes, -1)
+    low = torch.full((axes, items.count), torch.iinfo(torch.long).max).scatter_reduce(1, index, pos, "amin")
+    high = torch.full((axes, items.count), -1, dtype=torch.long).scatter_reduce(1, index, pos, "amax")
     present = torch.nonzero(held).view(-1)
     return [ItemSpan(items.label(i), s, n, length, tuple(lo), tuple(hi)) for i, s, n, length, lo, hi in zip(
         present.tolist(), items.segment[present].tolist(), held[present].tolist(), items.length[present].tolist(),

@@ -42,8 +42,12 @@ def _limited(entries: list[Any], full: bool, limit: int = 8) -> tuple[list[Any],
 def render_positions(ext: PositionsExtension, *, rank: int | None = None, full: bool = False) -> RenderableType:
     """Per rank: positions at each held piece's ends and, per vision item, the t/h/w ranges held."""
     convention = "Megatron-Bridge / transformers<5" if ext.convention == "bridge" else "transformers>=5"
-    title = Text(f"mRoPE positions ({ext.model}, restarted per physical segment, {convention} convention, pads "
-                 f"= {PAD_POSITION[ext.convention]})", style="bold")
+    if ext.rope == "1d":
+        title = Text("1-D RoPE positions (--rope 1d: each token's offset in its physical segment; padding is not "
+                     "judged)", style="bold")
+    else:
+        title = Text(f"mRoPE positions ({ext.model}, restarted per physical segment, {convention} convention, pads "
+                     f"= {PAD_POSITION[ext.convention]})", style="bold")
     parts: list[RenderableType] = [title]
     for entry in ext.ranks if rank is None else [ext.ranks[rank]]:
         parts.append(_rank_view(entry, full))
@@ -77,9 +81,10 @@ def _rank_view(entry: RankPositions, full: bool) -> RenderableType:
         grid.add_row("  ...", f"{more} more segment(s); --full shows all")
     items, more = _limited(entry.items, full)
     for item in items:
-        grid.add_row(f"  {item.label} (seg {item.segment})",
-                     f"{item.held} of {item.length} tokens   t {_span(item.low[0], item.high[0])}   "
-                     f"h {_span(item.low[1], item.high[1])}   w {_span(item.low[2], item.high[2])}")
+        ranges = (f"positions {_span(item.low[0], item.high[0])}" if len(item.low) == 1 else
+                  f"t {_span(item.low[0], item.high[0])}   h {_span(item.low[1], item.high[1])}   "
+                  f"w {_span(item.low[2], item.high[2])}")
+        grid.add_row(f"  {item.label} (seg {item.segment})", f"{item.held} of {item.length} tokens   {ranges}")
     if more:
         grid.add_row("  ...", f"{more} more vision item(s); --full shows all")
     if not entry.items:
