@@ -30,7 +30,9 @@ def check(result: Result) -> list[Finding]:
             f"Packed CP ranks contain {total_gathered} vision tokens, but the vision encoder produced "
             f"{result.vision_embed_count} embeddings.",
             "placeholder tokens and image/video grids disagree: check truncation of vision spans and the grids "
-            "passed to the encoder",
+            "passed to the encoder" + (" (audio placeholders take the rows of their items' audio lengths: "
+                                       "`cpinspect diagnose` checks them per item)"
+                                       if result.tokens.audio_token_id is not None else ""),
         ))
     for rank in result.ranks:
         holds = int(rank.local_mask.sum())

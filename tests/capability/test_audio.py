@@ -48,6 +48,19 @@ def test_audio_rows_are_selected_and_broken_down_per_modality(tmp_path, seed):
                                   "audio": sum(ids[g] == AUDIO_PAD for g in h)} for h in held]
 
 
+def test_an_embed_count_gap_under_an_omni_preset_points_to_the_audio_rows(tmp_path):
+    batch = omni_batch(3, 2)
+    batch["vision_embed_count"] = torch.tensor(1)  # surely not the placeholders' rows
+    torch.save(batch, tmp_path / "omni.pt")
+    result = runner.invoke(app, ["simulate", str(tmp_path / "omni.pt"), "--cp", "2", "--model", "qwen3-omni",
+                                 "--no-color"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "EMBED_COUNT_MISMATCH" in text
+    assert "audio placeholders take the rows of their items' audio lengths" in text
+    vl = runner.invoke(app, ["simulate", str(tmp_path / "omni.pt"), "--cp", "2", "--no-color"])
+    assert "audio placeholders" not in " ".join(vl.output.split())
+
+
 def test_the_vl_presets_leave_audio_ids_as_text(tmp_path):
     batch = omni_batch(1, 2)
     torch.save(batch, tmp_path / "omni.pt")
