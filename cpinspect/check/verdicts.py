@@ -91,6 +91,7 @@ class CaseResult:
             "logical_segments": self.case.logical_lengths,
             "tokens": self.case.total_tokens, "vision_tokens": self.case.vision_tokens, "verdict": self.verdict,
             "summary": self.summary, "ranks": [r.to_dict() for r in self.ranks],
+            **({} if self.case.segment_cp is None else {"local_cp_size": self.case.segment_cp.tolist()}),
         }
 
 

@@ -114,7 +114,9 @@ def test_cli_saves_local_cp_size_and_replays(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["check", ZIGZAG_IMPL, "--layout", "hybrid", "--cp", "2,4", "--cases", "8",
                               "--out", str(out), "--json"])
     assert bad.exit_code == 1, bad.output
-    shrunk = json.loads(bad.stdout)["shrunk"][0]
+    report = json.loads(bad.stdout)
+    assert all(len(r["local_cp_size"]) == len(r["segments"]) for r in report["results"])
+    shrunk = report["shrunk"][0]
     saved = load_file(shrunk["path"])
     cu = saved["cu_seqlens_padded" if "cu_seqlens_padded" in saved else "cu_seqlens"].tolist()
     assert len(saved["local_cp_size"].tolist()) == len(cu) - 1
