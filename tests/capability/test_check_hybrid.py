@@ -115,7 +115,8 @@ def test_cli_saves_local_cp_size_and_replays(tmp_path: Path) -> None:
                               "--out", str(out), "--json"])
     assert bad.exit_code == 1, bad.output
     report = json.loads(bad.stdout)
-    assert all(len(r["local_cp_size"]) == len(r["segments"]) for r in report["results"])
+    failed = [r for r in report["results"] if r["verdict"] != PASS]
+    assert failed and all(len(r["local_cp_size"]) == len(r["segments"]) for r in failed)
     shrunk = report["shrunk"][0]
     saved = load_file(shrunk["path"])
     cu = saved["cu_seqlens_padded" if "cu_seqlens_padded" in saved else "cu_seqlens"].tolist()
