@@ -7,12 +7,14 @@ pre-sharded batch must be in that layout, which the check cannot see from the da
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from cpinspect.check.cases import TEXT_TOKEN_ID, Case
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
+from cpinspect.core.hybrid import KIND as HYBRID
 from cpinspect.core.layout import check_divisible, make_layout, pad_multiple, rule_of
 from cpinspect.core.tokens import TokenConfig, token_config
 from cpinspect.core.vision_items import batch_embedding_rows, placeholder_mask
@@ -25,6 +27,8 @@ def cases_from_batch(batch: PackedBatch, cps: Sequence[int], tokens: TokenConfig
     A full row runs at every requested cp the layout can cut it at (zigzag: ``2*cp`` divides its
     segments); a pre-sharded batch (one row per rank, in ``layout``) runs at the cp it was cut for.
     """
+    if (batch.local_cp_size is not None) != (layout == HYBRID) or (layout == HYBRID and batch.per_rank_files):
+        raise _hybrid_mismatch(batch, layout)
     if batch.per_rank_files:
         case = _presharded_case(batch, tokens, layout)
         elsewhere = f"{batch.source} is pre-sharded for cp {case.cp}, so it was checked at cp {case.cp} only"
@@ -37,6 +41,8 @@ def cases_from_batch(batch: PackedBatch, cps: Sequence[int], tokens: TokenConfig
             where=batch.source,
             fix="pass a full row, or the directory (or list) of every rank's pre-sharded file",
         )
+    if layout == HYBRID:
+        return _hybrid_cases(batch, cps, tokens)
     usable = [cp for cp in cps if _divisible(batch.cu_seqlens, cp, layout)]
     if not usable:
         check_divisible(batch.cu_seqlens, cps[0], layout)  # raises the message naming the first bad segment
@@ -44,6 +50,44 @@ def cases_from_batch(batch: PackedBatch, cps: Sequence[int], tokens: TokenConfig
     mask = batch.vision_mask[0] if batch.vision_mask else placeholder_mask(ids, tokens)
     cases = [_batch_case(batch, f"{batch.source} at cp {cp}", cp, ids, mask, tokens, layout) for cp in usable]
     notes = [f"{batch.source} was skipped at cp {cp}: {_not_divisible(cp, layout)}" for cp in cps if cp not in usable]
+    return cases, notes
+
+
+def _hybrid_mismatch(batch: PackedBatch, layout: str) -> InputError:
+    if batch.per_rank_files:
+        return InputError(f"{batch.source} is pre-sharded, and check --layout hybrid reads full rows only",
+                          where=batch.source, fix="pass the full packed row with its local_cp_size field")
+    if layout == HYBRID:
+        return InputError(f"{batch.source} has no local_cp_size field, so --layout hybrid cannot cut it",
+                          where=f"{batch.source}, --layout hybrid",
+                          fix="save one local_cp_size per segment in the batch, or drop --layout hybrid")
+    return InputError(
+        f"{batch.source} carries local_cp_size (hybrid CP, each segment its own cp), but check runs --layout "
+        f"{layout}, which would cut it another way", where=f"{batch.source}, key local_cp_size",
+        fix="pass --layout hybrid to cut it by its local_cp_size, or check a batch without that field")
+
+
+def _hybrid_cases(batch: PackedBatch, cps: Sequence[int], tokens: TokenConfig) -> tuple[list[Case], list[str]]:
+    """The full row at every requested cp its ``local_cp_size`` fits (each size divides it; the first error
+    raised where none does); the row is cut as saved (no padding added: a saved case is padded already)."""
+    from cpinspect.core.hybrid import hybrid_layout, segment_cp_sizes
+
+    ids = batch.rows[0]
+    mask = batch.vision_mask[0] if batch.vision_mask else placeholder_mask(ids, tokens)
+    cases, notes, first_error = [], [], None
+    for cp in cps:
+        try:
+            sizes = segment_cp_sizes(cp, batch.num_segments, batch_value=batch.local_cp_size)
+            assert sizes is not None
+            hybrid_layout(batch.cu_seqlens, cp, sizes)  # the exit-2 errors for cuts and unequal shares
+        except InputError as error:
+            first_error = first_error or error
+            notes.append(f"{batch.source} was skipped at cp {cp}: {error}")
+            continue
+        case = _batch_case(batch, f"{batch.source} at cp {cp}", cp, ids, mask, tokens, HYBRID)
+        cases.append(replace(case, segment_cp=sizes))
+    if not cases and first_error is not None:
+        raise first_error
     return cases, notes
 
 

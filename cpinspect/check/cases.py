@@ -26,7 +26,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cpinspect.core.layout import make_layout, pad_multiple, pad_row, padded_boundaries, rule_of
+from cpinspect.core.hybrid import KIND as HYBRID
+from cpinspect.core.hybrid import with_pad_sequences
+from cpinspect.core.layout import Layout, make_layout, pad_multiple, pad_row, padded_boundaries, rule_of
 from cpinspect.core.synth import TEXT_HIGH, TEXT_LOW, build_batch, random_batch
 from cpinspect.core.tokens import TokenConfig, token_config
 from cpinspect.core.vision_items import placeholder_mask
@@ -56,6 +58,11 @@ class Case:
     tokens: TokenConfig
     explicit_mask: bool = False
     layout: str = "zigzag"
+    segment_cp: torch.Tensor | None = None  # hybrid layout only: ``[S]`` each segment's local cp
+
+    def plan(self) -> Layout:
+        """The case's :class:`~cpinspect.core.layout.Layout` (hybrid: built from ``segment_cp``)."""
+        return make_layout(self.cu_seqlens, self.cp, self.layout, self.segment_cp)
 
     @property
     def total_tokens(self) -> int:
@@ -92,6 +99,9 @@ class Case:
         parts = [str(p) if q == p else f"{q} in {p}" for q, p in zip(logical, lengths)]
         shown = ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
         layout = "" if self.layout == "zigzag" else f", {self.layout} layout"
+        if self.segment_cp is not None:
+            sizes = self.segment_cp.tolist()
+            layout += f" (local cp {', '.join(map(str, sizes[:6]))}{', ...' if len(sizes) > 6 else ''})"
         return (
             f"cp {self.cp}{layout}, {self.num_segments} segment(s) [{shown}], {self.total_tokens} tokens, "
             f"{self.vision_tokens} vision"
@@ -99,7 +109,7 @@ class Case:
 
     def global_indices(self) -> torch.Tensor:
         """``[cp, T / cp]`` global position of every local position, in the case's layout."""
-        return make_layout(self.cu_seqlens, self.cp, self.layout).all_global_indices()
+        return self.plan().all_global_indices()
 
     def local_masks(self) -> torch.Tensor:
         """``[cp, T / cp]`` every rank's local vision mask."""
@@ -138,13 +148,15 @@ class Case:
     def fitted(self) -> Case:
         """The row padded as its layout's rule pads (:func:`~cpinspect.core.layout.padded_boundaries`; pad
         positions are text, outside the logical boundaries); the case itself where it already fits."""
-        physical = padded_boundaries(self.cu_seqlens, self.cp, self.layout)
+        physical = padded_boundaries(self.cu_seqlens, self.cp, self.layout, segment_cp=self.segment_cp)
         if torch.equal(physical, self.cu_seqlens):
             return self
+        logical = self.logical_or_physical  # pad sequences hybrid appends are segments of logical length 0
+        logical = torch.cat([logical, logical[-1:].expand(physical.numel() - logical.numel())])
         return replace(
             self, input_ids=pad_row(self.input_ids, self.cu_seqlens, physical, self.tokens.pad_token_id),
             vision_mask=pad_row(self.vision_mask, self.cu_seqlens, physical, False), cu_seqlens=physical,
-            logical_cu_seqlens=self.logical_or_physical.clone(),
+            logical_cu_seqlens=logical, segment_cp=with_pad_sequences(self.segment_cp, physical),
         )
 
     def keep(self, keep: torch.Tensor, cp: int | None = None, name: str | None = None) -> Case:
@@ -163,8 +175,11 @@ class Case:
         cu = _cumsum(new_len[present])
         logical = _cumsum(new_logical[present]) if self.logical_cu_seqlens is not None else None
         dropped_vision = int((self.vision_mask & ~keep).sum())
+        segment_cp = None if self.segment_cp is None else self.segment_cp[present]
+        if segment_cp is not None and cp is not None:  # clamped: the largest divisor of the new cp that divides c
+            segment_cp = torch.gcd(segment_cp, torch.tensor(cp))
         return replace(
-            self, name=name or self.name, cp=cp or self.cp, input_ids=self.input_ids[keep],
+            self, name=name or self.name, cp=cp or self.cp, segment_cp=segment_cp, input_ids=self.input_ids[keep],
             vision_mask=self.vision_mask[keep], cu_seqlens=cu,
             logical_cu_seqlens=logical if logical is None or not torch.equal(logical, cu) else None,
             vision_embed_count=self.vision_embed_count - dropped_vision,
@@ -185,8 +200,24 @@ def generate_cases(cps: Sequence[int], count: int, seed: int, tokens: TokenConfi
         cp = cps[index % len(cps)]
         kind = KINDS[(index // len(cps)) % len(KINDS)]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        cases.append(BUILDERS[kind](generator, cp, tokens, f"case {index} ({kind}, seed {seed})", layout))
+        name = f"case {index} ({kind}, seed {seed})"
+        if layout == HYBRID:
+            cases.append(with_local_cp(BUILDERS[kind](generator, cp, tokens, name, "zigzag"), generator))
+        else:
+            cases.append(BUILDERS[kind](generator, cp, tokens, name, layout))
     return cases
+
+
+def with_local_cp(case: Case, generator: torch.Generator) -> Case:
+    """The zigzag ``case`` as a hybrid case: each segment's local cp drawn from the divisors of its cp (after
+    every draw the zigzag case made, so those stay what they were), then padded as hybrid CP pads: segments
+    to ``2c`` (zigzag cases already are) and pad sequences (local cp 1) until every rank holds one share."""
+    divisors = torch.tensor([d for d in range(1, case.cp + 1) if case.cp % d == 0])
+    drawn = divisors[torch.randint(divisors.numel(), (case.num_segments,), generator=generator)]
+    hybrid = replace(case, layout=HYBRID, segment_cp=drawn).fitted()
+    if case.kind == "empty-rank" and case.cp > 1:  # empty the ranks of the hybrid cut, not of the zigzag one
+        return _emptied(hybrid, generator)
+    return hybrid
 
 
 def _randint(generator: torch.Generator, low: int, high: int) -> int:
@@ -264,10 +295,15 @@ def _empty_rank(generator: torch.Generator, cp: int, tokens: TokenConfig, name: 
     case = _from_mask(name, "empty-rank", cp, lengths, _random_runs(generator, lengths), tokens, generator, layout)
     if cp == 1:
         return case.with_mask(torch.zeros_like(case.vision_mask))
-    empty = torch.randperm(cp, generator=generator)[: _randint(generator, 1, cp - 1)]
+    return _emptied(case, generator)
+
+
+def _emptied(case: Case, generator: torch.Generator) -> Case:
+    """``case`` with no vision token on 1 to cp-1 random ranks of its layout (at least one vision token left)."""
+    empty = torch.randperm(case.cp, generator=generator)[: _randint(generator, 1, case.cp - 1)]
     allowed = ~torch.isin(case.owner_of_positions(), empty) & case.real_positions()
     mask = case.vision_mask & allowed
-    if not mask.any():  # keep at least one vision token so the non-empty ranks really gather something
+    if not mask.any() and allowed.any():  # keep one vision token so the non-empty ranks really gather something
         mask[int(torch.nonzero(allowed)[0])] = True
     return case.with_mask(mask)
 

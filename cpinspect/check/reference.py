@@ -75,6 +75,7 @@ def full_fields(case: Case) -> dict[str, Any]:
         "input_ids": case.input_ids.view(1, -1).clone(), "vision_mask": case.vision_mask.clone(),
         "cu_seqlens": case.logical_or_physical.to(torch.int32), "cu_seqlens_padded": case.cu_seqlens.to(torch.int32),
         "vision_embed_count": case.vision_embed_count, "image_token_id": token_config().image_token_id,
+        **({} if case.segment_cp is None else {"local_cp_size": case.segment_cp.to(torch.int32)}),
     }
 
 

@@ -55,11 +55,12 @@ class _ReturnSite:
 
 def _rank_program(group: Any, adapter: Callable[..., Any], fn: Callable[..., Any], local_masks: torch.Tensor,
                   cu: torch.Tensor, logical: torch.Tensor, count: int, threads: list[int],
-                  local_ids: torch.Tensor) -> Returned:
+                  local_ids: torch.Tensor, local_cp_size: torch.Tensor | None = None) -> Returned:
     """What each simulated rank runs: fresh copies of its inputs, then the user's function."""
     threads.append(threading.get_ident())
     rank = group.rank()
-    inputs = RankInputs(local_masks[rank].clone(), cu.clone(), logical.clone(), count, local_ids[rank].clone())
+    sizes = None if local_cp_size is None else local_cp_size.clone()
+    inputs = RankInputs(local_masks[rank].clone(), cu.clone(), logical.clone(), count, local_ids[rank].clone(), sizes)
     _IN_RANK.active = True
     try:
         with _ReturnSite(fn) as returned:
@@ -119,6 +120,7 @@ def run_case(fn: Callable[..., Any], case: Case, signature: Signature | str = "d
     with keyword_apply_rejected(strict_apply):
         states, failure = execute_spmd(case.cp, _rank_program, signature.call, fn, local_masks, cu, logical,
                                        case.vision_embed_count, threads, case.input_ids[case.global_indices()],
+                                       None if case.segment_cp is None else case.segment_cp.to(torch.int32),
                                        timeout=timeout)
     result = (signature.judge or judge)(case, states, failure)  # before abandoning: a stopped thread updates its state
     if _call_mismatch(states):

@@ -5,7 +5,10 @@ smallest (a smaller cp, fewer segments, no padding, shorter segments, fewer visi
 the first one that still fails, start again, stop when none does or the budget is spent. Every
 candidate stays a valid row of the case's layout: under the zigzag rule segments shrink by the same
 offset in each of their ``2*cp`` chunks, so the lengths stay divisible by ``2*cp``; under the other
-rules :meth:`~cpinspect.check.cases.Case.keep` pads the row's end again as the layout pads.
+rules :meth:`~cpinspect.check.cases.Case.keep` pads the row's end again as the layout pads. Under hybrid CP a
+segment's chunks are its own ``2c``; a smaller cp clamps each segment's local cp to the largest divisor of
+the new cp that divides it (``gcd(c, cp)``, no re-draw), and :meth:`~cpinspect.check.cases.Case.keep` pads
+segments to ``2c`` and appends pad sequences for equal shares again.
 
 The result is saved as a ``.safetensors`` batch that ``cpinspect simulate`` and ``cpinspect
 check --batch`` load.
@@ -78,13 +81,27 @@ def candidates(case: Case, min_cp: int = 1) -> Iterator[Case]:
 def with_cp(case: Case, cp: int) -> Case:
     """The case at a smaller cp, cut to what its layout's rule divides: each segment trimmed to a multiple of
     ``2*cp`` under the zigzag rule (empty ones dropped), the row's end to a multiple otherwise."""
-    multiple = pad_multiple(cp, case.layout)
+    multiple: int | torch.Tensor = pad_multiple(cp, case.layout)
     if rule_of(case.layout) != "zigzag":
         return case.keep(torch.arange(case.total_tokens) < case.total_tokens // multiple * multiple, cp=cp)
+    if case.segment_cp is not None:  # hybrid: each segment's clamped local cp (see the module docstring)
+        multiple = _chunk_counts(torch.gcd(case.segment_cp, torch.tensor(cp)))
     segment = case.segment_of_positions()
     offset = torch.arange(case.total_tokens) - case.cu_seqlens[segment]
     lengths = case.cu_seqlens[1:] - case.cu_seqlens[:-1]
     return case.keep(offset < (lengths // multiple * multiple)[segment], cp=cp)
+
+
+def _chunk_counts(segment_cp: torch.Tensor) -> torch.Tensor:
+    """``[S]`` equal chunks of every hybrid segment: ``2c`` (``c`` = 1: one)."""
+    return torch.where(segment_cp > 1, 2 * segment_cp, 1)
+
+
+def _segment_chunks(case: Case) -> torch.Tensor:
+    """``[S]`` the equal chunks every segment of ``case`` is cut into."""
+    if case.segment_cp is not None:
+        return _chunk_counts(case.segment_cp)
+    return torch.full((case.num_segments,), 2 * case.cp if case.cp > 1 else 1)
 
 
 def _fewer_segments(case: Case) -> Iterator[Case]:
@@ -102,8 +119,7 @@ def _fewer_segments(case: Case) -> Iterator[Case]:
 def _chunk_offsets(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per position: its segment, its offset inside its chunk, and its segment's chunk length."""
     segment = case.segment_of_positions()
-    chunks = 2 * case.cp if case.cp > 1 else 1
-    chunk_len = ((case.cu_seqlens[1:] - case.cu_seqlens[:-1]) // chunks)[segment]
+    chunk_len = ((case.cu_seqlens[1:] - case.cu_seqlens[:-1]) // _segment_chunks(case))[segment]
     offset = torch.arange(case.total_tokens) - case.cu_seqlens[segment]
     return segment, offset % chunk_len.clamp(min=1), chunk_len
 
@@ -113,7 +129,7 @@ def _shorter_segments(case: Case) -> Iterator[Case]:
     segment, within, chunk_len = _chunk_offsets(case)
     lengths = (case.cu_seqlens[1:] - case.cu_seqlens[:-1]).tolist()
     order = sorted(range(case.num_segments), key=lambda s: -lengths[s])
-    per_segment_chunk = [lengths[s] // (2 * case.cp if case.cp > 1 else 1) for s in range(case.num_segments)]
+    per_segment_chunk = [n // chunks for n, chunks in zip(lengths, _segment_chunks(case).tolist())]
     for index in order:
         length = per_segment_chunk[index]
         if length < 2:
@@ -168,6 +184,8 @@ def save_case(case: Case, directory: Path, stem: str) -> Path:
     placeholders = placeholder_mask(case.input_ids, case.tokens)
     if case.explicit_mask or not torch.equal(placeholders, case.vision_mask):  # the ids alone would mislead
         tensors["vision_mask"] = case.vision_mask.contiguous()
+    if case.segment_cp is not None:  # hybrid CP: what simulate and check --batch --layout hybrid read
+        tensors["local_cp_size"] = case.segment_cp.to(torch.int32).contiguous()
     layout = {} if case.layout == "zigzag" else {"layout": case.layout}
     save_file(tensors, str(path), metadata={"cpinspect": "shrunk failing case", "cp": str(case.cp),
                                             "from": case.name, **layout})
@@ -180,10 +198,14 @@ def replay_commands(target: str, path: Path, cp: int, signature: str, token_flag
     (both with ``--layout`` unless it is the default zigzag)."""
     layout_flags = [] if layout == "zigzag" else ["--layout", layout]
     tokens = "".join(f" {shlex.quote(flag)}" for flag in [*layout_flags, *token_flags])
+    if layout == "hybrid":  # simulate takes hybrid CP from the file's local_cp_size, not from --layout
+        simulate_flags = "".join(f" {shlex.quote(flag)}" for flag in token_flags)
+    else:
+        simulate_flags = tokens
     extra = "".join(f" {shlex.quote(flag)}" for flag in check_flags)
     signature_flag = f" --signature {shlex.quote(signature)}" if signature != "default" else ""
     quoted = shlex.quote(str(path))
     return [
         f"cpinspect check {shlex.quote(target)} --batch {quoted} --cp {cp} --cases 0{signature_flag}{tokens}{extra}",
-        f"cpinspect simulate --cp {cp} {quoted}{tokens}",
+        f"cpinspect simulate --cp {cp} {quoted}{simulate_flags}",
     ]

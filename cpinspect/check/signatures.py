@@ -39,6 +39,7 @@ class RankInputs:
     logical_cu_seqlens: torch.Tensor
     vision_embed_count: int
     input_ids: Optional[torch.Tensor] = None
+    local_cp_size: Optional[torch.Tensor] = None  # hybrid CP: ``[S]`` int32, each segment's local cp
 
 
 @dataclass
@@ -260,7 +261,7 @@ def _local_ids(inputs: RankInputs) -> torch.Tensor:
 
 GROUP_NAMES = ("group", "cp_group", "process_group", "pg")
 BATCH_FIELDS = ("input_ids", "vision_mask", "cu_seqlens", "cu_seqlens_padded", "vision_embed_count",
-                "image_token_id")
+                "image_token_id", "local_cp_size")
 
 
 def _generic_fits(fn: Callable[..., Any]) -> bool:
@@ -289,6 +290,7 @@ def generic_fields(inputs: RankInputs, input_ids: torch.Tensor | None = None) ->
         "vision_mask": inputs.vision_mask, "cu_seqlens": inputs.logical_cu_seqlens,
         "cu_seqlens_padded": inputs.cu_seqlens, "vision_embed_count": inputs.vision_embed_count,
         "image_token_id": token_config().image_token_id,
+        **({} if inputs.local_cp_size is None else {"local_cp_size": inputs.local_cp_size}),
     }
 
 
@@ -314,6 +316,6 @@ SIGNATURES["generic"] = Signature(
     "fn(group, **batch) -> LongTensor; the rank's process group first (named group, cp_group, process_group or pg), "
     "then, as keywords, the fields of the rank's batch the function names (**batch: all): input_ids [1, local_T], "
     "vision_mask [local_T], cu_seqlens (logical) and cu_seqlens_padded (physical) [S+1] int32 as in a batch file, "
-    "vision_embed_count, image_token_id",
+    "vision_embed_count, image_token_id; under --layout hybrid also local_cp_size [S] int32 (each segment's cp)",
     _call_generic, 1, (), GROUP_NAMES, _generic_fits,
 )

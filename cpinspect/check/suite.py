@@ -25,6 +25,7 @@ from cpinspect.check.uniformity import Uniformity, check_uniformity
 from cpinspect.check.verdicts import TIMEOUT, CaseResult
 from cpinspect.core.batch import PackedBatch
 from cpinspect.core.errors import InputError
+from cpinspect.core.hybrid import KIND as HYBRID
 from cpinspect.core.layout import LAYOUTS
 from cpinspect.core.loading import load_batch
 from cpinspect.core.tokens import TokenConfig, token_config
@@ -112,9 +113,9 @@ def run_check(
 
 def check_layout_name(layout: str) -> None:
     """The exit-2 error for a layout ``check`` cannot cut its cases by (before any case runs)."""
-    if layout not in LAYOUTS:
+    if layout not in (*LAYOUTS, HYBRID):
         raise InputError(f"check cannot cut its cases by the {layout!r} layout", where="--layout",
-                         fix=f"use one of {', '.join(LAYOUTS)} (hybrid CP and --layout-from are simulate's only)")
+                         fix=f"use one of {', '.join((*LAYOUTS, HYBRID))} (--layout-from is simulate's only)")
 
 
 def _validate(cps: list[int], cases: int, timeout: float, layout: str) -> None:

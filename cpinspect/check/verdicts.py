@@ -17,7 +17,7 @@ import torch
 
 from cpinspect.check.cases import Case
 from cpinspect.core.compare import compare_rows
-from cpinspect.core.layout import Place, make_layout
+from cpinspect.core.layout import Place
 from cpinspect.core.oracle import expected_rows, global_positions
 from cpinspect.core.ranges import format_ranges
 from cpinspect.groups.callsite import error_site
@@ -91,12 +91,15 @@ class CaseResult:
             "logical_segments": self.case.logical_lengths,
             "tokens": self.case.total_tokens, "vision_tokens": self.case.vision_tokens, "verdict": self.verdict,
             "summary": self.summary, "ranks": [r.to_dict() for r in self.ranks],
+            **({} if self.case.segment_cp is None else {"local_cp_size": self.case.segment_cp.tolist()}),
         }
 
 
 def judge(case: Case, states: list[RankState], failure: SpmdError | None) -> CaseResult:
     """Turn the ranks' final states into verdicts (see the module docstring for the order)."""
-    expected = [expected_rows(case.vision_mask, global_positions(case.layout, case.cu_seqlens, case.cp, r))
+    # hybrid CP: simulate's oracle, the rows at the layout's own index map (its placement is a model, no formula)
+    kind, index_map = ("file", case.global_indices()) if case.segment_cp is not None else (case.layout, None)
+    expected = [expected_rows(case.vision_mask, global_positions(kind, case.cu_seqlens, case.cp, r, index_map))
                 for r in range(case.cp)]
     raised = [s for s in states if s.status == "raised" and not isinstance(s.error, CollectiveAbort)]
     if failure is not None and failure.kind == "timeout":
@@ -166,7 +169,7 @@ class _Places:
     """Layout facts of one case, computed once, to name where a rank's first wrong row lies."""
 
     def __init__(self, case: Case) -> None:
-        self.layout = make_layout(case.cu_seqlens, case.cp, case.layout)
+        self.layout = case.plan()
         self.local_masks = case.local_masks()
 
     def of_vision_token(self, rank: int, index: int) -> Place:

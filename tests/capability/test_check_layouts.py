@@ -143,5 +143,5 @@ def test_cli_names_the_layout_and_replays_it(tmp_path: Path, contiguous_impl: st
 
 
 def test_cli_refuses_a_layout_check_cannot_cut_by() -> None:
-    result = CliRunner().invoke(app, ["check", ZIGZAG_IMPL, "--layout", "hybrid", "--cases", "2"])
+    result = CliRunner().invoke(app, ["check", ZIGZAG_IMPL, "--layout", "file", "--cases", "2"])
     assert result.exit_code == 2 and "--layout" in result.output and "Traceback" not in result.output
