@@ -19,6 +19,7 @@ from cpinspect.check.shrink import shrink_case, with_cp
 from cpinspect.check.verdicts import PASS, WRONG_ROWS
 from cpinspect.cli.app import app
 from tests import literal
+from tests.capability.test_check_layouts import _receives
 
 ZIGZAG_IMPL = "examples/impls/correct.py:select_rows"
 
@@ -32,15 +33,6 @@ def _valid_hybrid(case) -> list[list[int]]:
     indices = literal.hybrid_indices(cu, case.cp, sizes)
     assert len({len(held) for held in indices}) == 1, (case.name, [len(h) for h in indices])  # equal shares
     return indices
-
-
-def _receives(seen: dict[int, list[bool]]):
-    def select(vision_mask, cu_seqlens, *, vision_embed_count, cp_group):
-        seen[cp_group.rank()] = vision_mask.tolist()
-        dist.all_gather([torch.zeros(1) for _ in range(cp_group.size())], torch.zeros(1), group=cp_group)
-        return torch.full((int(vision_mask.sum()),), -1, dtype=torch.long)
-
-    return select
 
 
 def hybrid_rows(group, vision_mask, cu_seqlens_padded, local_cp_size, vision_embed_count):
