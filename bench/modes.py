@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from bench.loop_reference import loop_vision_rows
-from bench.replay import ReplayGroup
+from bench.replay import ReplayGroup, warm_up_then_capture
 from cpinspect.core.selection import LocalCounts, local_vision_counts, local_vision_row_map
 
 Call = Callable[[], Any]
@@ -70,15 +70,7 @@ def captured(fn: Call) -> Call:
 
     def replay() -> Any:
         if not state:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                state["out"] = fn()
-            state["graph"] = graph
+            state["graph"], state["out"] = warm_up_then_capture(fn)
         state["graph"].replay()
         return state["out"]
 

@@ -9,6 +9,9 @@ all-gather is one device-to-device copy (capturable) where the simulated group's
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -49,3 +52,19 @@ def _done() -> dist.Work:
     future: torch.futures.Future = torch.futures.Future()
     future.set_result(None)
     return torch._C._distributed_c10d._create_work_from_future(future)
+
+
+def warm_up_then_capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run ``fn`` once on a side stream (that builds cpinspect's cached tables), then capture it in a CUDA graph.
+
+    Returns ``(graph, output)``: every ``graph.replay()`` rewrites ``output``.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

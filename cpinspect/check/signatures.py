@@ -65,6 +65,16 @@ class PackedSeqParams:
     pad_between_seqs: Optional[bool] = None
     cp_scatter_cache: Any = None
 
+    @classmethod
+    def thd(cls, cu_seqlens: torch.Tensor, cu_seqlens_padded: Optional[torch.Tensor] = None) -> PackedSeqParams:
+        """q and kv alike: ``cu_seqlens`` in ``*_q``/``*_kv``, the physical ones (or ``None``) in ``*_padded``."""
+        physical = cu_seqlens if cu_seqlens_padded is None else cu_seqlens_padded
+        longest = int((physical[1:] - physical[:-1]).max()) if physical.numel() > 1 else 0
+        return cls(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens.clone(),
+                   cu_seqlens_q_padded=cu_seqlens_padded,
+                   cu_seqlens_kv_padded=None if cu_seqlens_padded is None else cu_seqlens_padded.clone(),
+                   max_seqlen_q=longest, max_seqlen_kv=longest)
+
 
 Adapter = Callable[[Callable[..., Any], RankInputs, "dist.ProcessGroup"], Any]
 
@@ -204,17 +214,8 @@ def _call_megatron_bridge(fn: Callable[..., Any], inputs: RankInputs, cp_group: 
     import torch
 
     physical, logical = inputs.cu_seqlens, inputs.logical_cu_seqlens
-    padded = not torch.equal(physical, logical)
-    longest = int((physical[1:] - physical[:-1]).max()) if physical.numel() > 1 else 0
-    params = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=logical if padded else physical,
-        cu_seqlens_kv=(logical if padded else physical).clone(),
-        cu_seqlens_q_padded=physical if padded else None,
-        cu_seqlens_kv_padded=physical.clone() if padded else None,
-        max_seqlen_q=longest,
-        max_seqlen_kv=longest,
-    )
+    padded = not torch.equal(physical, logical)  # unpadded batches, as Bridge builds them: no *_padded
+    params = PackedSeqParams.thd(logical, physical) if padded else PackedSeqParams.thd(physical)
     return fn(
         inputs.vision_mask.view(1, -1),
         params,
@@ -236,11 +237,7 @@ def _call_physical_cu(fn: Callable[..., Any], inputs: RankInputs, cp_group: dist
     from cpinspect.core.tokens import token_config
 
     image = token_config().image_token_id
-    physical = inputs.cu_seqlens
-    longest = int((physical[1:] - physical[:-1]).max()) if physical.numel() > 1 else 0
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=physical, cu_seqlens_kv=physical.clone(),
-                             max_seqlen_q=longest, max_seqlen_kv=longest)
-    return fn(_local_ids(inputs).view(1, -1), params, image_token_id=image,
+    return fn(_local_ids(inputs).view(1, -1), PackedSeqParams.thd(inputs.cu_seqlens), image_token_id=image,
               vision_embed_count=inputs.vision_embed_count, cp_group=cp_group)
 
 

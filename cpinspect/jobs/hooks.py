@@ -57,11 +57,7 @@ def capture_hf(model: Any, directory: str | Path, *, cp_group: Any = None, cu_se
         cu = call.get("cu_seq_lens_q", cu_seqlens)
         if cu is None:
             cu = torch.tensor([0, ids.numel() * _cp_size(cp_group)])
-        mask = (ids == image_id) | (ids == video_id)
-        rows = selected_rows(call) if selected_rows else torch.arange(int(mask.sum()))
-        return {"input_ids": ids.view(1, -1), "cu_seqlens": torch.as_tensor(cu), "vision_mask": mask,
-                "selected_rows": rows, "position_ids": call.get("position_ids"),
-                "vision_embed_count": _embed_count(call, merge)}
+        return _step_facts(call, ids, cu, (image_id, video_id), merge, selected_rows)
 
     with _wrapped(model, directory, facts, cp_group=cp_group, first_step=first_step, enabled=enabled) as files:
         yield files
@@ -83,12 +79,8 @@ def capture_bridge(model: Any, directory: str | Path, *, selected_rows: Rows, cp
         cu = cu if cu is not None else getattr(psp, "cu_seqlens_q", None)
         if cu is None:
             return None
-        ids = torch.as_tensor(ids).reshape(-1)
-        mask = (ids == image_token_id) | (ids == video_token_id)
-        rows = selected_rows(call)
-        return {"input_ids": ids.view(1, -1), "cu_seqlens": torch.as_tensor(cu), "vision_mask": mask,
-                "selected_rows": rows, "position_ids": call.get("position_ids"),
-                "vision_embed_count": _embed_count(call, spatial_merge_size)}
+        return _step_facts(call, torch.as_tensor(ids).reshape(-1), cu, (image_token_id, video_token_id),
+                           spatial_merge_size, selected_rows)
 
     with _wrapped(model, directory, facts, cp_group=cp_group, first_step=first_step, enabled=enabled) as files:
         yield files
@@ -127,6 +119,21 @@ def _wrapped(model: Any, directory: str | Path, facts: Callable[[dict[str, Any]]
             del model.forward  # the class's forward shows through again
         if model.forward != original:
             model.forward = original
+
+
+def _step_facts(call: dict[str, Any], ids: Any, cu: Any, vision_ids: tuple[int, int], merge: int,
+                selected_rows: Rows | None) -> dict[str, Any]:
+    """What one captured step records: the local row, its mask, cu_seqlens, rows and the encoder's count.
+
+    Without ``selected_rows`` the rows are ``0..n-1`` (a full, unsharded row selects every vision row).
+    """
+    import torch
+
+    mask = (ids == vision_ids[0]) | (ids == vision_ids[1])
+    rows = selected_rows(call) if selected_rows else torch.arange(int(mask.sum()))
+    return {"input_ids": ids.view(1, -1), "cu_seqlens": torch.as_tensor(cu), "vision_mask": mask,
+            "selected_rows": rows, "position_ids": call.get("position_ids"),
+            "vision_embed_count": _embed_count(call, merge)}
 
 
 def _embed_count(call: dict[str, Any], merge: int) -> int:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from bench.replay import ReplayGroup
+from bench.replay import ReplayGroup, warm_up_then_capture
 from cpinspect.core import synth
 from cpinspect.core.selection import VisionCountMismatch, local_vision_row_map, local_vision_rows
 from cpinspect.groups.simulated import SpmdError, run_spmd
@@ -134,19 +134,6 @@ def static_batches(cp, segments, tokens, seeds):
         gathered = [sum(local_counts(cu, cp, r, mask), []) for r in range(cp)]
         batches.append((cu, [[mask[i] for i in h] for h in held], [expected_rows(mask, h) for h in held], gathered))
     return batches
-
-
-def warm_up_then_capture(fn):
-    """Run ``fn`` once on a side stream (builds the cached tables), then capture it; returns (graph, output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 @pytest.mark.parametrize("cp", [1, 2, 4])
