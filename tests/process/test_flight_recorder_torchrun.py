@@ -23,9 +23,9 @@ EXAMPLE = ROOT / "examples" / "torchrun_hang.py"
 BUG_STEP = 1
 
 
-def start(out: Path, mismatch: str) -> subprocess.Popen:
+def start(out: Path, mismatch: str, bug_step: int = BUG_STEP) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE),
-               "--out", str(out), "--steps", "2", "--bug-step", str(BUG_STEP), "--mismatch", mismatch,
+               "--out", str(out), "--steps", "2", "--bug-step", str(bug_step), "--mismatch", mismatch,
                "--timeout", "8"]  # 3 s failed once at load 11 (a rank slow to start can miss a deadline)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -42,9 +42,9 @@ def finish(job: subprocess.Popen) -> str:
     return output
 
 
-def analyze(out: Path) -> dict:
+def analyze(out: Path, exit_code: int = 1) -> dict:
     result = CliRunner().invoke(app, ["analyze", "--flight-recorder", str(out), "--json"])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == exit_code, result.output
     return json.loads(result.output)
 
 
@@ -70,11 +70,15 @@ def test_a_skipped_count_all_gather_names_the_collective_and_the_missing_rank(tm
     assert raw_entry(tmp_path, 0, first["group"], first["seq"])["profiling_name"] == "gloo:all_gather"
 
 
-def test_shape_and_dtype_mismatches_are_found_at_the_rows_all_gather(tmp_path):
+def test_shape_and_dtype_mismatches_are_found_at_the_rows_all_gather_and_a_correct_job_has_none(tmp_path):
     from torch.distributed.flight_recorder.components.types import Op
 
     jobs = {kind: start(tmp_path / kind, kind) for kind in ("shape", "dtype")}  # concurrently: each waits on imports
+    clean = start(tmp_path / "clean", "shape", bug_step=99)  # no step is the bug step: a correct job
     outputs = {kind: finish(job) for kind, job in jobs.items()}
+    finish(clean)
+    correct = analyze(tmp_path / "clean", exit_code=0)  # a correct job's dumps: no divergence, no missing rank
+    assert correct["divergences"] == [] and correct["missing_ranks"] == []
     torch_kind = {"shape": "SIZE_OR_SYNTAX_MISMATCH", "dtype": "COLLECTIVE_DTYPE_MISMATCH"}
     for kind, out in ((k, tmp_path / k) for k in jobs):
         report = analyze(out)
