@@ -3,9 +3,11 @@
     git archive <commit> | tar -x -C /tmp/old
     python -m bench.before_after --baseline /tmp/old
 
-The baseline's ``cpinspect/core/selection.py`` is loaded as a separate module (its own imports
-resolve to this checkout, so only the selection differs). Both go through the same replay group
-on rank 0 and are checked against the oracle first; the calls take turns in blocks.
+The baseline's ``cpinspect/core/selection.py`` and ``selection_plan.py`` are loaded as separate
+modules (the selection's other imports resolve to this checkout, so only the two differ). Both go
+through the same replay group on rank 0 and are checked against the oracle first; the calls take
+turns in blocks. On CUDA both ``cu_seqlens`` forms are timed: int32 pinned on the host and int32
+on the device, as ``bench/selection.py`` does.
 """
 
 from __future__ import annotations
@@ -28,9 +30,21 @@ from cpinspect.core import selection
 
 
 def load_baseline(root: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("baseline_selection", root / "cpinspect/core/selection.py")
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"no cpinspect/core/selection.py under {root}")
+    """The baseline's selection module, importing the baseline's ``selection_plan`` (when it has one)."""
+    plan_name, current_plan = "cpinspect.core.selection_plan", sys.modules.get("cpinspect.core.selection_plan")
+    if (root / "cpinspect/core/selection_plan.py").exists():
+        sys.modules[plan_name] = _load(root / "cpinspect/core/selection_plan.py", "baseline_selection_plan")
+    try:
+        return _load(root / "cpinspect/core/selection.py", "baseline_selection")
+    finally:
+        if current_plan is not None:
+            sys.modules[plan_name] = current_plan
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not path.exists():
+        raise SystemExit(f"no {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -56,17 +70,25 @@ def main() -> None:
     for tokens, segments, cp in QUICK_CONFIGS if args.quick else CONFIGS:
         case = build_case(tokens, segments, cp, args.device)
         group = ReplayGroup(0, case.gathered, check_inputs=True)
-        mask, cu = case.masks[0], case.cu
-        calls = {"before": _row_map_call(old, mask, cu, group), "after": _row_map_call(selection, mask, cu, group)}
+        mask = case.masks[0]
+        if args.device == "cpu":
+            forms = {"": case.cu.cpu()}
+        else:
+            forms = {", host cu": case.cu.cpu().to(torch.int32).pin_memory(), ", device cu": case.cu.to(torch.int32)}
+        calls = {}
+        for form, cu in forms.items():
+            calls["before" + form] = _row_map_call(old, mask, cu, group)
+            calls["after" + form] = _row_map_call(selection, mask, cu, group)
         for name, fn in calls.items():
             if not torch.equal(fn().cpu()[mask.cpu()], case.expected[0]):
                 raise AssertionError(f"{name} differs from the oracle on {case.label}")
         group.check_inputs = False
         timed = time_modes(calls, args.device, args.budget)
         for name, fn in calls.items():
-            ops = count_per_call(fn, args.device)[0]
-            ratio = timed["before"][0] / timed[name][0]
-            print(f"| {case.label} | {name} | {timed[name][0] * 1e3:.3f} | {ops:g} | {ratio:.2f}x |")
+            ops, kernels, _ = count_per_call(fn, args.device)
+            ops_text = f"{ops:g}" if kernels is None else f"{ops:g} ops, {kernels:g} kernels"
+            ratio = timed[name.replace("after", "before")][0] / timed[name][0]
+            print(f"| {case.label} | {name} | {timed[name][0] * 1e3:.3f} | {ops_text} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -9,18 +9,22 @@ Few kernels, all of fixed shape. With ``T`` local tokens and ``k = 2S`` local pi
 
 1. local piece bounds ``[k + 1]`` from ``cu_seqlens``: one ``bucketize`` that divides and clamps,
    then one gather through a cached index table and a pair sum, which also give the bound of
-   every gathered count's destination (:mod:`cpinspect.core.selection_plan`);
-2. a running vision count ``[T + 1]`` (one fill, one copy, one cumulative sum), read at the
-   bounds: the local counts ``[k]``;
+   every gathered count's destination (:mod:`cpinspect.core.selection_plan`). With host
+   ``cu_seqlens`` and a device mask, eagerly, the ``k + 1`` bounds are made on the host from the
+   values the checks read (one pinned copy) and the destinations are one gather on the device;
+2. a running vision count ``[T + 1]`` (one ``cat`` of a cached zero and the mask, one cumulative
+   sum), read at the bounds: the local counts ``[k]``;
 3. **one** ``all_gather_into_tensor`` of the ``[k]`` counts (every rank calls it);
 4. the dense row map: each gathered count is added, with one ``index_add_``, at the start of the
    first local piece that comes after it in natural order (a cached table says which), and a
    second cumulative sum over the local row gives every position its row; ``-1`` off vision.
 
-That is 11 tensor operators with ``cu_seqlens`` on the device and 12 from the host (one
-asynchronous copy), plus the all-gather; on CUDA 14 kernels and copies with the all-gather's
-(each cumulative sum is two), 15 from the host. ``bench/selection.py`` counts them per call with
-the profiler. Nothing reads a device value on the host, nothing has a
+That is 10 tensor operators plus the all-gather, with ``cu_seqlens`` on the device or the host
+(on the host: a copy and a gather in place of the bucketize, gather and sum, and the checks in
+numpy); on CUDA 14 kernels and copies with the all-gather's (each cumulative sum is two, the
+``cat`` of two dtypes two copies), 13 from the host. All per-shape tables come from one cache
+lookup per call (:func:`~cpinspect.core.selection_plan.zigzag_plan`). ``bench/selection.py``
+counts them per call with the profiler. Nothing reads a device value on the host, nothing has a
 data-dependent shape, and the tables are built once per ``(S, cp, rank, device)``, so the call
 is ``torch.compile(fullgraph=True)``-clean and can be captured in a CUDA graph (see the
 README's Performance section for the pattern). Two things cannot be had for free, and the API
@@ -37,19 +41,25 @@ makes both the caller's choice:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from cpinspect.core.layout import zigzag_rank_pieces
 from cpinspect.core.selection_plan import (
+    ZigzagPlan,
     check_host_cu_seqlens,
     check_mask_length,
+    host_zigzag_bounds,
     minus_one,
-    piece_bounds,
+    zero_prefix,
     zigzag_bounds,
-    zigzag_tables,
+    zigzag_plan,
 )
+
+if TYPE_CHECKING:
+    from cpinspect.core.rank_selection import RankSelection
 
 # ``all_gather_into_tensor`` is ``all_gather_single`` from torch 2.13 on (same op, new name); dynamo
 # turns either into the functional collective when it traces a registered group.
@@ -58,54 +68,6 @@ _ALL_GATHER_FLAT = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 
 class VisionCountMismatch(ValueError):
     """The gathered vision-token total differs from the number of vision embeddings."""
-
-
-@dataclass
-class RankSelection:
-    """Every intermediate of one rank's selection, for display and checking.
-
-    ``local_counts`` is ``[pieces_per_rank]`` (``[S, 2]`` once reshaped for zigzag),
-    ``gathered`` is ``[cp, pieces_per_rank]`` as received, ``full_counts`` and ``offsets`` are
-    ``[P]`` in natural piece order, and ``rows`` holds one embedding row per local vision token.
-    ``row_map`` is ``[local_tokens]``: the row of each local position, ``-1`` where not vision.
-    """
-
-    cp_rank: int
-    local_mask: torch.Tensor
-    local_counts: torch.Tensor
-    gathered: torch.Tensor
-    full_counts: torch.Tensor
-    offsets: torch.Tensor
-    rows: torch.Tensor
-    row_map: torch.Tensor | None = None
-
-
-def piece_of_positions(local_piece_len: torch.Tensor, local_tokens: int) -> torch.Tensor:
-    """``[local_tokens]`` index of the local piece each local position falls in (sync-free)."""
-    ends = torch.cumsum(local_piece_len, 0)
-    positions = torch.arange(local_tokens, device=local_piece_len.device)
-    return torch.searchsorted(ends, positions, right=True)
-
-
-def exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
-    """``out[i] = sum(values[:i])``: the first row of each piece in a natural-order table."""
-    return torch.cumsum(values, 0).sub_(values)
-
-
-def natural_counts(gathered: torch.Tensor, rank_pieces: torch.Tensor) -> torch.Tensor:
-    """``[P]`` counts in natural piece order: rank r's column j is piece ``rank_pieces[r, j]``."""
-    full = torch.zeros(rank_pieces.numel(), dtype=gathered.dtype, device=gathered.device)
-    return full.scatter_(0, rank_pieces.reshape(-1).to(gathered.device), gathered.reshape(-1))
-
-
-def zigzag_local_piece_len(cu_seqlens: torch.Tensor, cp: int) -> torch.Tensor:
-    """``[2S]`` local piece lengths under per-document zigzag: chunk length twice per segment."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if cp == 1:
-        head = lengths // 2
-        return torch.stack([head, lengths - head], dim=1).reshape(-1)
-    chunk = lengths // (2 * cp)
-    return torch.stack([chunk, chunk], dim=1).reshape(-1)
 
 
 @dataclass
@@ -128,35 +90,48 @@ class LocalCounts:
     running_at: torch.Tensor
     local_counts: torch.Tensor
     later: torch.Tensor | None
-    global_tokens: torch.Tensor
+    ends: torch.Tensor
     cp: int
     cp_rank: int
     later_bounds: torch.Tensor | None = None
+    plan: ZigzagPlan | None = None
+
+    @property
+    def global_tokens(self) -> torch.Tensor:
+        """0-dim: the packed row's length, the last of ``ends`` (``cu_seqlens``), read only when checked."""
+        return self.ends[-1]
 
     def gather(self, group: dist.ProcessGroup) -> torch.Tensor:
         """``[cp, k]`` every rank's counts, through one ``all_gather_into_tensor`` on ``group``."""
+        return self.gather_flat(group).view(self.cp, -1)
+
+    def gather_flat(self, group: dist.ProcessGroup) -> torch.Tensor:
+        """``[cp * k]`` every rank's counts, rank-major, as the all-gather wrote them."""
         gathered = self.local_counts.new_empty(self.cp * self.local_counts.numel())
         _ALL_GATHER_FLAT(gathered, self.local_counts, group=group)
-        return gathered.view(self.cp, -1)
+        return gathered
 
     def row_map(self, gathered: torch.Tensor) -> VisionRowMap:
         """The dense row map from the all-gathered counts (``[cp, k]`` or flat ``[cp * k]``)."""
-        table = gathered if gathered.dim() == 2 else gathered.view(self.cp, -1)
-        row_map = VisionRowMap(self, table, self.global_tokens, self.cp, self.cp_rank)
-        row_map.dense = dense_rows(self, row_map.gathered)
+        row_map = VisionRowMap(self, gathered)
+        row_map.dense = dense_rows(self, gathered)
         return row_map
 
 
-def count_pieces(mask: torch.Tensor, bounds: torch.Tensor, later: torch.Tensor | None, global_tokens: torch.Tensor,
-                 cp: int, cp_rank: int, later_bounds: torch.Tensor | None = None) -> LocalCounts:
-    """The running count over the local row, read at the piece bounds: the counts to all-gather."""
-    spread = torch.zeros(mask.numel() + 1, dtype=torch.long, device=mask.device)
-    spread[1:].copy_(mask)
+def count_pieces(mask: torch.Tensor, bounds: torch.Tensor, later: torch.Tensor | None, ends: torch.Tensor,
+                 cp: int, cp_rank: int, later_bounds: torch.Tensor | None = None,
+                 plan: ZigzagPlan | None = None) -> LocalCounts:
+    """The running count over the local row, read at the piece bounds: the counts to all-gather.
+
+    ``ends`` is any tensor whose last entry is the global row length (``cu_seqlens`` itself).
+    """
+    zero = zero_prefix(mask.device) if plan is None else plan.zero
+    spread = torch.cat([zero, mask])  # int64 [T + 1]: 0, then the mask (cat promotes: one call)
     running = spread.cumsum(0)
     running_at = running.take(bounds)  # take: one kernel, and a cheaper call than advanced indexing
     local_counts = torch.diff(running_at)
-    return LocalCounts(mask, spread, running, bounds, running_at, local_counts, later, global_tokens, cp, cp_rank,
-                       later_bounds)
+    return LocalCounts(mask, spread, running, bounds, running_at, local_counts, later, ends, cp, cp_rank,
+                       later_bounds, plan)
 
 
 def dense_rows(counts: LocalCounts, gathered: torch.Tensor) -> torch.Tensor:
@@ -169,11 +144,11 @@ def dense_rows(counts: LocalCounts, gathered: torch.Tensor) -> torch.Tensor:
     spread = counts.spread
     counts.spread = None
     if spread is None:  # already used: start again from the mask
-        spread = torch.zeros(counts.mask.numel() + 1, dtype=torch.long, device=counts.mask.device)
-        spread[1:] = counts.mask
+        spread = torch.cat([zero_prefix(counts.mask.device), counts.mask])
     assert counts.later_bounds is not None, "the dense map needs the later bounds (local_vision_counts makes them)"
-    spread.index_add_(0, counts.later_bounds, gathered.reshape(-1))
-    return torch.where(counts.mask, spread.cumsum_(0)[:-1], minus_one(spread.device))
+    spread.index_add_(0, counts.later_bounds, gathered if gathered.dim() == 1 else gathered.reshape(-1))
+    fill = minus_one(spread.device) if counts.plan is None else counts.plan.minus_one
+    return torch.where(counts.mask, spread.cumsum_(0)[:-1], fill)
 
 
 def compact_rows(counts: LocalCounts, gathered: torch.Tensor, local_vision_count: int) -> torch.Tensor:
@@ -191,50 +166,6 @@ def compact_rows(counts: LocalCounts, gathered: torch.Tensor, local_vision_count
     return ordinal.cumsum_(0)[:local_vision_count].sub_(1)
 
 
-def select_rank_rows(
-    local_mask: torch.Tensor,
-    local_piece_len: torch.Tensor,
-    rank_pieces: torch.Tensor,
-    group: dist.ProcessGroup,
-    *,
-    local_vision_count: int | None = None,
-) -> RankSelection:
-    """Run the selection for ``group.rank()`` given the layout's pieces (see :mod:`cpinspect.core.layout`).
-
-    ``local_piece_len`` is ``[pieces_per_rank]`` for this rank and ``rank_pieces`` is
-    ``[cp, pieces_per_rank]`` global piece ids for every rank (known to all ranks from cu_seqlens).
-    Sync-free on CUDA when ``local_vision_count`` (this rank's vision tokens) is given; otherwise
-    the count is read from the device once.
-    """
-    cp_rank = group.rank()
-    mask = local_mask.reshape(-1).to(torch.bool)
-    bounds = piece_bounds(local_piece_len.to(mask.device), mask.numel())
-    counts = count_pieces(mask, bounds, None, bounds[-1] * group.size(), group.size(), cp_rank)
-    gathered = counts.gather(group)
-    count = int(counts.running[-1]) if local_vision_count is None else local_vision_count
-    full_counts = natural_counts(gathered, rank_pieces)
-    offsets = exclusive_cumsum(full_counts)
-    rows = rows_from_offsets(offsets[rank_pieces[cp_rank].to(offsets.device)], counts.running_at, count)
-    return RankSelection(cp_rank, mask, counts.local_counts, gathered, full_counts, offsets, rows)
-
-
-def rows_from_offsets(first_row: torch.Tensor, running_at: torch.Tensor, local_vision_count: int) -> torch.Tensor:
-    """Compact rows for any layout, from each local piece's first natural row: ``O(k + n)``, no table.
-
-    The i-th local vision token lies in the last piece k whose first ordinal ``running_at[k]`` is
-    at most i and takes row ``first_row[k] + i - running_at[k]``: a difference array over the
-    ordinals and one cumulative sum (empty pieces share an ordinal with the next one, which then
-    wins: right, since an empty piece covers nothing). The simulation uses it, because it builds
-    the natural-order offsets for display anyway.
-    """
-    shift = first_row - running_at[:-1]
-    step = shift.clone()
-    step[1:] -= shift[:-1]
-    spread = torch.zeros(local_vision_count + 1, dtype=torch.long, device=shift.device)
-    spread.index_add_(0, running_at[:-1].clamp(max=local_vision_count), step)
-    return torch.arange(local_vision_count, device=shift.device) + spread[:local_vision_count].cumsum_(0)
-
-
 @dataclass
 class VisionRowMap:
     """One rank's selection as fixed-shape device tensors: nothing has been read on the host.
@@ -250,21 +181,39 @@ class VisionRowMap:
     """
 
     counts: LocalCounts
-    gathered: torch.Tensor
-    global_tokens: torch.Tensor
-    cp: int
-    cp_rank: int
+    all_counts: torch.Tensor
     dense: torch.Tensor | None = None
+
+    @property
+    def gathered(self) -> torch.Tensor:
+        """``[cp, k]`` every rank's local counts, as all-gathered."""
+        counts = self.all_counts
+        return counts if counts.dim() == 2 else counts.view(self.cp, -1)
+
+    @property
+    def cp(self) -> int:
+        return self.counts.cp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.counts.cp_rank
+
+    @property
+    def global_tokens(self) -> torch.Tensor:
+        """0-dim: ``cu_seqlens[-1]``, the packed row's length."""
+        return self.counts.global_tokens
 
     @property
     def row_of_position(self) -> torch.Tensor:
         if self.dense is None:
-            self.dense = dense_rows(self.counts, self.gathered)
+            self.dense = dense_rows(self.counts, self.all_counts)
         return self.dense
 
     @property
     def selection(self) -> RankSelection:
         """The intermediates in natural order too (for display; a few kernels more, made on demand)."""
+        from cpinspect.core.rank_selection import RankSelection, exclusive_cumsum, natural_counts  # imports this one
+
         s = self.counts
         rank_pieces = zigzag_rank_pieces(s.local_counts.numel() // 2, self.cp, device=s.mask.device)
         full_counts = natural_counts(self.gathered, rank_pieces)
@@ -275,7 +224,7 @@ class VisionRowMap:
     @property
     def vision_total(self) -> torch.Tensor:
         """0-dim: vision tokens over all ranks, from the gathered counts."""
-        return self.gathered.sum()
+        return self.all_counts.sum()
 
     def rows(self, local_vision_count: int | None = None) -> torch.Tensor:
         """Compact rows in local order; sync-free when ``local_vision_count`` is given.
@@ -292,12 +241,13 @@ class VisionRowMap:
         elif running_total.device.type == "cpu" and local_vision_count != int(running_total):
             raise ValueError(f"local_vision_count is {local_vision_count}, but the local vision mask holds "
                              f"{int(running_total)} vision tokens")
-        return compact_rows(self.counts, self.gathered, local_vision_count)
+        return compact_rows(self.counts, self.all_counts, local_vision_count)
 
     def host_values(self) -> tuple[int, int, int]:
         """``(vision_total, global_tokens, local_vision_count)`` read in one device-to-host copy."""
-        total, global_tokens, local = torch.stack(
-            [self.vision_total, self.global_tokens.to(torch.long), self.counts.running[-1]]).tolist()
+        total = self.vision_total
+        total, global_tokens, local = torch.stack(  # global_tokens may be host cu_seqlens' last entry
+            [total, self.global_tokens.to(total.device, torch.long), self.counts.running[-1]]).tolist()
         return total, global_tokens, local
 
     def check(self, vision_embed_count: int | None = None) -> None:
@@ -324,19 +274,22 @@ def local_vision_counts(vision_mask: torch.Tensor, cu_seqlens: torch.Tensor, *, 
     call the three yourself to keep the all-gather outside a compiled or captured region.
     Host-side ``cu_seqlens`` are validated here; nothing is read from the device.
     """
-    mask = vision_mask.reshape(-1)
+    mask = vision_mask if vision_mask.dim() == 1 else vision_mask.reshape(-1)
     if mask.dtype != torch.bool:
         mask = mask.to(torch.bool)
-    cu = cu_seqlens.reshape(-1)
-    device = mask.device
-    if cu.device.type == "cpu":
-        check_host_cu_seqlens(cu, mask.numel(), cp)
+    cu = cu_seqlens if cu_seqlens.dim() == 1 else cu_seqlens.reshape(-1)
+    device, tokens, pieces = mask.device, mask.numel(), 2 * cu.numel() - 1
+    values = check_host_cu_seqlens(cu, tokens, cp) if cu.device.type == "cpu" else None
+    plan = zigzag_plan(pieces // 2, cp, cp_rank, tokens, cu.dtype if cu.dtype == torch.int32 else torch.int64,
+                       device)
+    if values is not None and device.type != "cpu":
+        bounds = host_zigzag_bounds(values, cp, device)
+        if bounds is not None:  # eager: made on the host from the checked values, one copy
+            return count_pieces(mask, bounds, plan.later, cu, cp, cp_rank, bounds.take(plan.later), plan)
     if cu.device != device:
         cu = cu.to(device, non_blocking=True)  # as given: a pinned host buffer stays capturable
-    pieces = 2 * cu.numel() - 1
-    pair, later = zigzag_tables(pieces // 2, cp, cp_rank, device)
-    bounds, later_bounds = zigzag_bounds(cu, cp, pair, mask.numel()).split([pieces, later.numel()])
-    return count_pieces(mask, bounds, later, cu[-1], cp, cp_rank, later_bounds)
+    bounds = zigzag_bounds(cu, cp, plan.pair, tokens, plan.steps)
+    return count_pieces(mask, bounds[:pieces], plan.later, cu, cp, cp_rank, bounds[pieces:], plan)
 
 
 def local_vision_row_map(
@@ -355,7 +308,7 @@ def local_vision_row_map(
     ``torch.compile(fullgraph=True)`` and to capture in a CUDA graph (README, Performance).
     """
     counts = local_vision_counts(vision_mask, cu_seqlens, cp=cp_group.size(), cp_rank=cp_group.rank())
-    return counts.row_map(counts.gather(cp_group))
+    return counts.row_map(counts.gather_flat(cp_group))
 
 
 def local_vision_rows(
@@ -380,7 +333,7 @@ def local_vision_rows(
     total and the local count together. The returned rows are in local token order.
     """
     counts = local_vision_counts(vision_mask, cu_seqlens, cp=cp_group.size(), cp_rank=cp_group.rank())
-    row_map = VisionRowMap(counts, counts.gather(cp_group), counts.global_tokens, counts.cp, counts.cp_rank)
+    row_map = VisionRowMap(counts, counts.gather_flat(cp_group))
     if vision_embed_count is None:
         return row_map.rows(local_vision_count)
     total, global_tokens, local = row_map.host_values()

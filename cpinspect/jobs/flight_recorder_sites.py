@@ -4,7 +4,7 @@ Matched by function names read from the stacks the flight recorder keeps (innerm
 
 * the **count all-gather** of the pre-sharded vision selection: Megatron-Bridge's
   ``_get_cp_local_vision_embed_indices`` all-gathers the ``[S, 2]`` per-chunk vision counts, and
-  cpinspect's ``local_vision_rows`` / ``local_vision_row_map`` do it in ``LocalCounts.gather``
+  cpinspect's ``local_vision_rows`` / ``local_vision_row_map`` do it in ``LocalCounts.gather_flat``
   (``cpinspect/core/selection.py``);
 * the **vision-DP all-gather** of the encoded rows: cpinspect's ``all_gather_vision_embeddings``
   (``cpinspect/simulation/vision_dp_split.py``), or an all-gather in the ``forward`` of a custom
@@ -84,7 +84,7 @@ def _match(family: str, frame: Frame, caller: Frame | None) -> tuple[str, str] |
     if family == "allgather":
         if frame.name == "_get_cp_local_vision_embed_indices":
             return COUNT, "Megatron-Bridge's pre-sharded selection _get_cp_local_vision_embed_indices"
-        if path.endswith("cpinspect/core/selection.py") and frame.name in ("gather", "local_vision_rows",
+        if path.endswith("cpinspect/core/selection.py") and frame.name in ("gather", "gather_flat", "local_vision_rows",
                                                                             "local_vision_row_map"):
             return COUNT, f"cpinspect's selection, {frame.name}"
         if frame.name == "all_gather_vision_embeddings" and path.endswith("cpinspect/simulation/vision_dp_split.py"):

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from cpinspect.core.errors import CpInspectError
 from cpinspect.core.findings import Finding
 from cpinspect.core.layout import zigzag_rank_pieces
-from cpinspect.core.selection import piece_of_positions, zigzag_local_piece_len
+from cpinspect.core.rank_selection import piece_of_positions, zigzag_local_piece_len
 
 HEADER = ("local_tokens", "held", "selected", "embed_count", "cu_end", "cu_weighted_sum", "cu_square_sum")
 _EMPTY = 2**62

@@ -30,8 +30,8 @@ from cpinspect.core.layout import (
 from cpinspect.core.layout_maps import file_layout
 from cpinspect.core.oracle import expected_rows, global_positions
 from cpinspect.core.parallel import check_sp_split
+from cpinspect.core.rank_selection import RankSelection, select_rank_rows
 from cpinspect.core.runs import mask_runs
-from cpinspect.core.selection import RankSelection, select_rank_rows
 from cpinspect.core.tokens import TokenConfig, token_config
 from cpinspect.core.vision_items import batch_embedding_rows, placeholder_mask
 from cpinspect.groups.simulated import DEFAULT_TIMEOUT_S, RankState, SpmdError, execute_spmd

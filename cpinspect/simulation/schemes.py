@@ -1,7 +1,7 @@
 """The stacks' selection schemes side by side, each run as every rank's program through the simulated group.
 
 * ``count`` (Megatron-Bridge): each rank counts the vision tokens of the pieces it holds, one
-  all-gather of those counts gives every rank the row offsets (:func:`cpinspect.core.selection.select_rank_rows`,
+  all-gather of those counts gives every rank the row offsets (:func:`cpinspect.core.rank_selection.select_rank_rows`,
   the program ``simulate`` runs).
 * ``token-ids`` (slime #2251): each rank all-gathers the local *token ids* (``gather_packed_input_ids``),
   puts them back in global order with every rank's local-to-global index map (``get_packed_cp_local_indices``,

@@ -1,6 +1,6 @@
 """The view of ``simulate --explain``: one rank's selection, narrated step by step with that rank's numbers.
 
-Every number printed here comes from the :class:`~cpinspect.core.selection.RankSelection` the simulated
+Every number printed here comes from the :class:`~cpinspect.core.rank_selection.RankSelection` the simulated
 rank actually produced (its mask, its counts, what the all-gather delivered, the rebuilt table,
 the offsets, the rows); nothing is recomputed for the story. The last step runs the naive scatter
 for real on a tiny stand-in tensor (:func:`cpinspect.simulation.explain.naive_scatter_message`) so

@@ -94,6 +94,6 @@ def test_shape_and_dtype_mismatches_are_found_at_the_rows_all_gather_and_a_corre
 
 
 def gather_line() -> int:
-    """The line of ``_ALL_GATHER_FLAT(...)`` in LocalCounts.gather: where the count all-gather is issued."""
+    """The line of ``_ALL_GATHER_FLAT(...)`` in LocalCounts.gather_flat: where the count all-gather is issued."""
     lines = (ROOT / "cpinspect" / "core" / "selection.py").read_text().splitlines()
     return next(i for i, line in enumerate(lines, 1) if "_ALL_GATHER_FLAT(gathered" in line)

@@ -180,7 +180,9 @@ def test_operators_per_call_do_not_grow_with_segments_or_cp():
 
         assert call()[masks[0]].tolist() == expected[0]
         counts.append(count_per_call(call, "cpu")[0])
-    assert counts[0] == counts[1] <= 20  # 13 on the device side (12 + the all-gather's copy), the rest host checks
+    # 10 of the row map, the all-gather's copy and the replay group's input check (aten::equal); the host
+    # checks of cu_seqlens run in numpy, which the profiler does not count
+    assert counts[0] == counts[1] <= 12
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3])
