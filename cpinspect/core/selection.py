@@ -282,7 +282,7 @@ def local_vision_counts(vision_mask: torch.Tensor, cu_seqlens: torch.Tensor, *, 
     values = check_host_cu_seqlens(cu, tokens, cp) if cu.device.type == "cpu" else None
     plan = zigzag_plan(pieces // 2, cp, cp_rank, tokens, cu.dtype if cu.dtype == torch.int32 else torch.int64,
                        device)
-    if values is not None and device.type != "cpu":
+    if values is not None and device.type == "cuda":
         bounds = host_zigzag_bounds(values, cp, device)
         if bounds is not None:  # eager: made on the host from the checked values, one copy
             return count_pieces(mask, bounds, plan.later, cu, cp, cp_rank, bounds.take(plan.later), plan)

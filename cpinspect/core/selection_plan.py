@@ -189,7 +189,7 @@ def host_zigzag_bounds(values: Any, cp: int, device: torch.device) -> torch.Tens
     """The ``2S + 1`` local piece bounds of *validated* host ``cu_seqlens``, made on the host, on ``device``.
 
     ``values`` is what :func:`check_host_cu_seqlens` returned. For eager calls with host
-    ``cu_seqlens`` and a device mask: a few numpy calls on the values the checks already read,
+    ``cu_seqlens`` and a CUDA mask: a few numpy calls on the values the checks already read,
     written into a pinned buffer from torch's caching host allocator and copied asynchronously (the
     allocator keeps the buffer until the copy has run). That is one copy instead of a copy, a
     ``bucketize``, a gather and a sum on the device. ``None`` where the device formula must run
@@ -282,8 +282,8 @@ def _scan_host(cu: torch.Tensor, step: int) -> tuple[int, int, bool, Any]:
             values = None
         if values is not None:
             lengths = _np.subtract(values[1:], values[:-1], dtype=_np.int64)
-            bad = bool((lengths & mask).any()) if mask is not None else bool((lengths % step).any() or
-                                                                                 (lengths < 0).any())
+            count = _np.count_nonzero  # a C call; ndarray.any() goes through Python wrappers
+            bad = bool(count(lengths & mask) if mask is not None else count(lengths % step) + count(lengths < 0))
             return int(values[0]), int(values[-1]), bad, values
     ends = cu[:: cu.numel() - 1].tolist() if cu.numel() > 1 else cu.tolist() * 2
     lengths_t = torch.diff(cu.to(torch.int64))
