@@ -51,6 +51,34 @@ def _seqlens_batch(lengths: list[int]) -> PackedBatch:
     return batch
 
 
+def _without_uniform_hybrid(loaded: PackedBatch, cp: int, kind: str) -> PackedBatch:
+    """The batch as the page can draw it: a ``local_cp_size`` of ``cp`` for every segment is per-document
+    zigzag over all ranks, so it is dropped; any other hybrid mix is refused (the page models the named
+    layouts only, and would draw another layout than ``simulate`` runs)."""
+    if loaded.local_cp_size is None:
+        return loaded
+    import dataclasses
+
+    from cpinspect.core.hybrid import segment_cp_sizes
+
+    sizes = segment_cp_sizes(cp, loaded.num_segments, batch_value=loaded.local_cp_size)
+    whole_group = sizes is None or bool((sizes == cp).all())
+    if whole_group and kind == "zigzag":
+        return dataclasses.replace(loaded, local_cp_size=None)
+    if whole_group:
+        raise InputError(
+            f"the batch's local_cp_size puts every segment on all {cp} ranks, which is per-document zigzag, but "
+            f"--layout {kind} was asked", where="local_cp_size",
+            fix="drop --layout (zigzag is what the batch says), or save the batch without local_cp_size")
+    mix = sorted({int(c) for c in sizes.tolist()}) if sizes is not None else []
+    raise InputError(
+        f"the batch carries a local_cp_size (hybrid CP, local sizes {', '.join(map(str, mix))} of --cp {cp}), which "
+        f"the explorer does not draw: its page models the named layouts over all {cp} ranks only",
+        where="local_cp_size",
+        fix=f"see the hybrid layout with `cpinspect simulate BATCH --cp {cp}` or `cpinspect layout BATCH --cp {cp}`; "
+            "to explore the plain layout, save the batch without local_cp_size")
+
+
 def _command_lines(batch_words: list[str], cp: int, kind: str, pad: bool) -> list[str]:
     tail = [f"--cp {cp}", *([f"--layout {kind}"] if kind != "zigzag" else []), *(["--pad"] if pad else []), "--json"]
     return [" ".join(["cpinspect", name, *batch_words, *tail]) for name in ("simulate", "layout")]
@@ -93,6 +121,7 @@ def explore(
     else:
         loaded, source = load_cli_batch(batch, key, max_bytes=max_bytes)
         words = [shlex.quote(str(p)) for p in batch or []]
+        loaded = _without_uniform_hybrid(loaded, cp, layout)
     page = build(loaded, cp, layout, pad, tokens, source=source, commands=_command_lines(words, cp, layout, pad),
                  start=start)
     try:

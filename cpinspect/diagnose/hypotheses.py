@@ -41,9 +41,11 @@ Hypothesis = Callable[[Scene, ObservedError], list[Prediction]]
 EXTRA_HYPOTHESES: list[Hypothesis] = [audio_predictions,  # AUDIO_COUNT_MISMATCH (diagnose/audio.py)
                                       placeholder_predictions]  # VISION_DP_PLACEHOLDER (vision_dp_placeholder.py)
 """More hypotheses, tested with the built-in ones on every error that names two counts: each returns
-:class:`Prediction` objects for this scene and error (``[]`` when it does not apply). The
-tensor/sequence-parallel ratios (CP_SPLIT_MISSING / SP_SPLIT_MISSING, diagnose/parallel_sizes.py)
-register here with one line: ``EXTRA_HYPOTHESES.append(parallel_size_predictions)``."""
+:class:`Prediction` objects for this scene and error (``[]`` when it does not apply). A new class
+registers here with one line, ``EXTRA_HYPOTHESES.append(its_predictions)``; the tensor/sequence-
+parallel ratios (``parallel_size_predictions``, CP_SPLIT_MISSING / SP_SPLIT_MISSING) are called
+inside the count hypotheses instead, so that their predictions carry the error's expected and got
+numbers as the built-in ones do."""
 
 
 def _extra_predictions(scene: Scene, observed: ObservedError) -> list[Prediction]:

@@ -164,3 +164,37 @@ def test_million_token_batch_writes_a_usable_page_quickly(tmp_path):
     assert f"longer than {DETAIL_TOKENS:,} tokens is drawn a range at a time" in (ROOT / "README.md").read_text()
     assert sum(len(expand(r["global_indices"])) for r in data["cli"]["simulate"]["ranks"]) == 1 << 20
     assert sum(n for _, _, n, _ in data["initial"]["spans"]) == int(torch.load(path)["vision_embed_count"])
+
+
+def hybrid_batch(tmp_path, local_cp_size):
+    ids = torch.full((1, 48), 100)
+    ids[0, 3:9], ids[0, 20:30] = IMAGE_PAD, VIDEO_PAD
+    path = tmp_path / "hybrid.pt"
+    torch.save({"input_ids": ids, "cu_seqlens": torch.tensor([0, 16, 24, 32, 48], dtype=torch.int32),
+                "local_cp_size": torch.tensor(local_cp_size, dtype=torch.int32)}, path)
+    return path, ids.view(-1).tolist()
+
+
+def test_a_hybrid_mix_of_local_cp_sizes_is_refused_not_drawn_as_another_layout(tmp_path):
+    """The page models the named layouts only: it used to write a page that crashed in the browser."""
+    path, _ = hybrid_batch(tmp_path, [2, 1, 1, 4])
+    result = runner.invoke(app, ["explore", str(path), "--cp", "4", "-o", str(tmp_path / "x.html")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "local_cp_size (hybrid CP, local sizes 1, 2, 4 of --cp 4)" in result.output
+    assert "cpinspect simulate BATCH --cp 4" in result.output
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_local_cp_size_of_the_whole_group_is_drawn_as_per_document_zigzag(tmp_path):
+    from tests.literal import expected_rows, zigzag_indices
+
+    path, ids = hybrid_batch(tmp_path, 4)
+    data = embedded(page_of([str(path), "--cp", "4"], tmp_path))
+    held = zigzag_indices([0, 16, 24, 32, 48], 4)
+    mask = [t in (IMAGE_PAD, VIDEO_PAD) for t in ids]
+    ranks = data["cli"]["simulate"]["ranks"]
+    assert [expand(r["global_indices"]) for r in ranks] == held
+    assert [expand(r["selected_rows"]) for r in ranks] == [expected_rows(mask, h) for h in held]
+    other = runner.invoke(app, ["explore", str(path), "--cp", "4", "--layout", "contiguous", "-o",
+                                str(tmp_path / "y.html")])
+    assert other.exit_code == 2 and "per-document zigzag, but --layout contiguous was asked" in other.output

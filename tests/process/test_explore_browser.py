@@ -399,3 +399,17 @@ def test_an_omni_page_draws_audio_spans_and_checks_itself_equal(driver, tmp_path
     audio = driver.find_elements("css selector", "#cpx-row .t.v3")
     assert sorted(int(c.get_attribute("data-g")) for c in audio) == [p for p, i in enumerate(ids) if i == AUDIO_PAD]
     assert driver.get_log("browser") == []
+
+
+def test_a_whole_group_local_cp_size_page_checks_itself_equal(driver, tmp_path):
+    """local_cp_size of every segment = cp is drawn as per-document zigzag (a mix is refused: tests/capability)."""
+    ids = torch.full((1, 48), 100)
+    ids[0, 3:9] = 151655
+    torch.save({"input_ids": ids, "cu_seqlens": torch.tensor([0, 16, 48], dtype=torch.int32),
+                "local_cp_size": torch.tensor(4, dtype=torch.int32)}, tmp_path / "hybrid.pt")
+    page = tmp_path / "page.html"
+    result = CliRunner().invoke(app, ["explore", str(tmp_path / "hybrid.pt"), "--cp", "4", "-o", str(page)])
+    assert result.exit_code == 0, result.output
+    open_page(driver, page)
+    assert driver.find_element("id", "cpx-check").get_attribute("data-checked") == "equal"
+    assert driver.get_log("browser") == []
