@@ -35,6 +35,7 @@ graph is being captured (a table made there would hold no values until the graph
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -125,17 +126,19 @@ def _cached(key: tuple[object, ...], build: Callable[[], tuple[torch.Tensor, ...
         return tables
     tables = build()
     if not torch.compiler.is_compiling() and not capturing:
-        old = store.pop(key, None)
-        if old is not None and key in _PINNED:
-            _RETIRED.append(old)  # a captured graph may still read it
-        if len(store) >= _MAX_TABLES:
-            evictable = next((k for k in store if k not in _PINNED), None)
-            if evictable is not None:
-                store.pop(evictable)
-        store[key] = tables
+        with _LOCK:  # the simulated ranks are threads: no other insert while this one scans the store
+            old = store.pop(key, None)
+            if old is not None and key in _PINNED:
+                _RETIRED.append(old)  # a captured graph may still read it
+            if len(store) >= _MAX_TABLES:
+                evictable = next((k for k in store if k not in _PINNED), None)
+                if evictable is not None:
+                    store.pop(evictable)
+            store[key] = tables
     return tables
 
 
+_LOCK = threading.Lock()
 _TABLES: Tables = {}
 _VIEWS: Tables = {}
 _PLANS: Tables = {}

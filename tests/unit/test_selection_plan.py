@@ -123,3 +123,34 @@ def test_unpinned_tables_are_dropped_oldest_first(monkeypatch):
     assert ("zigzag", 1, 2, 0, cpu) not in selection_plan._TABLES
     assert zigzag_tables(1, 2, 0, cpu)[0] is not first
     assert len(selection_plan._TABLES) == selection_plan._MAX_TABLES
+
+
+def test_threads_that_fill_the_cache_at_once_never_collide(monkeypatch):
+    """The simulated ranks are threads: inserts and evictions of several ranks at once (a KeyError before the lock)."""
+    import sys
+    import threading
+
+    monkeypatch.setattr(selection_plan, "_TABLES", {})
+    monkeypatch.setattr(selection_plan, "_PINNED", set())
+    monkeypatch.setattr(selection_plan, "_MAX_TABLES", 8)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    errors = []
+
+    def fill(worker):
+        try:
+            for i in range(300):
+                zigzag_tables(1 + (i * 7 + worker) % 50, 2, worker % 2, torch.device("cpu"))
+                selection_plan._PINNED.add(("zigzag", 1 + i % 5, 2, 0, torch.device("cpu")))
+        except Exception as error:  # noqa: BLE001 - the test reports every thread's failure
+            errors.append(repr(error))
+
+    try:
+        threads = [threading.Thread(target=fill, args=(w,)) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
