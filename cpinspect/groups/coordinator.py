@@ -63,8 +63,8 @@ class CollectiveCall:
 
     def describe(self) -> str:
         shapes = ", ".join(f"{list(s)} {d}" for s, d in zip(self.shapes, self.dtypes))
-        extra = f", {self.detail}" if self.detail else ""
-        return f"{self.op}({shapes}{extra}) #{self.seq} at {self.call_site}"
+        inside = ", ".join(part for part in (shapes, self.detail) if part)
+        return f"{self.op}({inside}) #{self.seq} at {self.call_site}"
 
 
 @dataclass

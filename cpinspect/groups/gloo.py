@@ -43,8 +43,9 @@ from cpinspect.groups.coordinator import (
     stall_limit,
     validate_timeout,
 )
-from cpinspect.groups.mesh import RankMesh, mesh_ranks
+from cpinspect.groups.mesh import RankMesh, mesh_ranks, new_group_option
 from cpinspect.groups.recording import Ask, GlooLimitError, RecordingGroup, Report
+from cpinspect.groups.simulated import _completed_work
 from cpinspect.groups.watchdog import RankProcesses, Watchdog, supervise
 
 DEFAULT_START_TIMEOUT_S = 120.0
@@ -123,7 +124,17 @@ class RankGroups:
         self._made += 1
         if not args:
             kwargs.setdefault("timeout", self._timeout)
-        inner = self._original(ranks, *args, **kwargs)
+        if new_group_option(args, kwargs, "use_local_synchronization"):  # only the members synchronise
+            inner = self._original(ranks, *args, **kwargs)
+        else:  # a world collective in torch: matched by the watchdog first, as the simulated world does
+            made: list[Any] = []
+
+            def start() -> dist.Work:
+                made.append(self._original(ranks, *args, **kwargs))
+                return _completed_work()
+
+            self.world._run("new_group", [], f"ranks={members}", start)
+            inner = made[0]
         if inner is dist.GroupMember.NON_GROUP_MEMBER or self.world.rank() not in members:
             return inner
         return self._wrap(inner, gid, members, str(kwargs.get("group_desc") or "") or f"new_group({members})")

@@ -61,11 +61,19 @@ class SimulatedWorld:
             c10d._world.pg_group_ranks[group] = {g: r for r, g in enumerate(coordinator.global_ranks)}
         return groups
 
-    def new_group(self, rank: int, ranks: Sequence[int] | None, label: str = "") -> Any:
-        """``rank``'s handle on the group of ``ranks`` (every rank makes the same calls in the same order)."""
+    def new_group(self, rank: int, ranks: Sequence[int] | None, label: str = "", local_sync: bool = False) -> Any:
+        """``rank``'s handle on the group of ``ranks`` (every rank makes the same calls in the same order).
+
+        As in torch, every rank of the world takes part (members or not), so the call is matched as a
+        world collective first: a rank that skips it, or makes another, is a divergence named here,
+        where torch would hang in ``new_group``'s barrier. With ``use_local_synchronization=True``
+        only the members synchronise in torch, and nothing is matched.
+        """
         members = sorted({int(r) for r in ranks}) if ranks is not None else list(range(self.size))
         if not members or members[0] < 0 or members[-1] >= self.size:
             raise ValueError(f"new_group({members}): ranks must lie in 0..{self.size - 1}")
+        if not local_sync:
+            self.world_groups[rank].enter_new_group(members)
         with self.cond:
             key = (tuple(members), self._made[rank])
             self._made[rank] += 1
@@ -233,7 +241,19 @@ def _new_group(ranks: Sequence[int] | None = None, *args: Any, **kwargs: Any) ->
     world = _world_here()
     if world is None:
         return _ORIGINALS["new_group"](ranks, *args, **kwargs)
-    return world.new_group(int(_current.rank), ranks, str(kwargs.get("group_desc") or ""))
+    return world.new_group(int(_current.rank), ranks, str(kwargs.get("group_desc") or ""),
+                           local_sync=bool(new_group_option(args, kwargs, "use_local_synchronization")))
+
+
+_NEW_GROUP_ARGS = ("timeout", "backend", "pg_options", "use_local_synchronization", "group_desc", "device_id")
+
+
+def new_group_option(args: Sequence[Any], kwargs: dict[str, Any], name: str) -> Any:
+    """One of ``dist.new_group``'s options after ``ranks``, given by keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    index = _NEW_GROUP_ARGS.index(name)
+    return args[index] if index < len(args) else None
 
 
 _PATCHES = {"get_rank": _get_rank, "get_world_size": _get_world_size, "new_group": _new_group}

@@ -78,6 +78,10 @@ class SimulatedProcessGroup(ExtraCollectives, dist.ProcessGroup):  # type: ignor
         self._coordinator.collective(self.rank(), call, payload, move)
         return _completed_work()
 
+    def enter_new_group(self, members: list[int]) -> None:
+        """``dist.new_group(members)`` as the world collective it is in torch (every rank calls it, in order)."""
+        self._enter("new_group", [], f"ranks={members}", None, lambda payloads: None)
+
     def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
                   opts: Any = None) -> dist.Work:
         outputs, (tensor,) = output_tensors[0], input_tensors

@@ -99,3 +99,32 @@ def test_torchs_own_functions_are_back_after_a_run():
     assert run_spmd(3, lambda group: (dist.get_rank(group), dist.get_world_size(group), dist.get_rank()),
                     timeout=60.0) == [(r, 3, r) for r in range(3)]
     assert dist.get_rank is TORCH_GET_RANK and c10d.get_rank is TORCH_GET_RANK
+
+
+def test_a_rank_that_skips_new_group_is_a_divergence_naming_it_not_a_silent_pass():
+    """torch's new_group is a world collective (every rank calls it, members or not): a rank that skips it
+    hangs the others in its barrier. It used to pass here, each rank keeping its own count of groups."""
+    def program(world):
+        if dist.get_rank() != 1:
+            dist.new_group([0, 2])
+        dist.all_reduce(torch.zeros(1), group=world)
+
+    states, failure = execute_mesh({"cp": 4}, lambda mesh: program(mesh.world), timeout=30.0)
+    assert failure is not None and failure.kind == "divergence"
+    line = program.__code__.co_firstlineno
+    text = str(failure)
+    assert text.startswith("ranks called different collectives at position #0: ")
+    assert f"rank 1 called all_reduce([1] float32, op=SUM) #0 at tests/capability/test_mesh.py:{line + 3}" in text
+    assert f"called new_group(ranks=[0, 2]) #0 at tests/capability/test_mesh.py:{line + 2}" in text
+
+
+def test_new_group_with_local_synchronization_is_called_by_its_members_only():
+    def program(world):
+        if dist.get_rank() in (0, 2):
+            group = dist.new_group([0, 2], use_local_synchronization=True)
+            total = torch.tensor([dist.get_rank()])
+            dist.all_reduce(total, group=group)
+            return int(total)
+        return None
+
+    assert run_spmd(4, program, timeout=30.0) == [2, None, 2, None]

@@ -130,3 +130,24 @@ def test_the_watchdog_releases_a_subgroups_members_by_their_global_ranks():
         group.enter(member, call)
     assert sorted(words) == [(1, b"go"), (3, b"go")]
     assert watchdog.failure is None and [s.status for s in watchdog.states] == ["running"] * 4
+
+
+def skips_a_new_group(mesh):
+    """Global rank 1 skips the new_group every other rank makes, then all meet in a world all-reduce."""
+    if mesh.rank != 1:
+        dist.new_group([0, 2])
+    dist.all_reduce(torch.zeros(1), group=mesh.world)
+
+
+@pytest.mark.usefixtures("no_rank_thread_left")
+def test_a_skipped_new_group_is_named_under_gloo_as_in_the_simulated_world():
+    """Under gloo the others used to block in new_group's barrier until the stall limit (92 s at timeout 3)."""
+    start = time.monotonic()
+    _, gloo = execute_mesh({"cp": 4}, skips_a_new_group, timeout=60.0, backend="gloo")
+    assert time.monotonic() - start < 50.0  # when rank 1 arrives elsewhere, not at a timeout (start-up included)
+    _, threads = execute_mesh({"cp": 4}, skips_a_new_group, timeout=60.0)
+    line = skips_a_new_group.__code__.co_firstlineno
+    for failure in (gloo, threads):
+        assert failure is not None and failure.kind == "divergence"
+        assert f"rank 1 called all_reduce([1] float32, op=SUM) #0 at {HERE}{line + 4}" in str(failure)
+        assert f"called new_group(ranks=[0, 2]) #0 at {HERE}{line + 3}" in str(failure)
