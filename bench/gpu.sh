@@ -5,7 +5,7 @@
 # (tests/process/test_gpu_sync.py: sync-free forms and CUDA-graph capture/replay under
 # torch.cuda.set_sync_debug_mode("error"), compiled stages on CUDA; plus the CPU row-map and
 # compile tests), and the selection benchmark tables for CPU and CUDA (eager / compiled /
-# graph replay, host and device times, kernels and syncs per call). Needs torch with CUDA,
+# graph replay, host and device times, kernels and syncs per call), then bench/interleaved.py. Needs torch with CUDA,
 # numpy and pytest; typer/rich/safetensors are not needed for these steps.
 set -u
 OUT="${OUT:-bench/results/gpu-run}"
@@ -33,6 +33,10 @@ else
 fi
 
 "$PY" -m bench.selection --device all 2>&1 | tee "$OUT/selection.md"
+test "${PIPESTATUS[0]}" -eq 0 || status=1
+# issue 16's eager / replay targets with both shapes and both cu forms in one interleaved loop (the VMs drift);
+# BASELINE=DIR adds another checkout's eager call to the same loop
+"$PY" -m bench.interleaved ${BASELINE:+--baseline "$BASELINE"} 2>&1 | tee "$OUT/interleaved.md"
 test "${PIPESTATUS[0]}" -eq 0 || status=1
 echo "bench/gpu.sh finished with status $status; results in $OUT"
 exit "$status"
