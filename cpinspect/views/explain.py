@@ -96,9 +96,13 @@ def step_all_gather(result: Result, r: RankResult) -> Group:
                  "everybody's; every rank must call it, even one without vision tokens, or the others hang.\n")
     chunk_of = layout.piece_chunk.tolist()
     for rank, (sent, pieces) in enumerate(zip(r.selection.gathered, layout.rank_pieces.tolist())):
-        chunks = sorted({chunk_of[p] for p in pieces})
+        if layout.kind == "hybrid":  # chunk numbers differ per segment: name each piece
+            held = [piece_name(layout, p) for p in pieces if chunk_of[p] >= 0]
+            names = ", ".join(held[:MAX_ROWS]) + (" …" if len(held) > MAX_ROWS else "")
+        else:
+            names = ", ".join(map(str, sorted({chunk_of[p] for p in pieces if chunk_of[p] >= 0})))
         lines.append(f" {rank} ", style=cell_style(rank))
-        lines.append(f" rank {rank} sent {_short(_as_rows(sent, result))}  (chunks {', '.join(map(str, chunks))})\n")
+        lines.append(f" rank {rank} sent {_short(_as_rows(sent, result))}  (chunks {names})\n")
     lines.rstrip()
     return _step(3, f"All-gather the counts: {layout.cp} × {_counts_shape(result)}", lines)
 

@@ -47,8 +47,12 @@ def piece_rows(layout: Layout, full_mask: torch.Tensor) -> PieceRows:
 
 
 def piece_name(layout: Layout, piece: int) -> str:
+    """``s3 c5`` (chunks counted per segment) or ``c5``; an empty filler piece (which only keeps every rank's
+    count tensor the same shape, hybrid CP and saved index maps) is ``(empty)``."""
     chunk = int(layout.piece_chunk[piece])
-    per_segment = layout.kind in ("zigzag", "per-document-head-tail", "file")
+    if chunk < 0:
+        return "(empty)"
+    per_segment = layout.kind in ("zigzag", "per-document-head-tail", "file", "hybrid")
     return f"s{int(layout.piece_segment[piece])} c{chunk}" if per_segment else f"c{chunk}"
 
 

@@ -221,3 +221,20 @@ def test_pad_appends_a_pad_sequence_to_each_short_rank(tmp_path):
     mask = vision_mask(batch) + [False] * 16
     assert [r["global_indices"] for r in doc["ranks"]] == held
     assert [r["selected_rows"] for r in doc["ranks"]] == [expected_rows(mask, h) for h in held] and doc["ok"]
+
+
+def test_explain_names_each_hybrid_piece_by_segment_and_never_an_empty_filler_as_a_chunk(tmp_path):
+    """Chunk numbers restart per segment with each segment's own cp; the filler pieces that keep every rank's count
+    tensor one shape are not chunks (they printed as "c-1" and "chunks -1, 0, 2, 5")."""
+    batch = batch_of([16, 8, 8, 16], 3)
+    batch["local_cp_size"] = torch.tensor([2, 1, 1, 4], dtype=torch.int32)
+    torch.save(batch, tmp_path / "batch.pt")
+    result = run("simulate", tmp_path / "batch.pt", "--cp", 4, "--explain", "--rank", 2, "--no-color")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    held = hybrid_indices([0, 16, 24, 32, 48], 4, [2, 1, 1, 4])  # literal: rank 2 holds segment 1, chunks 2, 5 of 3
+    assert held[2] == [*range(16, 24), 36, 37, 42, 43]
+    assert "chunks s1 c0, s3 c2, s3 c5, (empty)." in text
+    assert "rank 2 sent [" in text and "(chunks s1 c0, s3 c2, s3 c5)" in text
+    assert "(chunks s0 c0, s0 c3, s3 c0, s3 c7)" in text  # rank 0: chunks 0|3 of segment 0's 4, 0|7 of segment 3's 8
+    assert "c-1" not in text and "-1," not in text
