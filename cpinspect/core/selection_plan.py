@@ -203,7 +203,7 @@ def host_zigzag_bounds(values: Any, cp: int, device: torch.device) -> torch.Tens
     if values is None or torch.compiler.is_compiling() or _capturing(device):
         return None
     staging = torch.empty(2 * values.size - 1, dtype=torch.int64, pin_memory=True)
-    write_host_bounds(staging.numpy(), values.astype(_np.int64), cp)
+    write_host_bounds(staging.numpy(), values.astype(_np.int64, copy=False), cp)
     return staging.to(device, non_blocking=True)
 
 
