@@ -17,6 +17,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from cpinspect.core.layout import Layout
 from cpinspect.core.ranges import format_ranges
 from cpinspect.simulation.explain import STAND_IN_HIDDEN, naive_scatter_message
 from cpinspect.simulation.run import RankResult, Result
@@ -113,10 +114,11 @@ def _table(result: Result, values: torch.Tensor, rank: int, title: str) -> Group
     columns = layout.chunks_per_segment
     values = values.view(-1, columns)
     owner = layout.owner_of_piece().view(-1, columns)
+    per_segment = layout.kind == "zigzag"  # one row per segment; otherwise one row of the whole row's pieces
     table = Table()
-    table.add_column("seg", justify="right")
+    table.add_column("seg" if per_segment else "", justify="right")
     for c in range(columns):
-        table.add_column(f"c{c}", justify="right")
+        table.add_column(f"c{c}" if layout.paired else str(c), justify="right")
     segments = values.shape[0]
     shown = list(range(segments)) if segments <= MAX_ROWS else [*range(MAX_ROWS - 2), segments - 1]
     for s in shown:
@@ -127,7 +129,7 @@ def _table(result: Result, values: torch.Tensor, rank: int, title: str) -> Group
             number = f"{int(values[s, c]):,}"
             mine = int(owner[s, c]) == rank
             cells.append(Text(f"[{number}]" if mine else number, style=cell_style(int(owner[s, c]))))
-        table.add_row(str(s), *cells)
+        table.add_row(str(s) if per_segment else "chunks" if layout.paired else "pieces", *cells)
     return Group(Text(title, style="italic"), table)
 
 
@@ -142,7 +144,12 @@ def step_table(result: Result, r: RankResult) -> Group:
                 "returns (the model checks this on every rank alike). [x] = this rank's chunks.")
     shape = f"[{layout.num_segments if layout.kind == 'zigzag' else 1}, {layout.chunks_per_segment}]"
     return _step(4, f"Rebuild the {shape} table in natural chunk order",
-                 _table(result, r.selection.full_counts, r.rank, f"vision tokens per segment × chunk ({rule})"), note)
+                 _table(result, r.selection.full_counts, r.rank, f"vision tokens per {_cells(layout)} ({rule})"), note)
+
+
+def _cells(layout: Layout) -> str:
+    """What a cell of the natural-order table is: a segment's chunk, a chunk of the whole row, or a piece."""
+    return "segment × chunk" if layout.kind == "zigzag" else "chunk of the row" if layout.paired else "piece"
 
 
 def step_offsets(result: Result, r: RankResult) -> Group:

@@ -131,10 +131,13 @@ def counts_table(result: Result, full: bool, width: int) -> RenderableType:
     counts = result.gathered_counts
     columns = counts.shape[1]
     owner = result.layout.owner_of_piece().view(-1, columns)
-    title = ("gathered vision counts per segment x chunk (natural order; colour = owning rank)"
+    per_segment = result.layout.kind == "zigzag"  # one row per segment; otherwise one row of the whole row's pieces
+    title = ("gathered vision counts per segment x chunk (natural order; colour = owning rank)" if per_segment
+             else "gathered vision counts per chunk of the row (natural order; colour = owning rank)"
              if result.layout.paired else "gathered vision counts per piece (colour = owning rank)")
+    row_name = "chunks" if result.layout.paired else "pieces"
     table = Table()
-    table.add_column("seg", justify="right")
+    table.add_column("seg" if per_segment else "", justify="right")
     shown_cols = _shown(columns, max(2, (width - 12) // 6), full)
     for c in shown_cols:
         table.add_column("…" if c is None else str(c), justify="right")
@@ -147,7 +150,7 @@ def counts_table(result: Result, full: bool, width: int) -> RenderableType:
             Text("…") if c is None else Text(f"{int(counts[s, c])}", style=rank_style(int(owner[s, c])))
             for c in shown_cols
         ]
-        table.add_row(str(s), *cells, str(int(counts[s].sum())))
+        table.add_row(str(s) if per_segment else row_name, *cells, str(int(counts[s].sum())))
     return Group(Text(title, style="bold"), table)
 
 

@@ -141,3 +141,17 @@ def test_cli_explain_walks_the_chosen_rank_of_a_presharded_batch():
     assert result.exit_code == 0, result.output
     assert "How rank 1 selects its vision rows (zigzag layout, cp 2)" in result.output
     assert "rows = 9-56, 76-119, 123" in result.output
+
+
+def test_the_natural_order_table_names_its_cells_by_layout():
+    """Only per-document zigzag has one row per segment; the others lay the whole row's chunks or pieces out in
+    one row, which used to be labelled "seg 0" and "per segment × chunk" (a row of 4 segments read as one)."""
+    cases = (("zigzag", "per segment × chunk", "0"), ("sequence-zigzag", "per chunk of the row", "chunks"),
+             ("contiguous", "per piece", "pieces"))
+    for layout, cells, row in cases:
+        text = explain_text(simulate(demo_batch(), 2, layout))
+        table = text[text.index("4. Rebuild"):text.index("5. Offsets")]
+        assert f"vision tokens {cells} (" in " ".join(table.split()), layout
+        first_row = next(line for line in table.splitlines() if "│" in line)
+        assert first_row.split("│")[1].strip() == row, layout
+        assert ("seg" in table) == (layout == "zigzag"), layout
