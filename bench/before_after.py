@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from bench.kernels import count_per_call
-from bench.modes import time_modes
+from bench.modes import cu_forms, time_modes
 from bench.replay import ReplayGroup
 from bench.selection import CONFIGS, QUICK_CONFIGS, build_case, machine
 from cpinspect.core import selection
@@ -71,12 +71,9 @@ def main() -> None:
         case = build_case(tokens, segments, cp, args.device)
         group = ReplayGroup(0, case.gathered, check_inputs=True)
         mask = case.masks[0]
-        if args.device == "cpu":
-            forms = {"": case.cu.cpu()}
-        else:
-            forms = {", host cu": case.cu.cpu().to(torch.int32).pin_memory(), ", device cu": case.cu.to(torch.int32)}
         calls = {}
-        for form, cu in forms.items():
+        for name, cu in cu_forms(case, args.device).items():
+            form = f", {name}" if name else ""
             calls["before" + form] = _row_map_call(old, mask, cu, group)
             calls["after" + form] = _row_map_call(selection, mask, cu, group)
         for name, fn in calls.items():

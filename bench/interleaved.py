@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bench.before_after import load_baseline
-from bench.modes import captured, time_modes, verify_modes
+from bench.modes import captured, cu_forms, time_modes, verify_modes
 from bench.replay import ReplayGroup
 from bench.selection import CONFIGS, QUICK_CONFIGS, build_case, machine
 from cpinspect.core.selection import local_vision_row_map
@@ -39,10 +39,8 @@ def main() -> None:
     for tokens, segments, cp in QUICK_CONFIGS if args.quick else CONFIGS:
         case = build_case(tokens, segments, cp, args.device)
         group, mask = ReplayGroup(0, case.gathered), case.masks[0]
-        forms = {"": case.cu.cpu()} if args.device == "cpu" else {
-            "host cu": case.cu.cpu().to(torch.int32).pin_memory(), "device cu": case.cu.to(torch.int32)}
         mine = {}
-        for form, cu in forms.items():
+        for form, cu in cu_forms(case, args.device).items():
             def eager(cu: torch.Tensor = cu, group: ReplayGroup = group, mask: torch.Tensor = mask) -> torch.Tensor:
                 return local_vision_row_map(mask, cu, cp_group=group).row_of_position
 

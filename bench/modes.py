@@ -40,10 +40,7 @@ def mode_calls(case: Any, device: str, backend: str) -> dict[str, Call]:
     calls: dict[str, Call] = {
         "loop reference": lambda: loop_vision_rows(mask, case.cu, cp_group=group, vision_embed_count=case.vision_total),
     }
-    if device == "cpu":
-        forms = {"": case.cu.cpu()}
-    else:
-        forms = {", host cu": case.cu.cpu().to(torch.int32).pin_memory(), ", device cu": case.cu.to(torch.int32)}
+    forms = {f", {form}" if form else "": cu for form, cu in cu_forms(case, device).items()}
     counts_fn = torch.compile(local_vision_counts, fullgraph=True, backend=backend)
     finish_fn = torch.compile(LocalCounts.row_map, fullgraph=True, backend=backend)
     for form, cu in forms.items():
@@ -59,6 +56,14 @@ def mode_calls(case: Any, device: str, backend: str) -> dict[str, Call]:
         if device == "cuda":
             calls["graph replay" + form] = captured(eager)
     return calls
+
+
+def cu_forms(case: Any, device: str) -> dict[str, torch.Tensor]:
+    """The ``cu_seqlens`` forms every mode is timed with: int32 pinned on the host and int32 on the device
+    (CUDA), or the one host tensor (CPU, where the two are one form, named "")."""
+    if device == "cpu":
+        return {"": case.cu.cpu()}
+    return {"host cu": case.cu.cpu().to(torch.int32).pin_memory(), "device cu": case.cu.to(torch.int32)}
 
 
 def captured(fn: Call) -> Call:

@@ -82,7 +82,7 @@ def select_rank_rows(
     cp_rank = group.rank()
     mask = local_mask.reshape(-1).to(torch.bool)
     bounds = piece_bounds(local_piece_len.to(mask.device), mask.numel())
-    counts = count_pieces(mask, bounds, None, bounds[-1:] * group.size(), group.size(), cp_rank)
+    counts = count_pieces(mask, bounds, bounds[-1:] * group.size(), group.size(), cp_rank)
     gathered = counts.gather(group)
     count = int(counts.running[-1]) if local_vision_count is None else local_vision_count
     full_counts = natural_counts(gathered, rank_pieces)

@@ -76,10 +76,10 @@ class LocalCounts:
 
     ``running`` is ``[T + 1]`` (vision tokens before each position), ``bounds`` ``[k + 1]`` (local
     piece bounds) and ``running_at`` the running count there; ``local_counts`` ``[k]`` is what
-    every rank all-gathers (``[cp * k]`` back, rank-major). ``later`` ``[cp * k]`` is the table of
-    :mod:`cpinspect.core.selection_plan` (``None`` in :func:`select_rank_rows`, which compacts
-    from the natural-order offsets it builds for display) and ``later_bounds`` ``[cp * k]`` the
-    local bound of each ``later`` piece. ``spread`` (``0`` then the mask, ``[T + 1]`` int64) is the
+    every rank all-gathers (``[cp * k]`` back, rank-major). ``plan`` holds the call's tables
+    (:func:`~cpinspect.core.selection_plan.zigzag_plan`; ``None`` in :func:`select_rank_rows`, which
+    compacts from the natural-order offsets it builds for display) and ``later_bounds`` ``[cp * k]``
+    the local bound of each :attr:`later` piece. ``spread`` (``0`` then the mask, ``[T + 1]`` int64) is the
     dense map's scratch buffer, used up when the map is made.
     """
 
@@ -89,12 +89,16 @@ class LocalCounts:
     bounds: torch.Tensor
     running_at: torch.Tensor
     local_counts: torch.Tensor
-    later: torch.Tensor | None
     ends: torch.Tensor
     cp: int
     cp_rank: int
     later_bounds: torch.Tensor | None = None
     plan: ZigzagPlan | None = None
+
+    @property
+    def later(self) -> torch.Tensor | None:
+        """``[cp * k]`` the plan's ``later`` table: the first local piece after each gathered count."""
+        return None if self.plan is None else self.plan.later
 
     @property
     def global_tokens(self) -> torch.Tensor:
@@ -118,9 +122,8 @@ class LocalCounts:
         return row_map
 
 
-def count_pieces(mask: torch.Tensor, bounds: torch.Tensor, later: torch.Tensor | None, ends: torch.Tensor,
-                 cp: int, cp_rank: int, later_bounds: torch.Tensor | None = None,
-                 plan: ZigzagPlan | None = None) -> LocalCounts:
+def count_pieces(mask: torch.Tensor, bounds: torch.Tensor, ends: torch.Tensor, cp: int, cp_rank: int,
+                 later_bounds: torch.Tensor | None = None, plan: ZigzagPlan | None = None) -> LocalCounts:
     """The running count over the local row, read at the piece bounds: the counts to all-gather.
 
     ``ends`` is any tensor whose last entry is the global row length (``cu_seqlens`` itself).
@@ -130,8 +133,8 @@ def count_pieces(mask: torch.Tensor, bounds: torch.Tensor, later: torch.Tensor |
     running = spread.cumsum(0)
     running_at = running.take(bounds)  # take: one kernel, and a cheaper call than advanced indexing
     local_counts = torch.diff(running_at)
-    return LocalCounts(mask, spread, running, bounds, running_at, local_counts, later, ends, cp, cp_rank,
-                       later_bounds, plan)
+    return LocalCounts(mask, spread, running, bounds, running_at, local_counts, ends, cp, cp_rank, later_bounds,
+                       plan)
 
 
 def dense_rows(counts: LocalCounts, gathered: torch.Tensor) -> torch.Tensor:
@@ -285,11 +288,11 @@ def local_vision_counts(vision_mask: torch.Tensor, cu_seqlens: torch.Tensor, *, 
     if values is not None and device.type == "cuda":
         bounds = host_zigzag_bounds(values, cp, device)
         if bounds is not None:  # eager: made on the host from the checked values, one copy
-            return count_pieces(mask, bounds, plan.later, cu, cp, cp_rank, bounds.take(plan.later), plan)
+            return count_pieces(mask, bounds, cu, cp, cp_rank, bounds.take(plan.later), plan)
     if cu.device != device:
         cu = cu.to(device, non_blocking=True)  # as given: a pinned host buffer stays capturable
     bounds = zigzag_bounds(cu, cp, plan.pair, tokens, plan.steps)
-    return count_pieces(mask, bounds[:pieces], plan.later, cu, cp, cp_rank, bounds[pieces:], plan)
+    return count_pieces(mask, bounds[:pieces], cu, cp, cp_rank, bounds[pieces:], plan)
 
 
 def local_vision_row_map(

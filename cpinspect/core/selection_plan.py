@@ -83,23 +83,20 @@ def multiples(step: int, count: int, dtype: torch.dtype, device: torch.device) -
     a dispatch per call; many row lengths must not push the index tables out). Values past the
     dtype's range are clamped to its maximum (they lie past any ``cu_seqlens`` of that dtype anyway).
     """
-    view_key = (step, count, dtype, device)
-    view = _VIEWS.get(view_key)
-    if view is not None:
-        if not torch.compiler.is_compiling() and _capturing(device):
-            _PINNED.add(view_key)
-        return view[0]
-    key = ("steps", step, dtype, device)
-    steps = _TABLES.get(key)
-    if steps is None or steps[0].numel() < count:
-        size = 1 << max(count - 1, 1).bit_length()
+    def view() -> tuple[torch.Tensor]:
+        key = ("steps", step, dtype, device)
+        steps = _TABLES.get(key)
+        if steps is None or steps[0].numel() < count:
+            size = 1 << max(count - 1, 1).bit_length()
 
-        def build() -> tuple[torch.Tensor]:
-            values = torch.arange(1, size + 1, device=device) * step
-            return (values.clamp_(max=torch.iinfo(dtype).max).to(dtype),)
+            def build() -> tuple[torch.Tensor]:
+                values = torch.arange(1, size + 1, device=device) * step
+                return (values.clamp_(max=torch.iinfo(dtype).max).to(dtype),)
 
-        steps = _cached(key, build, device, replace=True)
-    return _cached(view_key, lambda: (steps[0][:count],), device, store=_VIEWS)[0]
+            steps = _cached(key, build, device, replace=True)
+        return (steps[0][:count],)
+
+    return _cached((step, count, dtype, device), view, device, store=_VIEWS)[0]
 
 
 def minus_one(device: torch.device) -> torch.Tensor:
