@@ -113,6 +113,7 @@ def explore(
     from cpinspect.core.tokens import token_config
 
     tokens = token_config(model, image_token_id=image_token_id, video_token_id=video_token_id)
+    suffix = ""
     if seqlens is not None:
         import_torch()
         from cpinspect.core.layout_report import parse_seqlens
@@ -121,9 +122,12 @@ def explore(
     else:
         loaded, source = load_cli_batch(batch, key, max_bytes=max_bytes)
         words = [shlex.quote(str(p)) for p in batch or []]
-        loaded = _without_uniform_hybrid(loaded, cp, layout)
-    page = build(loaded, cp, layout, pad, tokens, source=source, commands=_command_lines(words, cp, layout, pad),
-                 start=start)
+        plain = _without_uniform_hybrid(loaded, cp, layout)
+        if plain is not loaded:  # the page is checked against the batch read as zigzag, not its hybrid form
+            suffix = f" on the batch without its local_cp_size (every segment on all {cp} ranks: zigzag)"
+        loaded = plain
+    commands = [line + suffix for line in _command_lines(words, cp, layout, pad)]
+    page = build(loaded, cp, layout, pad, tokens, source=source, commands=commands, start=start)
     try:
         output.write_text(page, encoding="utf-8")
     except OSError as exc:

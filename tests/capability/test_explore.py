@@ -195,6 +195,8 @@ def test_local_cp_size_of_the_whole_group_is_drawn_as_per_document_zigzag(tmp_pa
     ranks = data["cli"]["simulate"]["ranks"]
     assert [expand(r["global_indices"]) for r in ranks] == held
     assert [expand(r["selected_rows"]) for r in ranks] == [expected_rows(mask, h) for h in held]
+    assert all(c.endswith("--json on the batch without its local_cp_size (every segment on all 4 ranks: zigzag)")
+               for c in data["cli"]["commands"])  # what the page checks itself against, said as it is
     other = runner.invoke(app, ["explore", str(path), "--cp", "4", "--layout", "contiguous", "-o",
                                 str(tmp_path / "y.html")])
     assert other.exit_code == 2 and "per-document zigzag, but --layout contiguous was asked" in other.output
